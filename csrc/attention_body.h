@@ -1,0 +1,299 @@
+/*
+ * Generic tiled online-softmax attention ("flash attention") for one block of
+ * query rows.  This file is a template: include it once per (dtype, ISA) with
+ *
+ *   REAL      float or double
+ *   UINT      the unsigned integer of REAL's width (uint32_t / uint64_t)
+ *   SUFFIX    token naming the instance, e.g. f32_baseline (see FN)
+ *   VBYTES    bytes per SIMD vector (16, 32, 64)
+ *   MR, NV    micro-tile: MR rows x NV vectors of columns
+ *   BLOCK_M   query rows per call (a multiple of MR)
+ *   BLOCK_N   keys per tile (a multiple of NV * lanes)
+ *
+ * Vectors are GCC vector extensions, so the same text compiles to SSE2, AVX2
+ * or AVX-512 depending on the target the including file selects.
+ *
+ * Structure, the BLIS way:
+ *   micro-kernel  C[MR x NR] (+)= A[MR x K] * B[K x NR], B packed row-major;
+ *                 used for both S = Q K^T (K = E) and O += P V (K = keys).
+ *   macro-kernel  attend(): packs Q (scaled), K^T and V tiles into scratch,
+ *                 walks the key tiles, and keeps the online softmax state.
+ * The L x S score matrix never exists: only one BLOCK_M x BLOCK_N tile does.
+ */
+#include <math.h>
+#include <string.h>
+
+#define LANES ((int64_t)(VBYTES / sizeof(REAL)))
+#define NR (NV * LANES)
+
+typedef REAL FN(vec) __attribute__((vector_size(VBYTES)));
+typedef UINT FN(uvec) __attribute__((vector_size(VBYTES)));
+#define VEC FN(vec)
+#define UVEC FN(uvec)
+
+static inline int64_t FN(round_up)(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+static inline VEC FN(vload)(const REAL *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
+static inline void FN(vstore)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
+static inline VEC FN(vsplat)(REAL x) { return (VEC){0} + x; }
+
+/* Lane-wise mask ? a : b, where mask lanes are all-ones or all-zeros. */
+static inline VEC FN(vselect)(UVEC mask, VEC a, VEC b)
+{
+    return (VEC)((mask & (UVEC)a) | (~mask & (UVEC)b));
+}
+
+/* Lane-wise max that ignores a NaN in `a`: NaN scores must not become the
+ * running max (they still reach the output through exp(NaN - max)). */
+static inline VEC FN(vmax)(VEC a, VEC b) { return FN(vselect)((UVEC)(a > b), a, b); }
+
+/*
+ * exp(x), vectorised, deterministic (no data-dependent branches), <= 2 ulp for
+ * results in the normal range.  Method: x = n ln2 + r with |r| <= ln2/2
+ * (Cody-Waite two-constant reduction), exp(r) by its Taylor polynomial (the
+ * truncation error is far below half an ulp on that interval), times 2^n
+ * built in the exponent bits.  exp(-inf) = 0 exactly, NaN stays NaN; results
+ * that would be subnormal flush to 0 (they are below 2^-1022 / 2^-126 of the
+ * row maximum, so they cannot change a softmax).
+ */
+#if REAL_IS_DOUBLE
+#define EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52: adding it rounds to an integer */
+#define EXP_MAGIC_BITS 0x4338000000000000ULL
+#define EXP_MANT_BITS 52
+#define EXP_BIAS 1023
+#define EXP_LO (-708.0)
+#define EXP_HI 709.0
+#define LN2_HI 6.93147180369123816490e-01
+#define LN2_LO 1.90821492927058770002e-10
+#define LOG2E 1.44269504088896338700e+00
+#define EXP_DEGREE 13
+#else
+#define EXP_MAGIC 12582912.0f /* 1.5 * 2^23 */
+#define EXP_MAGIC_BITS 0x4B400000U
+#define EXP_MANT_BITS 23
+#define EXP_BIAS 127
+#define EXP_LO (-87.0f)
+#define EXP_HI 88.0f
+#define LN2_HI 0.693145751953125f
+#define LN2_LO 1.428606765330187045e-06f
+#define LOG2E 1.44269504088896341f
+#define EXP_DEGREE 7
+#endif
+
+static inline VEC FN(vexp)(VEC x)
+{
+    /* n = round(x / ln2), read back from the low mantissa bits of t. */
+    const VEC t = x * LOG2E + EXP_MAGIC;
+    const VEC n = t - EXP_MAGIC;
+    const VEC r = (x - n * LN2_HI) - n * LN2_LO;
+    /* Horner on 1 + r + r^2/2! + ... + r^D/D!. */
+    static const double inv_factorial[] = {
+        1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+        1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+        1.0 / 479001600, 1.0 / 6227020800.0};
+    VEC poly = FN(vsplat)((REAL)inv_factorial[EXP_DEGREE]);
+    for (int kk = EXP_DEGREE - 1; kk >= 0; kk--) poly = poly * r + (REAL)inv_factorial[kk];
+    const UVEC two_n = (((UVEC)t - EXP_MAGIC_BITS) + EXP_BIAS) << EXP_MANT_BITS;
+    VEC y = poly * (VEC)two_n;
+    y = FN(vselect)((UVEC)(x < EXP_LO), FN(vsplat)(0), y);
+    y = FN(vselect)((UVEC)(x > EXP_HI), FN(vsplat)((REAL)INFINITY), y);
+    return y;
+}
+
+static inline REAL FN(hmax)(VEC v)
+{
+    REAL m = v[0];
+    for (int64_t i = 1; i < LANES; i++) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+static inline REAL FN(hsum)(VEC v)
+{
+    REAL s = v[0];
+    for (int64_t i = 1; i < LANES; i++) s += v[i];
+    return s;
+}
+
+/* C[MR x NR] = (accumulate ? C : 0) + A[MR x K] * B[K x NR]; rows of A at
+ * stride lda, of B at ldb, of C at ldc.  The MR x NV accumulators live in
+ * registers for the whole K loop. */
+static inline void FN(micro_kernel)(int64_t K, const REAL *A, int64_t lda,
+                                    const REAL *B, int64_t ldb, REAL *C,
+                                    int64_t ldc, int accumulate)
+{
+    VEC acc[MR][NV];
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++)
+            acc[r][j] = accumulate ? FN(vload)(C + r * ldc + j * LANES) : FN(vsplat)(0);
+    for (int64_t kk = 0; kk < K; kk++) {
+        VEC b[NV];
+        for (int j = 0; j < NV; j++) b[j] = FN(vload)(B + kk * ldb + j * LANES);
+        for (int r = 0; r < MR; r++) {
+            const VEC a = FN(vsplat)(A[r * lda + kk]);
+            for (int j = 0; j < NV; j++) acc[r][j] += a * b[j];
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++) FN(vstore)(C + r * ldc + j * LANES, acc[r][j]);
+}
+
+/* C[rows x cols] (+)= A[rows x K] * B[K x cols], rows a multiple of MR and
+ * cols of NR: the tiling loop around the micro-kernel. */
+static void FN(tile_gemm)(int64_t rows, int64_t cols, int64_t K, const REAL *A,
+                          int64_t lda, const REAL *B, int64_t ldb, REAL *C,
+                          int64_t ldc, int accumulate)
+{
+    for (int64_t r0 = 0; r0 < rows; r0 += MR)
+        for (int64_t c0 = 0; c0 < cols; c0 += NR)
+            FN(micro_kernel)(K, A + r0 * lda, lda, B + c0, ldb, C + r0 * ldc + c0,
+                             ldc, accumulate);
+}
+
+static size_t FN(scratch_elems)(int64_t E, int64_t Ev)
+{
+    const int64_t evp = FN(round_up)(Ev, NR);
+    return (size_t)(BLOCK_M * E          /* scaled Q block        */
+                    + E * BLOCK_N        /* K tile, transposed    */
+                    + BLOCK_N * evp      /* V tile                */
+                    + BLOCK_M * BLOCK_N  /* scores, then weights  */
+                    + BLOCK_M * evp      /* unnormalised output   */
+                    + 2 * BLOCK_M);      /* running max and sum   */
+}
+
+/* Mask one score row of a tile to -inf (or add the float mask), covering the
+ * user mask, causality and the zero padding past the last key. */
+static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
+                         int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
+{
+    const REAL ninf = -(REAL)INFINITY;
+    for (int64_t c = nb; c < cols_pad; c++) s[c] = ninf;
+    if (p->mask_kind == PYATTN_MASK_BOOL) {
+        const uint8_t *m = (const uint8_t *)mask + i * p->mask_row + j0 * p->mask_col;
+        for (int64_t c = 0; c < nb; c++)
+            if (!m[c * p->mask_col]) s[c] = ninf;
+    } else if (p->mask_kind == PYATTN_MASK_ADDITIVE) {
+        const REAL *m = (const REAL *)mask + i * p->mask_row + j0 * p->mask_col;
+        for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col];
+    }
+    if (p->causal)
+        for (int64_t c = (i - j0 + 1 > 0 ? i - j0 + 1 : 0); c < nb; c++) s[c] = ninf;
+}
+
+/* One online-softmax step for one query row and one key tile:
+ * the scores s become unnormalised weights exp(s - m_new), the running max m
+ * and sum l are updated, and the output row is rescaled by exp(m - m_new). */
+static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
+                             REAL *o_row, int64_t evp)
+{
+    /* Tile max; a row that is masked so far keeps max = -inf. */
+    VEC vm = FN(vsplat)(-(REAL)INFINITY);
+    for (int64_t c = 0; c < cols_pad; c += LANES) vm = FN(vmax)(FN(vload)(s + c), vm);
+    const REAL tile_max = FN(hmax)(vm);
+    const REAL m_new = tile_max > *m ? tile_max : *m;
+    /* Shift by 0 while everything is masked, so exp(-inf - shift) = 0, not NaN. */
+    const REAL shift = m_new == -(REAL)INFINITY ? 0 : m_new;
+    /* p = exp(s - shift) and its sum. */
+    const VEC vshift = FN(vsplat)(shift);
+    VEC vsum = FN(vsplat)(0);
+    for (int64_t c = 0; c < cols_pad; c += LANES) {
+        const VEC pv = FN(vexp)(FN(vload)(s + c) - vshift);
+        FN(vstore)(s + c, pv);
+        vsum += pv;
+    }
+    /* Old state weighs exp(m_old - shift): 0 for an empty past, 1 for no new max. */
+    const REAL alpha = FN(vexp)(FN(vsplat)(*m - shift))[0];
+    *l = *l * alpha + FN(hsum)(vsum);
+    *m = m_new;
+    if (alpha != 1) {
+        const VEC va = FN(vsplat)(alpha);
+        for (int64_t c = 0; c < evp; c += LANES) FN(vstore)(o_row + c, FN(vload)(o_row + c) * va);
+    }
+}
+
+static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
+                       const void *v_, const void *mask, void *out_, int64_t row0,
+                       int64_t nrows, void *scratch_)
+{
+    const REAL *q = q_, *k = k_, *v = v_;
+    REAL *out = out_;
+    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
+    const int64_t rows_pad = FN(round_up)(nrows, MR);
+    const REAL scale = (REAL)p->scale;
+
+    REAL *qs = scratch_;
+    REAL *kt = qs + BLOCK_M * E;
+    REAL *vp = kt + E * BLOCK_N;
+    REAL *sc = vp + BLOCK_N * evp;
+    REAL *acc = sc + BLOCK_M * BLOCK_N;
+    REAL *mrow = acc + BLOCK_M * evp;
+    REAL *lrow = mrow + BLOCK_M;
+
+    /* Pack the scaled Q block; padding rows are zero and never written out. */
+    for (int64_t r = 0; r < rows_pad; r++) {
+        if (r < nrows) {
+            const REAL *src = q + (row0 + r) * p->q_row;
+            for (int64_t e = 0; e < E; e++) qs[r * E + e] = src[e * p->q_col] * scale;
+        } else {
+            for (int64_t e = 0; e < E; e++) qs[r * E + e] = 0;
+        }
+        mrow[r] = -(REAL)INFINITY;
+        lrow[r] = 0;
+    }
+    memset(acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
+
+    /* Causal: keys past the block's last query row are masked for every row. */
+    const int64_t kv_end = p->causal && row0 + nrows < p->S ? row0 + nrows : p->S;
+    for (int64_t j0 = 0; j0 < kv_end; j0 += BLOCK_N) {
+        const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
+        const int64_t cols_pad = FN(round_up)(nb, NR);
+
+        /* Pack K^T (E x cols_pad, zero columns past nb) and V (nb x evp). */
+        for (int64_t c = 0; c < nb; c++) {
+            const REAL *src = k + (j0 + c) * p->k_row;
+            for (int64_t e = 0; e < E; e++) kt[e * BLOCK_N + c] = src[e * p->k_col];
+        }
+        for (int64_t e = 0; e < E; e++)
+            for (int64_t c = nb; c < cols_pad; c++) kt[e * BLOCK_N + c] = 0;
+        for (int64_t c = 0; c < nb; c++) {
+            const REAL *src = v + (j0 + c) * p->v_row;
+            for (int64_t x = 0; x < evp; x++) vp[c * evp + x] = x < Ev ? src[x * p->v_col] : 0;
+        }
+
+        /* S = (scale Q) K^T for the whole tile. */
+        FN(tile_gemm)(rows_pad, cols_pad, E, qs, E, kt, BLOCK_N, sc, BLOCK_N, 0);
+
+        for (int64_t r = 0; r < nrows; r++) {
+            REAL *s = sc + r * BLOCK_N;
+            const int needs_causal = p->causal && j0 + nb - 1 > row0 + r;
+            if (p->mask_kind != PYATTN_MASK_NONE || needs_causal || nb != cols_pad)
+                FN(mask_row)(p, mask, s, row0 + r, j0, nb, cols_pad);
+            FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
+        }
+
+        /* O += P V (padding rows hold P = 0 from their zero Q rows). */
+        FN(tile_gemm)(rows_pad, evp, nb, sc, BLOCK_N, vp, evp, acc, evp, 1);
+    }
+
+    /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
+    for (int64_t r = 0; r < nrows; r++) {
+        REAL *dst = out + (row0 + r) * p->o_row;
+        const REAL l = lrow[r];
+        const REAL inv = l == 0 ? 0 : 1 / l;
+        for (int64_t x = 0; x < Ev; x++) dst[x * p->o_col] = l == 0 ? 0 : acc[r * evp + x] * inv;
+    }
+}
+
+#undef LANES
+#undef NR
+#undef VEC
+#undef UVEC
+#undef EXP_MAGIC
+#undef EXP_MAGIC_BITS
+#undef EXP_MANT_BITS
+#undef EXP_BIAS
+#undef EXP_LO
+#undef EXP_HI
+#undef LN2_HI
+#undef LN2_LO
+#undef LOG2E
+#undef EXP_DEGREE

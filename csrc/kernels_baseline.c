@@ -1,0 +1,14 @@
+/* Portable kernels: 16-byte vectors (SSE2 on x86-64, NEON on arm64, scalar
+ * code elsewhere); the implementation every CPU can run. */
+#define ISA baseline
+#define VBYTES 16
+/* block sizes        MR  NV  BLOCK_M  BLOCK_N */
+#define F32_MR 4
+#define F32_NV 2
+#define F32_BLOCK_M 64
+#define F32_BLOCK_N 64
+#define F64_MR 4
+#define F64_NV 2
+#define F64_BLOCK_M 64
+#define F64_BLOCK_N 64
+#include "kernel_instance.h"

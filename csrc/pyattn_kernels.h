@@ -1,0 +1,77 @@
+/*
+ * The one interface between the Cython driver and the attention kernels.
+ *
+ * A kernel computes softmax(scale * Q K^T + mask) V for a block of query rows
+ * of one (batch, head) pair.  It takes raw pointers already positioned at that
+ * pair, sizes, and element strides; it never validates and never allocates:
+ * the caller hands it per-thread scratch of pyattn_kernels.scratch_elems(...)
+ * elements of the working dtype.
+ *
+ * Several implementations (one per instruction set) fill the same table, so
+ * the driver picks a table once and stays ISA-agnostic.
+ */
+#ifndef PYATTN_KERNELS_H
+#define PYATTN_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum pyattn_mask_kind {
+    PYATTN_MASK_NONE = 0,
+    PYATTN_MASK_BOOL = 1,     /* uint8 per score: nonzero = the key takes part */
+    PYATTN_MASK_ADDITIVE = 2  /* same dtype as Q, added to the scaled scores */
+};
+
+/* Sizes and element strides of one (batch, head) attention problem. */
+typedef struct pyattn_problem {
+    int64_t L, S, E, Ev;             /* query rows, keys, q/k width, v width */
+    int64_t q_row, q_col;            /* strides of Q (L x E) */
+    int64_t k_row, k_col;            /* strides of K (S x E) */
+    int64_t v_row, v_col;            /* strides of V (S x Ev) */
+    int64_t o_row, o_col;            /* strides of the output (L x Ev) */
+    int64_t mask_row, mask_col;      /* strides of the mask (L x S); 0 = broadcast */
+    int mask_kind;                   /* enum pyattn_mask_kind */
+    int causal;                      /* 1: query i sees keys j <= i (top-left) */
+    double scale;                    /* multiplies Q K^T before the mask */
+} pyattn_problem;
+
+/*
+ * Attend query rows [row0, row0 + nrows) of one (batch, head); nrows is at most
+ * the table's block_rows for that dtype.  q, k, v, mask and out point at the
+ * (batch, head) origin; mask may be NULL when mask_kind is NONE.
+ */
+typedef void (*pyattn_attend_fn)(const pyattn_problem *p, const void *q,
+                                 const void *k, const void *v, const void *mask,
+                                 void *out, int64_t row0, int64_t nrows,
+                                 void *scratch);
+
+/* Per-thread scratch, in elements of the kernel's dtype, for widths E and Ev. */
+typedef size_t (*pyattn_scratch_fn)(int64_t E, int64_t Ev);
+
+typedef struct pyattn_dtype_kernel {
+    pyattn_attend_fn attend;
+    pyattn_scratch_fn scratch_elems;
+    int64_t block_rows;              /* query rows per work item */
+} pyattn_dtype_kernel;
+
+typedef struct pyattn_kernels {
+    const char *name;                /* "baseline", ... */
+    pyattn_dtype_kernel f32;
+    pyattn_dtype_kernel f64;
+} pyattn_kernels;
+
+/* Every implementation built into this binary, best first. */
+extern const pyattn_kernels pyattn_kernels_baseline;
+
+/* The implementation called `name`, or NULL when unknown. */
+const pyattn_kernels *pyattn_kernels_by_name(const char *name);
+
+/* Whether this CPU can run the implementation called `name`. */
+int pyattn_cpu_supports(const char *name);
+
+/* OpenMP facts, answered without OpenMP when the build has none. */
+int pyattn_openmp_enabled(void);
+int pyattn_max_threads(void);
+int pyattn_team_size(void);   /* threads in the current parallel region */
+
+#endif

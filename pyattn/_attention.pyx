@@ -1,0 +1,156 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Parallel driver: runs one C kernel over batch x heads x query blocks.
+
+The Python layer (functional.py) has already validated and normalised every
+input; this module only turns its plain numbers into a `prange` with the GIL
+released.  Units: `batch_offsets` and `head_strides` are in bytes (NumPy
+strides), the inner strides in `problem` are in elements (the kernel indexes
+typed pointers).
+"""
+from cython.parallel cimport parallel, prange, threadid
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cdef extern from "pyattn_kernels.h" nogil:
+    ctypedef struct pyattn_problem:
+        int64_t L, S, E, Ev
+        int64_t q_row, q_col, k_row, k_col, v_row, v_col
+        int64_t o_row, o_col, mask_row, mask_col
+        int mask_kind
+        int causal
+        double scale
+    ctypedef void (*pyattn_attend_fn)(
+        const pyattn_problem *p, const void *q, const void *k, const void *v,
+        const void *mask, void *out, int64_t row0, int64_t nrows,
+        void *scratch) noexcept nogil
+    ctypedef size_t (*pyattn_scratch_fn)(int64_t E, int64_t Ev) noexcept nogil
+    ctypedef struct pyattn_dtype_kernel:
+        pyattn_attend_fn attend
+        pyattn_scratch_fn scratch_elems
+        int64_t block_rows
+    ctypedef struct pyattn_kernels:
+        const char *name
+        pyattn_dtype_kernel f32
+        pyattn_dtype_kernel f64
+    const pyattn_kernels *pyattn_kernels_by_name(const char *name)
+    int pyattn_cpu_supports(const char *name)
+    int pyattn_openmp_enabled()
+    int pyattn_max_threads()
+    int pyattn_team_size()
+
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+
+def openmp_enabled():
+    """Whether this binary was built with OpenMP."""
+    return bool(pyattn_openmp_enabled())
+
+
+def max_threads():
+    """omp_get_max_threads(): honours OMP_NUM_THREADS and threadpoolctl."""
+    return pyattn_max_threads()
+
+
+def has_kernel(str name):
+    """Whether the kernels called `name` were compiled into this binary."""
+    return pyattn_kernels_by_name(name.encode()) != NULL
+
+
+def cpu_supports(str name):
+    """Whether this CPU can run the kernels called `name`."""
+    return bool(pyattn_cpu_supports(name.encode()))
+
+
+cdef const pyattn_dtype_kernel *_dtype_kernel(str name, int itemsize) except NULL:
+    cdef const pyattn_kernels *table = pyattn_kernels_by_name(name.encode())
+    if table == NULL:
+        raise ValueError(f"no kernels called {name!r} in this build")
+    return &table.f32 if itemsize == 4 else &table.f64
+
+
+def block_rows(str kernel, int itemsize):
+    """Query rows per work item for that kernel and dtype size."""
+    return _dtype_kernel(kernel, itemsize).block_rows
+
+
+def attend(str kernel, int itemsize, tuple pointers,
+           const int64_t[:, ::1] batch_offsets, tuple head_strides,
+           int64_t num_heads, int64_t kv_group, tuple sizes,
+           tuple inner_strides, int mask_kind, bint causal, double scale,
+           int num_threads):
+    """Run the kernel on every (batch, head, query block).
+
+    pointers       data addresses of (q, k, v, mask, out); mask may be 0
+    batch_offsets  (5, B) byte offsets of each flat batch index, same order
+    head_strides   byte strides of the head axis, same order (0 = broadcast)
+    kv_group       query heads per key/value head (GQA); kv head = h // kv_group
+    sizes          (L, S, E, Ev)
+    inner_strides  element strides (q_row, q_col, k_row, k_col, v_row, v_col,
+                   o_row, o_col, mask_row, mask_col)
+
+    Returns the number of threads in the OpenMP team that ran the work.
+    """
+    cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, itemsize)
+    cdef pyattn_problem prob
+    prob.L, prob.S, prob.E, prob.Ev = sizes
+    (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,
+     prob.o_row, prob.o_col, prob.mask_row, prob.mask_col) = inner_strides
+    prob.mask_kind = mask_kind
+    prob.causal = causal
+    prob.scale = scale
+
+    cdef char *q = <char *><uintptr_t>pointers[0]
+    cdef char *k = <char *><uintptr_t>pointers[1]
+    cdef char *v = <char *><uintptr_t>pointers[2]
+    cdef char *m = <char *><uintptr_t>pointers[3]
+    cdef char *o = <char *><uintptr_t>pointers[4]
+    cdef int64_t q_hs = head_strides[0], k_hs = head_strides[1]
+    cdef int64_t v_hs = head_strides[2], m_hs = head_strides[3]
+    cdef int64_t o_hs = head_strides[4]
+
+    cdef int64_t block = dk.block_rows
+    cdef int64_t n_qblocks = (prob.L + block - 1) // block
+    cdef int64_t per_batch = num_heads * n_qblocks
+    cdef int64_t n_items = batch_offsets.shape[1] * per_batch
+    if n_items == 0:
+        return 0
+
+    # Per-thread scratch, allocated once here and indexed by thread id.
+    cdef size_t scratch_bytes = dk.scratch_elems(prob.E, prob.Ev) * itemsize
+    scratch_bytes = (scratch_bytes + 63) // 64 * 64
+    cdef char *scratch = <char *>malloc(scratch_bytes * num_threads)
+    cdef int *team = <int *>malloc(sizeof(int) * num_threads)
+    if scratch == NULL or team == NULL:
+        free(scratch)
+        free(team)
+        raise MemoryError(f"cannot allocate {scratch_bytes * num_threads} bytes of scratch")
+    memset(team, 0, sizeof(int) * num_threads)
+
+    cdef int64_t item, b, h, qb, row0
+    cdef int tid
+    with nogil, parallel(num_threads=num_threads):
+        tid = threadid()
+        team[tid] = pyattn_team_size()
+        # Dynamic schedule: causal blocks differ in cost, and every item is
+        # computed the same way whichever thread takes it (thread-invariant).
+        for item in prange(n_items, schedule="dynamic"):
+            b = item // per_batch
+            h = (item // n_qblocks) % num_heads
+            qb = item % n_qblocks
+            row0 = qb * block
+            dk.attend(
+                &prob,
+                q + batch_offsets[0, b] + h * q_hs,
+                k + batch_offsets[1, b] + (h // kv_group) * k_hs,
+                v + batch_offsets[2, b] + (h // kv_group) * v_hs,
+                (m + batch_offsets[3, b] + h * m_hs) if m != NULL else NULL,
+                o + batch_offsets[4, b] + h * o_hs,
+                row0, min(block, prob.L - row0),
+                scratch + tid * scratch_bytes)
+    cdef int used = 0
+    for tid in range(num_threads):
+        used = max(used, team[tid])
+    free(scratch)
+    free(team)
+    return used

@@ -1,0 +1,31 @@
+"""pyattn.show_config(): what this installation will run."""
+import platform
+import sys
+
+import numpy as np
+
+from . import _attention, _dispatch
+from ._version import __version__
+
+
+def config():
+    """The facts show_config() prints, as a dict."""
+    return {
+        "version": __version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "openmp": _attention.openmp_enabled(),
+        "default_threads": _attention.max_threads(),
+        "kernel": _dispatch.KERNEL,
+        "usable_kernels": _dispatch.usable_kernels(),
+        "kernel_env_var": _dispatch.ENV_VAR,
+    }
+
+
+def show_config():
+    """Print the version, OpenMP status, default thread count and kernel."""
+    for key, value in config().items():
+        if isinstance(value, list):
+            value = ", ".join(value)
+        print(f"{key:>16}: {value}")

@@ -1,0 +1,227 @@
+"""Input checking and normalisation shared by pyattn's API and its reference.
+
+Everything a user can get wrong is caught here, with a message that names the
+argument and the shapes involved, before any compiled code runs.
+"""
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+_TooHardError = getattr(np, "exceptions", np).TooHardError
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_SUPPORTED_NAMES = "float32 or float64"
+
+
+def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
+    """`x` as an ndarray of a supported float dtype, without copying when it
+    already is one."""
+    if x is None:
+        raise TypeError(f"{name} must be an array of {_SUPPORTED_NAMES}, got None")
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+    if arr.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {arr.dtype}; supported dtypes are {_SUPPORTED_NAMES}")
+    if arr.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions {layout}; got shape {arr.shape}"
+        )
+    return arr
+
+
+def check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_num_threads(num_threads, default):
+    """Threads to use: `default()` for None, n for n > 0, and for negative n
+    joblib's convention: -1 is all CPUs, -2 all but one, ..."""
+    if num_threads is None:
+        return default()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
+    n = int(num_threads)
+    ncpu = cpu_count()
+    if n > 0:
+        return n
+    if n == 0 or n < -ncpu:
+        raise ValueError(
+            f"num_threads must be a positive int, or a negative int in [-{ncpu}, -1] "
+            f"counting back from this machine's {ncpu} CPUs; got {n}"
+        )
+    return ncpu + 1 + n
+
+
+@dataclass
+class AttentionProblem:
+    """A validated attention call, with q, k, v (and mask) viewed as
+    (*batch, heads, rows, width) arrays of one common ndim >= 3."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    mask: Optional[np.ndarray]  # broadcast view of the scores' shape, or None
+    is_causal: bool
+    scale: float
+    kv_group: int  # query heads per key/value head
+    batch: Tuple[int, ...]
+    num_heads: int
+    out_shape: Tuple[int, ...]  # what the caller gets back
+    work_shape: Tuple[int, ...]  # (*batch, heads, L, Ev)
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+    @property
+    def scores_shape(self):
+        return self.batch + (self.num_heads, self.q.shape[-2], self.k.shape[-2])
+
+
+def _lift(arr, ndim):
+    """View `arr` with leading length-1 axes up to `ndim` dimensions."""
+    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
+
+
+def _heads(hq, hk, hv, enable_gqa):
+    """Output heads and the GQA group size, from query and key/value heads."""
+    if hk != hv and 1 not in (hk, hv):
+        raise ValueError(
+            f"key and value must have the same number of heads (dim -3); got {hk} and {hv}"
+        )
+    hkv = max(hk, hv)
+    if hq == hkv or 1 in (hq, hkv):
+        return max(hq, hkv), 1
+    if not enable_gqa:
+        hint = " (pass enable_gqa=True for grouped-query attention)" if hq % hkv == 0 else ""
+        raise ValueError(
+            f"query has {hq} heads and key/value have {hkv} (dim -3); they must match "
+            f"or broadcast{hint}"
+        )
+    if hq % hkv != 0:
+        raise ValueError(
+            f"with enable_gqa=True the query heads Hq={hq} must be a multiple of the "
+            f"key/value heads Hkv={hkv}"
+        )
+    return hq, hq // hkv
+
+
+def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
+    mask = np.asarray(attn_mask)
+    if mask.dtype == np.bool_:
+        pass
+    elif mask.dtype.kind == "f":
+        mask = mask.astype(dtype, copy=False)  # the user's size, before broadcasting
+    else:
+        raise TypeError(
+            f"attn_mask has dtype {mask.dtype}; it must be bool (True = take part) "
+            f"or floating (added to the scores)"
+        )
+    if mask.ndim > lifted_ndim:
+        raise ValueError(
+            f"attn_mask of shape {mask.shape} has more dimensions than the scores "
+            f"(..., Hq, L, S) = {scores_shape}"
+        )
+    try:
+        return np.broadcast_to(mask, scores_shape)  # a view: strides 0, no copy
+    except ValueError:
+        raise ValueError(
+            f"attn_mask of shape {mask.shape} does not broadcast to the scores shape "
+            f"(..., Hq, L, S) = {scores_shape}"
+        ) from None
+
+
+def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    """Validate a scaled_dot_product_attention call; see the README's rules."""
+    q = as_float_array(query, "query", layout="(..., L, E)")
+    k = as_float_array(key, "key", layout="(..., S, E)")
+    v = as_float_array(value, "value", layout="(..., S, Ev)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"query, key and value must share one dtype ({_SUPPORTED_NAMES}); got "
+            f"query {q.dtype}, key {k.dtype}, value {v.dtype}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"query and key must have the same last dimension E; got query {q.shape} "
+            f"and key {k.shape}"
+        )
+    if q.shape[-1] == 0:
+        raise ValueError(f"the head dimension E must be at least 1; got query {q.shape}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same sequence length S (dim -2); got key "
+            f"{k.shape} and value {v.shape}"
+        )
+
+    out_ndim = max(q.ndim, k.ndim, v.ndim)
+    ndim = max(out_ndim, 3)
+    q, k, v = _lift(q, ndim), _lift(k, ndim), _lift(v, ndim)
+    num_heads, kv_group = _heads(q.shape[-3], k.shape[-3], v.shape[-3], enable_gqa)
+    try:
+        batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except ValueError:
+        raise ValueError(
+            f"the batch dimensions of query {q.shape[:-3]}, key {k.shape[:-3]} and "
+            f"value {v.shape[:-3]} do not broadcast"
+        ) from None
+
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    work_shape = batch + (num_heads, L, Ev)
+    out_shape = work_shape[ndim - out_ndim:]
+    scores_shape = batch + (num_heads, L, S)
+    mask = None
+    if attn_mask is not None:
+        mask = _check_mask(attn_mask, q.dtype, scores_shape, ndim)
+
+    return AttentionProblem(
+        q=q, k=k, v=v, mask=mask, is_causal=bool(is_causal),
+        scale=check_scale(scale, q.shape[-1]), kv_group=kv_group, batch=batch,
+        num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
+    )
+
+
+def _overlaps(a, b):
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return np.shares_memory(a, b, max_work=10**6)
+    except _TooHardError:
+        return True  # cannot prove otherwise: refuse rather than risk it
+
+
+def prepare_out(out, problem, inputs):
+    """The array to write the result into: `out` after checks, or a new one."""
+    if out is None:
+        return np.empty(problem.out_shape, dtype=problem.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != problem.dtype:
+        raise TypeError(f"out has dtype {out.dtype}; the result has dtype {problem.dtype}")
+    if out.shape != problem.out_shape:
+        raise ValueError(f"out has shape {out.shape}; the result has shape {problem.out_shape}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, arr in inputs.items():
+        if arr is not None and _overlaps(out, arr):
+            raise ValueError(f"out overlaps {name} in memory; pass a separate array")
+    return out

@@ -1,0 +1,123 @@
+"""pyattn's functional API: scaled dot-product attention on NumPy arrays."""
+import numpy as np
+
+from . import _attention, _dispatch
+from ._validation import check_num_threads, prepare_attention, prepare_out
+
+__all__ = ["scaled_dot_product_attention"]
+
+
+def _element_strides(arr):
+    """`arr` and its strides in elements; copied if a stride is not a whole
+    number of elements (possible for views of structured arrays)."""
+    if any(s % arr.itemsize for s in arr.strides):
+        arr = arr.copy()
+    return arr, tuple(s // arr.itemsize for s in arr.strides)
+
+
+def _batch_byte_offsets(arr, batch):
+    """Byte offset of every flat batch index of `arr` (broadcast to `batch`)."""
+    nb = len(batch)
+    strides = np.broadcast_to(arr, batch + arr.shape[nb:]).strides[:nb]
+    offsets = np.zeros(batch, dtype=np.int64)
+    for axis, (n, stride) in enumerate(zip(batch, strides)):
+        shape = [1] * nb
+        shape[axis] = n
+        offsets = offsets + (np.arange(n, dtype=np.int64) * stride).reshape(shape)
+    return offsets.reshape(-1)
+
+
+def _address(arr):
+    return arr.__array_interface__["data"][0]
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
+                                 scale=None, enable_gqa=False, *, out=None,
+                                 num_threads=None):
+    """softmax(query @ key^T * scale + mask) @ value, like PyTorch's
+    ``torch.nn.functional.scaled_dot_product_attention`` (without dropout).
+
+    Parameters
+    ----------
+    query : array_like, (..., Hq, L, E) or (L, E)
+    key : array_like, (..., Hkv, S, E)
+    value : array_like, (..., Hkv, S, Ev)
+        float32 or float64, one dtype for all three; any strides.  Leading
+        batch dimensions broadcast against each other.
+    attn_mask : array_like, optional
+        Broadcastable to (..., Hq, L, S).  bool: True means the key takes
+        part; float: added to the scaled scores (use -inf to exclude).
+    is_causal : bool
+        Query i sees keys j <= i (top-left aligned, as PyTorch).  Combines
+        with ``attn_mask``.
+    scale : float, optional
+        Multiplies ``query @ key^T``; defaults to ``1 / sqrt(E)``.
+    enable_gqa : bool
+        Allow Hq to be a multiple of Hkv: query head h uses key/value head
+        ``h // (Hq // Hkv)``.
+    out : ndarray, optional
+        Written in place and returned; must have the result's shape and dtype,
+        be writable and not overlap the inputs.
+    num_threads : int, optional
+        None: OpenMP's default (``OMP_NUM_THREADS``, threadpoolctl).  n > 0:
+        exactly n threads.  -1: all CPUs, -2: all but one, ...
+
+    Returns
+    -------
+    ndarray, (..., Hq, L, Ev), the inputs' dtype.  A query row for which no
+    key takes part is zeros.
+    """
+    prob = prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    nthreads = check_num_threads(num_threads, _attention.max_threads)
+    inputs = {"query": query, "key": key, "value": value, "attn_mask": attn_mask}
+    result = prepare_out(out, prob, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
+    if result.size == 0:
+        return result
+    if prob.k.shape[-2] == 0:  # no keys: every row is "fully masked"
+        result[...] = 0
+        return result
+    lifted = result[(np.newaxis,) * (len(prob.work_shape) - result.ndim)]  # a view
+    run_kernel(prob, lifted, nthreads)
+    return result
+
+
+def run_kernel(prob, work_out, nthreads):
+    """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem.
+    Returns the number of threads the kernel ran with."""
+    dest = work_out
+    if any(s % dest.itemsize for s in dest.strides):
+        dest = np.empty(work_out.shape, dtype=work_out.dtype)
+    q, qs = _element_strides(prob.q)
+    k, ks = _element_strides(prob.k)
+    v, vs = _element_strides(prob.v)
+    _, os_ = _element_strides(dest)
+    arrays = [q, k, v, None, dest]
+    mask_kind, ms = _attention.MASK_NONE, (0, 0, 0)
+    if prob.mask is not None:
+        mask = prob.mask.view(np.uint8) if prob.mask.dtype == np.bool_ else prob.mask
+        mask, ms = _element_strides(mask)
+        arrays[3] = mask
+        mask_kind = _attention.MASK_BOOL if prob.mask.dtype == np.bool_ else _attention.MASK_ADDITIVE
+
+    batch = prob.batch
+    offsets = np.zeros((5, int(np.prod(batch, dtype=np.int64))), dtype=np.int64)
+    for i, arr in enumerate(arrays):
+        if arr is not None:
+            offsets[i] = _batch_byte_offsets(arr, batch)
+
+    def head_stride(arr):  # bytes; 0 for a broadcast (length-1) head axis
+        return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
+
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    used = _attention.attend(
+        _dispatch.KERNEL, q.itemsize,
+        tuple(0 if a is None else _address(a) for a in arrays),
+        offsets,
+        tuple(head_stride(a) for a in arrays),
+        prob.num_heads, prob.kv_group, (L, S, E, Ev),
+        (qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1], ms[-2], ms[-1]),
+        mask_kind, prob.is_causal, prob.scale, nthreads,
+    )
+    if dest is not work_out:
+        work_out[...] = dest
+    return used
