@@ -7,7 +7,15 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#define PYATTN_X86 1
+#endif
+
 static const pyattn_kernels *const all_kernels[] = {
+#ifdef PYATTN_X86
+    &pyattn_kernels_avx512,
+    &pyattn_kernels_avx2,
+#endif
     &pyattn_kernels_baseline,
 };
 
@@ -18,9 +26,20 @@ const pyattn_kernels *pyattn_kernels_by_name(const char *name)
     return NULL;
 }
 
+/* libgcc's CPUID checks include the OS's XSAVE support for the wider state. */
 int pyattn_cpu_supports(const char *name)
 {
-    return strcmp(name, "baseline") == 0;
+    if (strcmp(name, "baseline") == 0) return 1;
+#ifdef PYATTN_X86
+    __builtin_cpu_init();
+    if (strcmp(name, "avx2") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(name, "avx512") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("fma");
+#endif
+    return 0;
 }
 
 int pyattn_openmp_enabled(void)

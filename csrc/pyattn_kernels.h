@@ -60,7 +60,9 @@ typedef struct pyattn_kernels {
     pyattn_dtype_kernel f64;
 } pyattn_kernels;
 
-/* Every implementation built into this binary, best first. */
+/* The implementations; avx2 and avx512 exist on x86 builds only. */
+extern const pyattn_kernels pyattn_kernels_avx512;
+extern const pyattn_kernels pyattn_kernels_avx2;
 extern const pyattn_kernels pyattn_kernels_baseline;
 
 /* The implementation called `name`, or NULL when unknown. */

@@ -1,0 +1,17 @@
+/* AVX2 + FMA kernels: 32-byte vectors.  The target pragma scopes the ISA to
+ * this file, so the rest of the binary still runs on any x86-64 CPU. */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma")
+#define ISA avx2
+#define VBYTES 32
+/* block sizes        MR  NV  BLOCK_M  BLOCK_N */
+#define F32_MR 6
+#define F32_NV 2
+#define F32_BLOCK_M 48
+#define F32_BLOCK_N 64
+#define F64_MR 6
+#define F64_NV 2
+#define F64_BLOCK_M 48
+#define F64_BLOCK_N 64
+#include "kernel_instance.h"
+#endif

@@ -1,0 +1,16 @@
+/* AVX-512 kernels: 64-byte vectors (Skylake-X, Ice Lake, Zen 4/5, ...). */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+#define ISA avx512
+#define VBYTES 64
+/* block sizes        MR  NV  BLOCK_M  BLOCK_N */
+#define F32_MR 8
+#define F32_NV 2
+#define F32_BLOCK_M 64
+#define F32_BLOCK_N 64
+#define F64_MR 8
+#define F64_NV 2
+#define F64_BLOCK_M 64
+#define F64_BLOCK_N 64
+#include "kernel_instance.h"
+#endif
