@@ -35,7 +35,13 @@ static inline int64_t FN(round_up)(int64_t n, int64_t m) { return (n + m - 1) / 
 
 static inline VEC FN(vload)(const REAL *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
 static inline void FN(vstore)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
-static inline VEC FN(vsplat)(REAL x) { return (VEC){0} + x; }
+static inline VEC FN(vsplat)(REAL x)
+{
+    /* Lane 0 shuffled everywhere: one broadcast.  ({0} + x costs an add, since
+     * x + 0 is not x for -0; a lane loop becomes masked inserts.) */
+    const VEC v = {x};
+    return __builtin_shuffle(v, (UVEC){0});
+}
 
 /* Lane-wise mask ? a : b, where mask lanes are all-ones or all-zeros. */
 static inline VEC FN(vselect)(UVEC mask, VEC a, VEC b)
@@ -100,18 +106,26 @@ static inline VEC FN(vexp)(VEC x)
     return y;
 }
 
+/* v with lanes i and i ^ width swapped: one butterfly stage. */
+static inline VEC FN(vswap)(VEC v, int64_t width)
+{
+    UVEC idx;
+    for (int64_t i = 0; i < LANES; i++) idx[i] = (UINT)(i ^ width);
+    return __builtin_shuffle(v, idx);
+}
+
+/* Horizontal max and sum by butterfly: log2(lanes) shuffles, the same order
+ * on every call, so results never depend on where a row is computed. */
 static inline REAL FN(hmax)(VEC v)
 {
-    REAL m = v[0];
-    for (int64_t i = 1; i < LANES; i++) m = v[i] > m ? v[i] : m;
-    return m;
+    for (int64_t w = LANES / 2; w >= 1; w /= 2) v = FN(vmax)(FN(vswap)(v, w), v);
+    return v[0];
 }
 
 static inline REAL FN(hsum)(VEC v)
 {
-    REAL s = v[0];
-    for (int64_t i = 1; i < LANES; i++) s += v[i];
-    return s;
+    for (int64_t w = LANES / 2; w >= 1; w /= 2) v += FN(vswap)(v, w);
+    return v[0];
 }
 
 /* C[MR x NR] = (accumulate ? C : 0) + A[MR x K] * B[K x NR]; rows of A at
@@ -210,37 +224,73 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
     }
 }
 
-static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
-                       const void *v_, const void *mask, void *out_, int64_t row0,
-                       int64_t nrows, void *scratch_)
+/* dot(a, b) over n elements: vector body, scalar tail. */
+static inline REAL FN(dot)(const REAL *a, const REAL *b, int64_t n)
 {
-    const REAL *q = q_, *k = k_, *v = v_;
-    REAL *out = out_;
+    const int64_t nv = n - n % LANES;
+    VEC acc = FN(vsplat)(0);
+    for (int64_t e = 0; e < nv; e += LANES) acc += FN(vload)(a + e) * FN(vload)(b + e);
+    REAL d = FN(hsum)(acc);
+    for (int64_t e = nv; e < n; e++) d += a[e] * b[e];
+    return d;
+}
+
+/* y[0:n] += alpha * x[0:n]. */
+static inline void FN(axpy)(REAL alpha, const REAL *x, REAL *y, int64_t n)
+{
+    const int64_t nv = n - n % LANES;
+    const VEC va = FN(vsplat)(alpha);
+    for (int64_t e = 0; e < nv; e += LANES) FN(vstore)(y + e, FN(vload)(y + e) + va * FN(vload)(x + e));
+    for (int64_t e = nv; e < n; e++) y[e] += alpha * x[e];
+}
+
+/*
+ * Few query rows (decode): no transposed panels and no padding to MR rows.
+ * Key and value rows are read where they lie (copied only when their own
+ * elements are not contiguous), each score is one dot product, and P V is
+ * accumulated key by key.  Same masking and online softmax as the tiled path.
+ */
+static void FN(attend_direct)(const pyattn_problem *p, const REAL *q, const REAL *k,
+                              const REAL *v, const void *mask, REAL *out, int64_t row0,
+                              int64_t nrows, REAL *qs, REAL *kbuf, REAL *vbuf, REAL *sc,
+                              REAL *acc, REAL *mrow, REAL *lrow)
+{
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
-    const int64_t rows_pad = FN(round_up)(nrows, MR);
-    const REAL scale = (REAL)p->scale;
-
-    REAL *qs = scratch_;
-    REAL *kt = qs + BLOCK_M * E;
-    REAL *vp = kt + E * BLOCK_N;
-    REAL *sc = vp + BLOCK_N * evp;
-    REAL *acc = sc + BLOCK_M * BLOCK_N;
-    REAL *mrow = acc + BLOCK_M * evp;
-    REAL *lrow = mrow + BLOCK_M;
-
-    /* Pack the scaled Q block; padding rows are zero and never written out. */
-    for (int64_t r = 0; r < rows_pad; r++) {
-        if (r < nrows) {
-            const REAL *src = q + (row0 + r) * p->q_row;
-            for (int64_t e = 0; e < E; e++) qs[r * E + e] = src[e * p->q_col] * scale;
-        } else {
-            for (int64_t e = 0; e < E; e++) qs[r * E + e] = 0;
+    const int64_t kv_end = p->causal && row0 + nrows < p->S ? row0 + nrows : p->S;
+    for (int64_t j0 = 0; j0 < kv_end; j0 += BLOCK_N) {
+        const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
+        const int64_t cols_pad = FN(round_up)(nb, LANES);
+        const REAL *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
+        int64_t k_stride = p->k_row, v_stride = p->v_row;
+        if (p->k_col != 1) {
+            for (int64_t c = 0; c < nb; c++)
+                for (int64_t e = 0; e < E; e++) kbuf[c * E + e] = kr[c * p->k_row + e * p->k_col];
+            kr = kbuf, k_stride = E;
         }
-        mrow[r] = -(REAL)INFINITY;
-        lrow[r] = 0;
+        if (p->v_col != 1) {
+            for (int64_t c = 0; c < nb; c++)
+                for (int64_t x = 0; x < Ev; x++) vbuf[c * Ev + x] = vr[c * p->v_row + x * p->v_col];
+            vr = vbuf, v_stride = Ev;
+        }
+        for (int64_t r = 0; r < nrows; r++) {
+            REAL *s = sc + r * BLOCK_N;
+            for (int64_t c = 0; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
+            FN(mask_row)(p, mask, s, row0 + r, j0, nb, cols_pad);
+            FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
+        }
+        for (int64_t c = 0; c < nb; c++)
+            for (int64_t r = 0; r < nrows; r++)
+                FN(axpy)(sc[r * BLOCK_N + c], vr + c * v_stride, acc + r * evp, Ev);
     }
-    memset(acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
+}
 
+/* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
+static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL *v,
+                             const void *mask, int64_t row0, int64_t nrows,
+                             int64_t rows_pad, const REAL *qs, REAL *kt, REAL *vp,
+                             REAL *sc, REAL *acc, REAL *mrow, REAL *lrow)
+{
+    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     /* Causal: keys past the block's last query row are masked for every row. */
     const int64_t kv_end = p->causal && row0 + nrows < p->S ? row0 + nrows : p->S;
     for (int64_t j0 = 0; j0 < kv_end; j0 += BLOCK_N) {
@@ -273,6 +323,43 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
         /* O += P V (padding rows hold P = 0 from their zero Q rows). */
         FN(tile_gemm)(rows_pad, evp, nb, sc, BLOCK_N, vp, evp, acc, evp, 1);
     }
+}
+
+static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
+                       const void *v_, const void *mask, void *out_, int64_t row0,
+                       int64_t nrows, void *scratch_)
+{
+    const REAL *q = q_, *k = k_, *v = v_;
+    REAL *out = out_;
+    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
+    const int64_t rows_pad = FN(round_up)(nrows, MR);
+    const REAL scale = (REAL)p->scale;
+
+    REAL *qs = scratch_;
+    REAL *kt = qs + BLOCK_M * E;
+    REAL *vp = kt + E * BLOCK_N;
+    REAL *sc = vp + BLOCK_N * evp;
+    REAL *acc = sc + BLOCK_M * BLOCK_N;
+    REAL *mrow = acc + BLOCK_M * evp;
+    REAL *lrow = mrow + BLOCK_M;
+
+    /* Pack the scaled Q block; padding rows are zero and never written out. */
+    for (int64_t r = 0; r < rows_pad; r++) {
+        if (r < nrows) {
+            const REAL *src = q + (row0 + r) * p->q_row;
+            for (int64_t e = 0; e < E; e++) qs[r * E + e] = src[e * p->q_col] * scale;
+        } else {
+            for (int64_t e = 0; e < E; e++) qs[r * E + e] = 0;
+        }
+        mrow[r] = -(REAL)INFINITY;
+        lrow[r] = 0;
+    }
+    memset(acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
+
+    if (nrows < MR)
+        FN(attend_direct)(p, q, k, v, mask, out, row0, nrows, qs, kt, vp, sc, acc, mrow, lrow);
+    else
+        FN(attend_tiled)(p, k, v, mask, row0, nrows, rows_pad, qs, kt, vp, sc, acc, mrow, lrow);
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {

@@ -1,0 +1,40 @@
+"""pyattn against pyattn.reference on the named shapes of pyattn.bench, one
+benchmark group per shape.
+
+    python -m pytest benchmarks --benchmark-only
+
+Each pyattn benchmark also checks, outside the timing, that its result matches
+the reference, so a fast but wrong kernel cannot pass.
+"""
+import numpy as np
+import pytest
+
+from pyattn.bench import CASES, IMPLEMENTATIONS, TOLERANCE
+
+REFERENCE_ROUNDS = 3  # the reference is slow (~0.3 s a prefill call)
+
+
+def case_params():
+    """One pytest.param per named case, id'd and grouped by its name."""
+    return [pytest.param(case, id=case.name, marks=pytest.mark.benchmark(group=case.name))
+            for case in CASES.values()]
+
+
+@pytest.mark.parametrize("case", case_params())
+def test_pyattn(benchmark, case, inputs, reference_output):
+    q, k, v = inputs(case)
+    fn = IMPLEMENTATIONS["pyattn"]
+    out = benchmark(fn, q, k, v, case.causal, None)
+    want = reference_output(case)  # computed after the timing, outside it
+    assert out.shape == want.shape and out.dtype == want.dtype
+    np.testing.assert_allclose(out, want, **TOLERANCE[case.dtype])
+
+
+@pytest.mark.parametrize("case", case_params())
+def test_reference(benchmark, case, inputs):
+    q, k, v = inputs(case)
+    fn = IMPLEMENTATIONS["reference"]
+    out = benchmark.pedantic(fn, args=(q, k, v, case.causal, None),
+                             rounds=REFERENCE_ROUNDS, iterations=1, warmup_rounds=1)
+    assert out.shape == q.shape[:-1] + v.shape[-1:]
+    assert np.isfinite(out).all()

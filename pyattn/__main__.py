@@ -1,0 +1,31 @@
+"""``python -m pyattn SUBCOMMAND [options]``.
+
+Subcommands:
+  bench   benchmark pyattn against its pure-NumPy reference (pyattn.bench)
+"""
+import sys
+
+USAGE = """usage: python -m pyattn SUBCOMMAND [options]
+
+subcommands:
+  bench   benchmark pyattn against its pure-NumPy reference
+          (python -m pyattn bench --help for its options)
+"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        from . import bench
+        return bench.main(rest, prog="python -m pyattn bench")
+    print(f"python -m pyattn: unknown subcommand {command!r}\n", file=sys.stderr)
+    print(USAGE, end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
