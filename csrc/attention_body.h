@@ -106,11 +106,18 @@ static inline VEC FN(vexp)(VEC x)
     return y;
 }
 
-/* v with lanes i and i ^ width swapped: one butterfly stage. */
-static inline VEC FN(vswap)(VEC v, int64_t width)
+/* v with lanes i and i ^ 2^level swapped: one butterfly stage.  The index
+ * vectors are constants (a lane loop would be rebuilt on every call). */
+#define PA_XOR_ROW(w) {0 ^ w, 1 ^ w, 2 ^ w, 3 ^ w, 4 ^ w, 5 ^ w, 6 ^ w, 7 ^ w, \
+                       8 ^ w, 9 ^ w, 10 ^ w, 11 ^ w, 12 ^ w, 13 ^ w, 14 ^ w, 15 ^ w}
+static const UINT FN(xor_lanes)[4][16] = {PA_XOR_ROW(1), PA_XOR_ROW(2), PA_XOR_ROW(4),
+                                          PA_XOR_ROW(8)};
+#undef PA_XOR_ROW
+
+static inline VEC FN(vswap)(VEC v, int level)
 {
     UVEC idx;
-    for (int64_t i = 0; i < LANES; i++) idx[i] = (UINT)(i ^ width);
+    memcpy(&idx, FN(xor_lanes)[level], sizeof idx);
     return __builtin_shuffle(v, idx);
 }
 
@@ -118,13 +125,13 @@ static inline VEC FN(vswap)(VEC v, int64_t width)
  * on every call, so results never depend on where a row is computed. */
 static inline REAL FN(hmax)(VEC v)
 {
-    for (int64_t w = LANES / 2; w >= 1; w /= 2) v = FN(vmax)(FN(vswap)(v, w), v);
+    for (int level = 0; (1 << level) < LANES; level++) v = FN(vmax)(FN(vswap)(v, level), v);
     return v[0];
 }
 
 static inline REAL FN(hsum)(VEC v)
 {
-    for (int64_t w = LANES / 2; w >= 1; w /= 2) v += FN(vswap)(v, w);
+    for (int level = 0; (1 << level) < LANES; level++) v += FN(vswap)(v, level);
     return v[0];
 }
 
@@ -309,10 +316,14 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
             for (int64_t x = 0; x < evp; x++) vp[c * evp + x] = x < Ev ? src[x * p->v_col] : 0;
         }
 
-        /* S = (scale Q) K^T for the whole tile. */
-        FN(tile_gemm)(rows_pad, cols_pad, E, qs, E, kt, BLOCK_N, sc, BLOCK_N, 0);
+        /* Causal: rows before j0 see none of this tile; skip their MR groups. */
+        const int64_t r0 = p->causal && j0 > row0 ? (j0 - row0) / MR * MR : 0;
 
-        for (int64_t r = 0; r < nrows; r++) {
+        /* S = (scale Q) K^T for the tile. */
+        FN(tile_gemm)(rows_pad - r0, cols_pad, E, qs + r0 * E, E, kt, BLOCK_N,
+                      sc + r0 * BLOCK_N, BLOCK_N, 0);
+
+        for (int64_t r = r0; r < nrows; r++) {
             REAL *s = sc + r * BLOCK_N;
             const int needs_causal = p->causal && j0 + nb - 1 > row0 + r;
             if (p->mask_kind != PYATTN_MASK_NONE || needs_causal || nb != cols_pad)
@@ -321,7 +332,8 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
         }
 
         /* O += P V (padding rows hold P = 0 from their zero Q rows). */
-        FN(tile_gemm)(rows_pad, evp, nb, sc, BLOCK_N, vp, evp, acc, evp, 1);
+        FN(tile_gemm)(rows_pad - r0, evp, nb, sc + r0 * BLOCK_N, BLOCK_N, vp, evp,
+                      acc + r0 * evp, evp, 1);
     }
 }
 

@@ -7,11 +7,11 @@
 /* block sizes        MR  NV  BLOCK_M  BLOCK_N */
 #define F32_MR 6
 #define F32_NV 2
-#define F32_BLOCK_M 48
-#define F32_BLOCK_N 64
+#define F32_BLOCK_M 192
+#define F32_BLOCK_N 128
 #define F64_MR 6
 #define F64_NV 2
-#define F64_BLOCK_M 48
-#define F64_BLOCK_N 64
+#define F64_BLOCK_M 96
+#define F64_BLOCK_N 128
 #include "kernel_instance.h"
 #endif

@@ -5,10 +5,10 @@
 /* block sizes        MR  NV  BLOCK_M  BLOCK_N */
 #define F32_MR 4
 #define F32_NV 2
-#define F32_BLOCK_M 64
-#define F32_BLOCK_N 64
+#define F32_BLOCK_M 128
+#define F32_BLOCK_N 128
 #define F64_MR 4
 #define F64_NV 2
 #define F64_BLOCK_M 64
-#define F64_BLOCK_N 64
+#define F64_BLOCK_N 128
 #include "kernel_instance.h"
