@@ -170,15 +170,78 @@ static void FN(tile_gemm)(int64_t rows, int64_t cols, int64_t K, const REAL *A,
                              ldc, accumulate);
 }
 
-static size_t FN(scratch_elems)(int64_t E, int64_t Ev)
+/*
+ * Scratch layout, per thread.  The K^T and V panels hold every key tile of one
+ * (batch, key/value head) when that fits PANEL_BUDGET, so the head is packed
+ * once per thread and reused by all the query blocks the thread takes; a
+ * longer sequence gets a one-tile panel, repacked per tile.
+ */
+#define PANEL_BUDGET ((int64_t)32 << 20) /* bytes per thread */
+
+typedef struct {
+    REAL *q_block;         /* BLOCK_M x E, scaled Q */
+    REAL *kt_panel;        /* tiles of E x BLOCK_N: K^T, zero past the last key */
+    REAL *v_panel;         /* tiles of BLOCK_N x evp: V, zero past Ev */
+    REAL *scores;          /* BLOCK_M x BLOCK_N: scores, then weights */
+    REAL *acc;             /* BLOCK_M x evp: unnormalised output */
+    REAL *row_max, *row_sum; /* BLOCK_M each */
+    int whole_head;        /* the panels hold all tiles of the head */
+} FN(workspace);
+
+static int64_t FN(panel_tiles)(const pyattn_problem *p)
 {
-    const int64_t evp = FN(round_up)(Ev, NR);
-    return (size_t)(BLOCK_M * E          /* scaled Q block        */
-                    + E * BLOCK_N        /* K tile, transposed    */
-                    + BLOCK_N * evp      /* V tile                */
-                    + BLOCK_M * BLOCK_N  /* scores, then weights  */
-                    + BLOCK_M * evp      /* unnormalised output   */
-                    + 2 * BLOCK_M);      /* running max and sum   */
+    const int64_t tiles = (p->S + BLOCK_N - 1) / BLOCK_N;
+    const int64_t per_tile = BLOCK_N * (p->E + FN(round_up)(p->Ev, NR)) * (int64_t)sizeof(REAL);
+    return tiles * per_tile <= PANEL_BUDGET ? tiles : 1;
+}
+
+static size_t FN(scratch_bytes)(const pyattn_problem *p)
+{
+    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
+    const int64_t elems = BLOCK_M * E + FN(panel_tiles)(p) * BLOCK_N * (E + evp) +
+                          BLOCK_M * BLOCK_N + BLOCK_M * evp + 2 * BLOCK_M;
+    return PYATTN_SCRATCH_HEADER + (size_t)elems * sizeof(REAL);
+}
+
+static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
+{
+    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
+    const int64_t tiles = FN(panel_tiles)(p);
+    FN(workspace) w;
+    REAL *next = (REAL *)((char *)scratch + PYATTN_SCRATCH_HEADER);
+    w.q_block = next, next += BLOCK_M * E;
+    w.kt_panel = next, next += tiles * E * BLOCK_N;
+    w.v_panel = next, next += tiles * BLOCK_N * evp;
+    w.scores = next, next += BLOCK_M * BLOCK_N;
+    w.acc = next, next += BLOCK_M * evp;
+    w.row_max = next, next += BLOCK_M;
+    w.row_sum = next;
+    w.whole_head = tiles > 1 || p->S <= BLOCK_N;
+    return w;
+}
+
+/* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
+ * (nb x evp, zero columns past Ev). */
+static void FN(pack_tile)(const pyattn_problem *p, const REAL *k, const REAL *v,
+                          int64_t j0, int64_t nb, REAL *kt, REAL *vp)
+{
+    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
+    const int64_t cols_pad = FN(round_up)(nb, NR);
+    for (int64_t c = 0; c < nb; c++) {
+        const REAL *src = k + (j0 + c) * p->k_row;
+        for (int64_t e = 0; e < E; e++) kt[e * BLOCK_N + c] = src[e * p->k_col];
+    }
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t c = nb; c < cols_pad; c++) kt[e * BLOCK_N + c] = 0;
+    for (int64_t c = 0; c < nb; c++) {
+        const REAL *src = v + (j0 + c) * p->v_row;
+        if (p->v_col == 1) {
+            memcpy(vp + c * evp, src, sizeof(REAL) * (size_t)Ev);
+        } else {
+            for (int64_t x = 0; x < Ev; x++) vp[c * evp + x] = src[x * p->v_col];
+        }
+        for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
+    }
 }
 
 /* Mask one score row of a tile to -inf (or add the float mask), covering the
@@ -294,33 +357,34 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *q, const REAL
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
 static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL *v,
                              const void *mask, int64_t row0, int64_t nrows,
-                             int64_t rows_pad, const REAL *qs, REAL *kt, REAL *vp,
-                             REAL *sc, REAL *acc, REAL *mrow, REAL *lrow)
+                             int64_t rows_pad, pyattn_scratch_header *tag,
+                             const FN(workspace) *w)
 {
-    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
+    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
     /* Causal: keys past the block's last query row are masked for every row. */
     const int64_t kv_end = p->causal && row0 + nrows < p->S ? row0 + nrows : p->S;
+    if (w->whole_head && (tag->k != k || tag->v != v)) {
+        for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N)
+            FN(pack_tile)(p, k, v, j0, p->S - j0 < BLOCK_N ? p->S - j0 : BLOCK_N,
+                          w->kt_panel + j0 * E, w->v_panel + j0 * evp);
+        tag->k = k, tag->v = v;
+    }
     for (int64_t j0 = 0; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, NR);
-
-        /* Pack K^T (E x cols_pad, zero columns past nb) and V (nb x evp). */
-        for (int64_t c = 0; c < nb; c++) {
-            const REAL *src = k + (j0 + c) * p->k_row;
-            for (int64_t e = 0; e < E; e++) kt[e * BLOCK_N + c] = src[e * p->k_col];
+        const REAL *kt = w->kt_panel, *vp = w->v_panel;
+        if (w->whole_head) {
+            kt += j0 * E, vp += j0 * evp;
+        } else {
+            FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
         }
-        for (int64_t e = 0; e < E; e++)
-            for (int64_t c = nb; c < cols_pad; c++) kt[e * BLOCK_N + c] = 0;
-        for (int64_t c = 0; c < nb; c++) {
-            const REAL *src = v + (j0 + c) * p->v_row;
-            for (int64_t x = 0; x < evp; x++) vp[c * evp + x] = x < Ev ? src[x * p->v_col] : 0;
-        }
+        REAL *sc = w->scores, *acc = w->acc;
 
         /* Causal: rows before j0 see none of this tile; skip their MR groups. */
         const int64_t r0 = p->causal && j0 > row0 ? (j0 - row0) / MR * MR : 0;
 
         /* S = (scale Q) K^T for the tile. */
-        FN(tile_gemm)(rows_pad - r0, cols_pad, E, qs + r0 * E, E, kt, BLOCK_N,
+        FN(tile_gemm)(rows_pad - r0, cols_pad, E, w->q_block + r0 * E, E, kt, BLOCK_N,
                       sc + r0 * BLOCK_N, BLOCK_N, 0);
 
         for (int64_t r = r0; r < nrows; r++) {
@@ -328,7 +392,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
             const int needs_causal = p->causal && j0 + nb - 1 > row0 + r;
             if (p->mask_kind != PYATTN_MASK_NONE || needs_causal || nb != cols_pad)
                 FN(mask_row)(p, mask, s, row0 + r, j0, nb, cols_pad);
-            FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
+            FN(softmax_step)(s, cols_pad, w->row_max + r, w->row_sum + r, acc + r * evp, evp);
         }
 
         /* O += P V (padding rows hold P = 0 from their zero Q rows). */
@@ -339,21 +403,15 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
 
 static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                        const void *v_, const void *mask, void *out_, int64_t row0,
-                       int64_t nrows, void *scratch_)
+                       int64_t nrows, void *scratch)
 {
     const REAL *q = q_, *k = k_, *v = v_;
     REAL *out = out_;
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
     const REAL scale = (REAL)p->scale;
-
-    REAL *qs = scratch_;
-    REAL *kt = qs + BLOCK_M * E;
-    REAL *vp = kt + E * BLOCK_N;
-    REAL *sc = vp + BLOCK_N * evp;
-    REAL *acc = sc + BLOCK_M * BLOCK_N;
-    REAL *mrow = acc + BLOCK_M * evp;
-    REAL *lrow = mrow + BLOCK_M;
+    const FN(workspace) w = FN(carve)(p, scratch);
+    REAL *qs = w.q_block;
 
     /* Pack the scaled Q block; padding rows are zero and never written out. */
     for (int64_t r = 0; r < rows_pad; r++) {
@@ -363,25 +421,30 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
         } else {
             for (int64_t e = 0; e < E; e++) qs[r * E + e] = 0;
         }
-        mrow[r] = -(REAL)INFINITY;
-        lrow[r] = 0;
+        w.row_max[r] = -(REAL)INFINITY;
+        w.row_sum[r] = 0;
     }
-    memset(acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
+    memset(w.acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
 
+    pyattn_scratch_header *tag = scratch;
+    if (nrows < MR && (p->k_col != 1 || p->v_col != 1))
+        tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
     if (nrows < MR)
-        FN(attend_direct)(p, q, k, v, mask, out, row0, nrows, qs, kt, vp, sc, acc, mrow, lrow);
+        FN(attend_direct)(p, q, k, v, mask, out, row0, nrows, qs, w.kt_panel, w.v_panel,
+                          w.scores, w.acc, w.row_max, w.row_sum);
     else
-        FN(attend_tiled)(p, k, v, mask, row0, nrows, rows_pad, qs, kt, vp, sc, acc, mrow, lrow);
+        FN(attend_tiled)(p, k, v, mask, row0, nrows, rows_pad, tag, &w);
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {
         REAL *dst = out + (row0 + r) * p->o_row;
-        const REAL l = lrow[r];
+        const REAL l = w.row_sum[r];
         const REAL inv = l == 0 ? 0 : 1 / l;
-        for (int64_t x = 0; x < Ev; x++) dst[x * p->o_col] = l == 0 ? 0 : acc[r * evp + x] * inv;
+        for (int64_t x = 0; x < Ev; x++) dst[x * p->o_col] = l == 0 ? 0 : w.acc[r * evp + x] * inv;
     }
 }
 
+#undef PANEL_BUDGET
 #undef LANES
 #undef NR
 #undef VEC

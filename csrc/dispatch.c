@@ -1,6 +1,7 @@
 /* Which kernel implementations this binary holds and which this CPU can run,
  * plus the OpenMP facts the Python layer reports.  The choice itself is made
  * once, in Python (pyattn/_dispatch.py). */
+#include <stdlib.h>
 #include <string.h>
 #include "pyattn_kernels.h"
 #ifdef _OPENMP
@@ -68,3 +69,13 @@ int pyattn_team_size(void)
     return 1;
 #endif
 }
+
+void *pyattn_aligned_alloc(size_t nbytes)
+{
+    void *p = NULL;
+    nbytes = (nbytes + 63) / 64 * 64;
+    if (nbytes == 0 || posix_memalign(&p, 64, nbytes) != 0) return NULL;
+    return p;
+}
+
+void pyattn_aligned_free(void *p) { free(p); }

@@ -45,12 +45,18 @@ typedef void (*pyattn_attend_fn)(const pyattn_problem *p, const void *q,
                                  void *out, int64_t row0, int64_t nrows,
                                  void *scratch);
 
-/* Per-thread scratch, in elements of the kernel's dtype, for widths E and Ev. */
-typedef size_t (*pyattn_scratch_fn)(int64_t E, int64_t Ev);
+/* Bytes of per-thread scratch a kernel needs for this problem. */
+typedef size_t (*pyattn_scratch_fn)(const pyattn_problem *p);
+
+/* Start of every thread's scratch: which key/value head its panels hold. */
+typedef struct pyattn_scratch_header {
+    const void *k, *v;
+} pyattn_scratch_header;
+#define PYATTN_SCRATCH_HEADER 64 /* bytes, keeps the buffers after it aligned */
 
 typedef struct pyattn_dtype_kernel {
     pyattn_attend_fn attend;
-    pyattn_scratch_fn scratch_elems;
+    pyattn_scratch_fn scratch_bytes;
     int64_t block_rows;              /* query rows per work item */
 } pyattn_dtype_kernel;
 
@@ -70,6 +76,10 @@ const pyattn_kernels *pyattn_kernels_by_name(const char *name);
 
 /* Whether this CPU can run the implementation called `name`. */
 int pyattn_cpu_supports(const char *name);
+
+/* 64-byte-aligned memory, and its release (NULL is fine). */
+void *pyattn_aligned_alloc(size_t nbytes);
+void pyattn_aligned_free(void *p);
 
 /* OpenMP facts, answered without OpenMP when the build has none. */
 int pyattn_openmp_enabled(void);

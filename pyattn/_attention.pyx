@@ -9,7 +9,7 @@ typed pointers).
 """
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 cdef extern from "pyattn_kernels.h" nogil:
@@ -24,10 +24,10 @@ cdef extern from "pyattn_kernels.h" nogil:
         const pyattn_problem *p, const void *q, const void *k, const void *v,
         const void *mask, void *out, int64_t row0, int64_t nrows,
         void *scratch) noexcept nogil
-    ctypedef size_t (*pyattn_scratch_fn)(int64_t E, int64_t Ev) noexcept nogil
+    ctypedef size_t (*pyattn_scratch_fn)(const pyattn_problem *p) noexcept nogil
     ctypedef struct pyattn_dtype_kernel:
         pyattn_attend_fn attend
-        pyattn_scratch_fn scratch_elems
+        pyattn_scratch_fn scratch_bytes
         int64_t block_rows
     ctypedef struct pyattn_kernels:
         const char *name
@@ -38,6 +38,10 @@ cdef extern from "pyattn_kernels.h" nogil:
     int pyattn_openmp_enabled()
     int pyattn_max_threads()
     int pyattn_team_size()
+
+    void *aligned_alloc "pyattn_aligned_alloc"(size_t nbytes)
+    int PYATTN_SCRATCH_HEADER
+    void aligned_free "pyattn_aligned_free"(void *p)
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
@@ -116,19 +120,20 @@ def attend(str kernel, int itemsize, tuple pointers,
     if n_items == 0:
         return 0
 
-    # Per-thread scratch, allocated once here and indexed by thread id.
-    cdef size_t scratch_bytes = dk.scratch_elems(prob.E, prob.Ev) * itemsize
-    scratch_bytes = (scratch_bytes + 63) // 64 * 64
-    cdef char *scratch = <char *>malloc(scratch_bytes * num_threads)
+    # Per-thread scratch, allocated once here and indexed by thread id.  Each
+    # starts with a zeroed header: the kernel's cache of packed K/V is empty.
+    cdef size_t scratch_bytes = (dk.scratch_bytes(&prob) + 63) // 64 * 64
+    cdef char *scratch = <char *>aligned_alloc(scratch_bytes * num_threads)
     cdef int *team = <int *>malloc(sizeof(int) * num_threads)
     if scratch == NULL or team == NULL:
-        free(scratch)
+        aligned_free(scratch)
         free(team)
         raise MemoryError(f"cannot allocate {scratch_bytes * num_threads} bytes of scratch")
-    memset(team, 0, sizeof(int) * num_threads)
-
     cdef int64_t item, b, h, qb, row0
     cdef int tid
+    memset(team, 0, sizeof(int) * num_threads)
+    for tid in range(num_threads):
+        memset(scratch + tid * scratch_bytes, 0, PYATTN_SCRATCH_HEADER)
     with nogil, parallel(num_threads=num_threads):
         tid = threadid()
         team[tid] = pyattn_team_size()
@@ -151,6 +156,6 @@ def attend(str kernel, int itemsize, tuple pointers,
     cdef int used = 0
     for tid in range(num_threads):
         used = max(used, team[tid])
-    free(scratch)
+    aligned_free(scratch)
     free(team)
     return used
