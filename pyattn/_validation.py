@@ -14,6 +14,7 @@ import numpy as np
 _TooHardError = getattr(np, "exceptions", np).TooHardError
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _SUPPORTED_NAMES = "float32 or float64"
+MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
 
 
 def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
@@ -25,6 +26,8 @@ def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:  # ragged nested lists and the like
         raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+    if arr.dtype.kind == "f" and not arr.dtype.isnative:  # e.g. '>f4'
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {arr.dtype}; supported dtypes are {_SUPPORTED_NAMES}")
     if arr.ndim < min_ndim:
@@ -39,7 +42,10 @@ def check_scale(scale, head_dim):
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"scale must be finite, got an integer of {scale.bit_length()} bits") from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
@@ -61,6 +67,8 @@ def check_num_threads(num_threads, default):
         raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
     n = int(num_threads)
     ncpu = cpu_count()
+    if n > MAX_THREADS:
+        raise ValueError(f"num_threads must be at most {MAX_THREADS}; got {n}")
     if n > 0:
         return n
     if n == 0 or n < -ncpu:
@@ -150,8 +158,16 @@ def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
         ) from None
 
 
+def check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa):
     """Validate a scaled_dot_product_attention call; see the README's rules."""
+    is_causal = check_flag(is_causal, "is_causal")
+    enable_gqa = check_flag(enable_gqa, "enable_gqa")
     q = as_float_array(query, "query", layout="(..., L, E)")
     k = as_float_array(key, "key", layout="(..., S, E)")
     v = as_float_array(value, "value", layout="(..., S, Ev)")
@@ -194,7 +210,7 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         mask = _check_mask(attn_mask, q.dtype, scores_shape, ndim)
 
     return AttentionProblem(
-        q=q, k=k, v=v, mask=mask, is_causal=bool(is_causal),
+        q=q, k=k, v=v, mask=mask, is_causal=is_causal,
         scale=check_scale(scale, q.shape[-1]), kv_group=kv_group, batch=batch,
         num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
     )

@@ -11,7 +11,7 @@ __all__ = ["scaled_dot_product_attention", "softmax"]
 
 def softmax(scores, axis=-1):
     """Softmax along `axis`; a row that is all -inf gives zeros, not NaN."""
-    row_max = scores.max(axis=axis, keepdims=True)
+    row_max = scores.max(axis=axis, keepdims=True, initial=-np.inf)  # S = 0 too
     row_max = np.where(row_max == -np.inf, 0, row_max)  # all masked: shift by 0
     e = np.exp(scores - row_max)
     total = e.sum(axis=axis, keepdims=True)
@@ -28,8 +28,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
 
     q, k, v = prob.q, prob.k, prob.v
     if prob.kv_group > 1:  # GQA: query head h reads key/value head h // group
-        k = np.repeat(k, prob.kv_group, axis=-3)
-        v = np.repeat(v, prob.kv_group, axis=-3)
+        k = np.repeat(k, prob.num_heads // k.shape[-3], axis=-3)
+        v = np.repeat(v, prob.num_heads // v.shape[-3], axis=-3)
 
     # 1. scores: every query against every key
     scores = q @ np.swapaxes(k, -1, -2)
