@@ -1,7 +1,32 @@
 """pyattn: fast exact attention for the CPU with a NumPy API."""
-from . import reference
-from ._config import config, show_config
-from ._version import __version__
-from .functional import scaled_dot_product_attention
+
+
+def _borrow_installed_extension():
+    """Run from a source checkout after `pip install .`, `import pyattn` finds
+    this uncompiled tree first (the current directory leads sys.path).  Then
+    take the compiled module from the installed copy instead of failing."""
+    import os
+    import sys
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    def has_extension(folder):
+        return any(os.path.exists(os.path.join(folder, "_attention" + s)) for s in EXTENSION_SUFFIXES)
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if has_extension(here):
+        return
+    for entry in sys.path:
+        candidate = os.path.join(os.path.abspath(entry or os.curdir), "pyattn")
+        if os.path.realpath(candidate) != os.path.realpath(here) and has_extension(candidate):
+            __path__.append(candidate)
+            return
+
+
+_borrow_installed_extension()
+
+from . import reference  # noqa: E402
+from ._config import config, show_config  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .functional import scaled_dot_product_attention  # noqa: E402
 
 __all__ = ["__version__", "config", "reference", "scaled_dot_product_attention", "show_config"]
