@@ -54,23 +54,22 @@ static inline VEC FN(vselect)(UVEC mask, VEC a, VEC b)
 static inline VEC FN(vmax)(VEC a, VEC b) { return FN(vselect)((UVEC)(a > b), a, b); }
 
 /*
- * exp(x), vectorised, deterministic (no data-dependent branches), <= 2 ulp for
- * results in the normal range.  Method: x = n ln2 + r with |r| <= ln2/2
- * (Cody-Waite two-constant reduction), exp(r) by its Taylor polynomial (the
- * truncation error is far below half an ulp on that interval), times 2^n
- * built in the exponent bits.  exp(-inf) = 0 exactly, NaN stays NaN; results
- * that would be subnormal flush to 0 (they are below 2^-1022 / 2^-126 of the
- * row maximum, so they cannot change a softmax).
+ * The softmax works in base 2: Q is prescaled by scale * log2(e) (and float
+ * masks by log2(e)), so its exponential is 2^x, and always for x <= 0 or NaN.
+ *
+ * vexp2: 2^x, vectorised and branch-free, <= 2 ulp (tests/test_kernels.py
+ * measures it).  x = n + r with n = round(x) and |r| <= 1/2, exactly; 2^r =
+ * e^(r ln2) by its Taylor polynomial (truncation far below half an ulp there);
+ * 2^n is built in the exponent bits.  2^-inf = 0 exactly, NaN stays NaN, and
+ * results below the smallest normal number flush to 0: they are under 2^-126
+ * (fp32) of the row maximum, so they cannot change a softmax.
  */
 #if REAL_IS_DOUBLE
 #define EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52: adding it rounds to an integer */
 #define EXP_MAGIC_BITS 0x4338000000000000ULL
 #define EXP_MANT_BITS 52
 #define EXP_BIAS 1023
-#define EXP_LO (-708.0)
-#define EXP_HI 709.0
-#define LN2_HI 6.93147180369123816490e-01
-#define LN2_LO 1.90821492927058770002e-10
+#define EXP2_LO (-1022.0)
 #define LOG2E 1.44269504088896338700e+00
 #define EXP_DEGREE 13
 #else
@@ -78,32 +77,43 @@ static inline VEC FN(vmax)(VEC a, VEC b) { return FN(vselect)((UVEC)(a > b), a, 
 #define EXP_MAGIC_BITS 0x4B400000U
 #define EXP_MANT_BITS 23
 #define EXP_BIAS 127
-#define EXP_LO (-87.0f)
-#define EXP_HI 88.0f
-#define LN2_HI 0.693145751953125f
-#define LN2_LO 1.428606765330187045e-06f
+#define EXP2_LO (-126.0f)
 #define LOG2E 1.44269504088896341f
 #define EXP_DEGREE 7
 #endif
 
-static inline VEC FN(vexp)(VEC x)
+static inline VEC FN(vexp2)(VEC x)
 {
-    /* n = round(x / ln2), read back from the low mantissa bits of t. */
-    const VEC t = x * LOG2E + EXP_MAGIC;
+    /* n = round(x), read back from the low mantissa bits of t. */
+    const VEC t = x + EXP_MAGIC;
     const VEC n = t - EXP_MAGIC;
-    const VEC r = (x - n * LN2_HI) - n * LN2_LO;
-    /* Horner on 1 + r + r^2/2! + ... + r^D/D!. */
-    static const double inv_factorial[] = {
-        1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
-        1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
-        1.0 / 479001600, 1.0 / 6227020800.0};
-    VEC poly = FN(vsplat)((REAL)inv_factorial[EXP_DEGREE]);
-    for (int kk = EXP_DEGREE - 1; kk >= 0; kk--) poly = poly * r + (REAL)inv_factorial[kk];
+    const VEC r = x - n;
+    /* Horner on sum (r ln2)^k / k!, k = 0..D. */
+    static const double coef[] = {
+        1.0, 0.6931471805599453, 0.2402265069591007, 0.055504108664821576,
+        0.009618129107628477, 0.0013333558146428441, 0.00015403530393381606,
+        1.5252733804059838e-05, 1.3215486790144305e-06, 1.0178086009239696e-07,
+        7.054911620801121e-09, 4.44553827187081e-10, 2.5678435993488196e-11,
+        1.3691488853904124e-12};
+    VEC poly = FN(vsplat)((REAL)coef[EXP_DEGREE]);
+    for (int kk = EXP_DEGREE - 1; kk >= 0; kk--) poly = poly * r + (REAL)coef[kk];
     const UVEC two_n = (((UVEC)t - EXP_MAGIC_BITS) + EXP_BIAS) << EXP_MANT_BITS;
-    VEC y = poly * (VEC)two_n;
-    y = FN(vselect)((UVEC)(x < EXP_LO), FN(vsplat)(0), y);
-    y = FN(vselect)((UVEC)(x > EXP_HI), FN(vsplat)((REAL)INFINITY), y);
-    return y;
+    const VEC y = poly * (VEC)two_n;
+    return FN(vselect)((UVEC)(x < EXP2_LO), FN(vsplat)(0), y);
+}
+
+/* y = 2^x over n elements: vexp2 for tests (tail lanes through a buffer). */
+static void FN(exp2_array)(const void *x_, void *y_, int64_t n)
+{
+    const REAL *x = x_;
+    REAL *y = y_;
+    for (int64_t i = 0; i < n; i += LANES) {
+        REAL buf[LANES];
+        const int64_t m = n - i < LANES ? n - i : LANES;
+        for (int64_t j = 0; j < LANES; j++) buf[j] = j < m ? x[i + j] : 0;
+        FN(vstore)(buf, FN(vexp2)(FN(vload)(buf)));
+        memcpy(y + i, buf, sizeof(REAL) * (size_t)m);
+    }
 }
 
 /* v with lanes i and i ^ 2^level swapped: one butterfly stage.  The index
@@ -257,7 +267,7 @@ static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
             if (!m[c * p->mask_col]) s[c] = ninf;
     } else if (p->mask_kind == PYATTN_MASK_ADDITIVE) {
         const REAL *m = (const REAL *)mask + i * p->mask_row + j0 * p->mask_col;
-        for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col];
+        for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col] * LOG2E;
     }
     if (p->causal)
         for (int64_t c = (i - j0 + 1 > 0 ? i - j0 + 1 : 0); c < nb; c++) s[c] = ninf;
@@ -280,12 +290,12 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
     const VEC vshift = FN(vsplat)(shift);
     VEC vsum = FN(vsplat)(0);
     for (int64_t c = 0; c < cols_pad; c += LANES) {
-        const VEC pv = FN(vexp)(FN(vload)(s + c) - vshift);
+        const VEC pv = FN(vexp2)(FN(vload)(s + c) - vshift);
         FN(vstore)(s + c, pv);
         vsum += pv;
     }
     /* Old state weighs exp(m_old - shift): 0 for an empty past, 1 for no new max. */
-    const REAL alpha = FN(vexp)(FN(vsplat)(*m - shift))[0];
+    const REAL alpha = FN(vexp2)(FN(vsplat)(*m - shift))[0];
     *l = *l * alpha + FN(hsum)(vsum);
     *m = m_new;
     if (alpha != 1) {
@@ -409,7 +419,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     REAL *out = out_;
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
-    const REAL scale = (REAL)p->scale;
+    const REAL scale = (REAL)(p->scale * LOG2E); /* base-2 softmax, see vexp2 */
     const FN(workspace) w = FN(carve)(p, scratch);
     REAL *qs = w.q_block;
 
@@ -453,9 +463,6 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 #undef EXP_MAGIC_BITS
 #undef EXP_MANT_BITS
 #undef EXP_BIAS
-#undef EXP_LO
-#undef EXP_HI
-#undef LN2_HI
-#undef LN2_LO
 #undef LOG2E
+#undef EXP2_LO
 #undef EXP_DEGREE

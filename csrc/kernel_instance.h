@@ -43,6 +43,8 @@
 
 const pyattn_kernels PA_CAT(pyattn_kernels, ISA) = {
     PA_STR(ISA),
-    {PA_CAT(attend, PA_CAT(f32, ISA)), PA_CAT(scratch_bytes, PA_CAT(f32, ISA)), F32_BLOCK_M},
-    {PA_CAT(attend, PA_CAT(f64, ISA)), PA_CAT(scratch_bytes, PA_CAT(f64, ISA)), F64_BLOCK_M},
+    {PA_CAT(attend, PA_CAT(f32, ISA)), PA_CAT(scratch_bytes, PA_CAT(f32, ISA)),
+     PA_CAT(exp2_array, PA_CAT(f32, ISA)), F32_BLOCK_M},
+    {PA_CAT(attend, PA_CAT(f64, ISA)), PA_CAT(scratch_bytes, PA_CAT(f64, ISA)),
+     PA_CAT(exp2_array, PA_CAT(f64, ISA)), F64_BLOCK_M},
 };

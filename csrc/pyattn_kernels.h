@@ -54,9 +54,13 @@ typedef struct pyattn_scratch_header {
 } pyattn_scratch_header;
 #define PYATTN_SCRATCH_HEADER 64 /* bytes, keeps the buffers after it aligned */
 
+/* y = 2^x elementwise with the kernel's own exp (exposed for its tests). */
+typedef void (*pyattn_exp2_fn)(const void *x, void *y, int64_t n);
+
 typedef struct pyattn_dtype_kernel {
     pyattn_attend_fn attend;
     pyattn_scratch_fn scratch_bytes;
+    pyattn_exp2_fn exp2;
     int64_t block_rows;              /* query rows per work item */
 } pyattn_dtype_kernel;
 

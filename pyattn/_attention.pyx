@@ -25,9 +25,11 @@ cdef extern from "pyattn_kernels.h" nogil:
         const void *mask, void *out, int64_t row0, int64_t nrows,
         void *scratch) noexcept nogil
     ctypedef size_t (*pyattn_scratch_fn)(const pyattn_problem *p) noexcept nogil
+    ctypedef void (*pyattn_exp2_fn)(const void *x, void *y, int64_t n) noexcept nogil
     ctypedef struct pyattn_dtype_kernel:
         pyattn_attend_fn attend
         pyattn_scratch_fn scratch_bytes
+        pyattn_exp2_fn exp2
         int64_t block_rows
     ctypedef struct pyattn_kernels:
         const char *name
@@ -76,6 +78,16 @@ cdef const pyattn_dtype_kernel *_dtype_kernel(str name, int itemsize) except NUL
 def block_rows(str kernel, int itemsize):
     """Query rows per work item for that kernel and dtype size."""
     return _dtype_kernel(kernel, itemsize).block_rows
+
+
+def kernel_exp2(str kernel, x, y):
+    """y[:] = 2**x[:] with that kernel's vectorised exp; x, y contiguous 1-D
+    arrays of one float dtype.  For testing the exp's accuracy."""
+    cdef const unsigned char[::1] xb = x.view("u1")
+    cdef unsigned char[::1] yb = y.view("u1")
+    if x.shape != y.shape or x.dtype != y.dtype or x.ndim != 1 or x.size == 0:
+        raise ValueError("x and y must be non-empty 1-D arrays of one shape and dtype")
+    _dtype_kernel(kernel, x.itemsize).exp2(&xb[0], &yb[0], x.size)
 
 
 def attend(str kernel, int itemsize, tuple pointers,

@@ -1,0 +1,29 @@
+"""The kernels' own building blocks, on every kernel this CPU can run."""
+import numpy as np
+import pytest
+
+from pyattn import _attention, _dispatch
+
+
+@pytest.mark.parametrize("kernel", _dispatch.usable_kernels())
+@pytest.mark.parametrize("dtype, lowest", [(np.float32, -126.0), (np.float64, -1022.0)])
+def test_vectorised_exp2_is_within_2_ulp(kernel, dtype, lowest):
+    """The softmax's 2^x over its whole domain (x <= 0), against long double."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.linspace(lowest, 0, 400_001), -rng.random(100_003) * 4,
+                        [0.0, -0.5, 0.5 - 1, -1e-30, lowest]]).astype(dtype)
+    y = np.empty_like(x)
+    _attention.kernel_exp2(kernel, x, y)
+    exact = np.exp2(x.astype(np.longdouble))
+    ulps = np.abs(y - exact) / np.spacing(exact.astype(dtype)).astype(np.longdouble)
+    assert float(ulps.max()) <= 2.0
+
+
+@pytest.mark.parametrize("kernel", _dispatch.usable_kernels())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vectorised_exp2_special_values(kernel, dtype):
+    x = np.array([-np.inf, np.nan, 0.0, -5000.0, -1e30, -3.0], dtype)
+    y = np.empty_like(x)
+    _attention.kernel_exp2(kernel, x, y)
+    assert y[0] == 0 and np.isnan(y[1]) and y[2] == 1  # masked -> exactly 0
+    assert y[3] == 0 and y[4] == 0 and y[5] == 0.125  # underflow flushes to 0
