@@ -55,9 +55,9 @@ static inline VEC FN(vmax)(VEC a, VEC b) { return FN(vselect)((UVEC)(a > b), a, 
 
 /*
  * The softmax works in base 2: Q is prescaled by scale * log2(e) (and float
- * masks by log2(e)), so its exponential is 2^x, and always for x <= 0 or NaN.
+ * masks by log2(e)), so its exponential is 2^x, for x <= LAZY_RESCALE or NaN.
  *
- * vexp2: 2^x, vectorised and branch-free, <= 2 ulp (tests/test_kernels.py
+ * vexp2: 2^x for x < 127 (fp32), vectorised and branch-free, <= 2 ulp (tests/test_kernels.py
  * measures it).  x = n + r with n = round(x) and |r| <= 1/2, exactly; 2^r =
  * e^(r ln2) by its Taylor polynomial (truncation far below half an ulp there);
  * 2^n is built in the exponent bits.  2^-inf = 0 exactly, NaN stays NaN, and
@@ -276,6 +276,12 @@ static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
 /* One online-softmax step for one query row and one key tile:
  * the scores s become unnormalised weights exp(s - m_new), the running max m
  * and sum l are updated, and the output row is rescaled by exp(m - m_new). */
+/* The running max moves only when a tile beats it by more than this (base-2
+ * units): weights then stay below 2^LAZY_RESCALE, far from overflow, and most
+ * tiles skip both the exp of the correction and the rescaling of the output.
+ * Any shift gives the same softmax; this one is just cheaper. */
+#define LAZY_RESCALE 8
+
 static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
                              REAL *o_row, int64_t evp)
 {
@@ -283,10 +289,10 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
     VEC vm = FN(vsplat)(-(REAL)INFINITY);
     for (int64_t c = 0; c < cols_pad; c += LANES) vm = FN(vmax)(FN(vload)(s + c), vm);
     const REAL tile_max = FN(hmax)(vm);
-    const REAL m_new = tile_max > *m ? tile_max : *m;
-    /* Shift by 0 while everything is masked, so exp(-inf - shift) = 0, not NaN. */
+    const REAL m_new = tile_max > *m + LAZY_RESCALE ? tile_max : *m;
+    /* Shift by 0 while everything is masked, so 2^(-inf - shift) = 0, not NaN. */
     const REAL shift = m_new == -(REAL)INFINITY ? 0 : m_new;
-    /* p = exp(s - shift) and its sum. */
+    /* p = 2^(s - shift) and its sum. */
     const VEC vshift = FN(vsplat)(shift);
     VEC vsum = FN(vsplat)(0);
     for (int64_t c = 0; c < cols_pad; c += LANES) {
@@ -294,14 +300,15 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
         FN(vstore)(s + c, pv);
         vsum += pv;
     }
-    /* Old state weighs exp(m_old - shift): 0 for an empty past, 1 for no new max. */
-    const REAL alpha = FN(vexp2)(FN(vsplat)(*m - shift))[0];
-    *l = *l * alpha + FN(hsum)(vsum);
-    *m = m_new;
-    if (alpha != 1) {
+    if (m_new != *m) {
+        /* The old state weighs 2^(m_old - shift): 0 for an empty past. */
+        const REAL alpha = FN(vexp2)(FN(vsplat)(*m - shift))[0];
         const VEC va = FN(vsplat)(alpha);
         for (int64_t c = 0; c < evp; c += LANES) FN(vstore)(o_row + c, FN(vload)(o_row + c) * va);
+        *l *= alpha;
+        *m = m_new;
     }
+    *l += FN(hsum)(vsum);
 }
 
 /* dot(a, b) over n elements: vector body, scalar tail. */
@@ -455,6 +462,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 }
 
 #undef PANEL_BUDGET
+#undef LAZY_RESCALE
 #undef LANES
 #undef NR
 #undef VEC
