@@ -331,20 +331,29 @@ static inline void FN(axpy)(REAL alpha, const REAL *x, REAL *y, int64_t n)
     for (int64_t e = nv; e < n; e++) y[e] += alpha * x[e];
 }
 
+/* End of the keys this block reads: its key range, cut by causality (keys
+ * past the block's last query row are masked for every row). */
+static inline int64_t FN(key_end)(const pyattn_problem *p, const pyattn_block *blk)
+{
+    const int64_t causal_end = blk->row0 + blk->nrows;
+    return p->causal && causal_end < blk->key1 ? causal_end : blk->key1;
+}
+
 /*
  * Few query rows (decode): no transposed panels and no padding to MR rows.
  * Key and value rows are read where they lie (copied only when their own
  * elements are not contiguous), each score is one dot product, and P V is
  * accumulated key by key.  Same masking and online softmax as the tiled path.
  */
-static void FN(attend_direct)(const pyattn_problem *p, const REAL *q, const REAL *k,
-                              const REAL *v, const void *mask, REAL *out, int64_t row0,
-                              int64_t nrows, REAL *qs, REAL *kbuf, REAL *vbuf, REAL *sc,
-                              REAL *acc, REAL *mrow, REAL *lrow)
+static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL *v,
+                              const void *mask, const pyattn_block *blk, REAL *qs,
+                              REAL *kbuf, REAL *vbuf, REAL *sc, REAL *acc, REAL *mrow,
+                              REAL *lrow)
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
-    const int64_t kv_end = p->causal && row0 + nrows < p->S ? row0 + nrows : p->S;
-    for (int64_t j0 = 0; j0 < kv_end; j0 += BLOCK_N) {
+    const int64_t row0 = blk->row0, nrows = blk->nrows;
+    const int64_t kv_end = FN(key_end)(p, blk);
+    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, LANES);
         const REAL *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
@@ -373,20 +382,19 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *q, const REAL
 
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
 static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL *v,
-                             const void *mask, int64_t row0, int64_t nrows,
-                             int64_t rows_pad, pyattn_scratch_header *tag,
-                             const FN(workspace) *w)
+                             const void *mask, const pyattn_block *blk, int64_t rows_pad,
+                             pyattn_scratch_header *tag, const FN(workspace) *w)
 {
     const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
-    /* Causal: keys past the block's last query row are masked for every row. */
-    const int64_t kv_end = p->causal && row0 + nrows < p->S ? row0 + nrows : p->S;
+    const int64_t row0 = blk->row0, nrows = blk->nrows;
+    const int64_t kv_end = FN(key_end)(p, blk);
     if (w->whole_head && (tag->k != k || tag->v != v)) {
         for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N)
             FN(pack_tile)(p, k, v, j0, p->S - j0 < BLOCK_N ? p->S - j0 : BLOCK_N,
                           w->kt_panel + j0 * E, w->v_panel + j0 * evp);
         tag->k = k, tag->v = v;
     }
-    for (int64_t j0 = 0; j0 < kv_end; j0 += BLOCK_N) {
+    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, NR);
         const REAL *kt = w->kt_panel, *vp = w->v_panel;
@@ -419,9 +427,10 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
 }
 
 static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
-                       const void *v_, const void *mask, void *out_, int64_t row0,
-                       int64_t nrows, void *scratch)
+                       const void *v_, const void *mask, void *out_,
+                       const pyattn_block *blk, void *scratch)
 {
+    const int64_t row0 = blk->row0, nrows = blk->nrows;
     const REAL *q = q_, *k = k_, *v = v_;
     REAL *out = out_;
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
@@ -447,10 +456,10 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     if (nrows < MR && (p->k_col != 1 || p->v_col != 1))
         tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
     if (nrows < MR)
-        FN(attend_direct)(p, q, k, v, mask, out, row0, nrows, qs, w.kt_panel, w.v_panel,
-                          w.scores, w.acc, w.row_max, w.row_sum);
+        FN(attend_direct)(p, k, v, mask, blk, qs, w.kt_panel, w.v_panel, w.scores, w.acc,
+                          w.row_max, w.row_sum);
     else
-        FN(attend_tiled)(p, k, v, mask, row0, nrows, rows_pad, tag, &w);
+        FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {
@@ -458,6 +467,10 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
         const REAL l = w.row_sum[r];
         const REAL inv = l == 0 ? 0 : 1 / l;
         for (int64_t x = 0; x < Ev; x++) dst[x * p->o_col] = l == 0 ? 0 : w.acc[r * evp + x] * inv;
+        /* logsumexp of the scaled, masked scores, in natural log. */
+        if (blk->lse)
+            ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY
+                                           : (w.row_max[r] + (REAL)log2((double)l)) * (REAL)M_LN2;
     }
 }
 

@@ -35,15 +35,23 @@ typedef struct pyattn_problem {
     double scale;                    /* multiplies Q K^T before the mask */
 } pyattn_problem;
 
-/*
- * Attend query rows [row0, row0 + nrows) of one (batch, head); nrows is at most
- * the table's block_rows for that dtype.  q, k, v, mask and out point at the
- * (batch, head) origin; mask may be NULL when mask_kind is NONE.
- */
+/* One work item: query rows [row0, row0 + nrows) of one (batch, head), read
+ * against keys [key0, key1).  nrows is at most the table's block_rows and key0
+ * a multiple of 1024.  lse, when not NULL, receives each row's logsumexp of its
+ * scaled and masked scores (natural log; -inf when no key takes part), nrows
+ * contiguous values of the kernel's dtype: with it, outputs over disjoint key
+ * ranges merge exactly. */
+typedef struct pyattn_block {
+    int64_t row0, nrows;
+    int64_t key0, key1;
+    void *lse;
+} pyattn_block;
+
+/* Attend one block.  q, k, v, mask and out point at the (batch, head) origin;
+ * mask may be NULL when mask_kind is NONE. */
 typedef void (*pyattn_attend_fn)(const pyattn_problem *p, const void *q,
                                  const void *k, const void *v, const void *mask,
-                                 void *out, int64_t row0, int64_t nrows,
-                                 void *scratch);
+                                 void *out, const pyattn_block *blk, void *scratch);
 
 /* Bytes of per-thread scratch a kernel needs for this problem. */
 typedef size_t (*pyattn_scratch_fn)(const pyattn_problem *p);

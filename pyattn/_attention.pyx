@@ -20,9 +20,12 @@ cdef extern from "pyattn_kernels.h" nogil:
         int mask_kind
         int causal
         double scale
+    ctypedef struct pyattn_block:
+        int64_t row0, nrows, key0, key1
+        void *lse
     ctypedef void (*pyattn_attend_fn)(
         const pyattn_problem *p, const void *q, const void *k, const void *v,
-        const void *mask, void *out, int64_t row0, int64_t nrows,
+        const void *mask, void *out, const pyattn_block *blk,
         void *scratch) noexcept nogil
     ctypedef size_t (*pyattn_scratch_fn)(const pyattn_problem *p) noexcept nogil
     ctypedef void (*pyattn_exp2_fn)(const void *x, void *y, int64_t n) noexcept nogil
@@ -90,12 +93,24 @@ def kernel_exp2(str kernel, x, y):
     _dtype_kernel(kernel, x.itemsize).exp2(&xb[0], &yb[0], x.size)
 
 
+cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t chunk,
+                               int64_t key_chunk, int64_t S) noexcept nogil:
+    cdef pyattn_block blk
+    blk.row0 = row0
+    blk.nrows = min(block, L - row0)
+    blk.key0 = chunk * key_chunk
+    blk.key1 = S if key_chunk == 0 else min(S, blk.key0 + key_chunk)
+    blk.lse = NULL
+    return blk
+
+
 def attend(str kernel, int itemsize, tuple pointers,
            const int64_t[:, ::1] batch_offsets, tuple head_strides,
            int64_t num_heads, int64_t kv_group, tuple sizes,
            tuple inner_strides, int mask_kind, bint causal, double scale,
-           int num_threads):
-    """Run the kernel on every (batch, head, query block).
+           int num_threads, int64_t key_chunk=0, int64_t out_split_stride=0,
+           uintptr_t lse_address=0):
+    """Run the kernel on every (batch, head, query block, key chunk).
 
     pointers       data addresses of (q, k, v, mask, out); mask may be 0
     batch_offsets  (5, B) byte offsets of each flat batch index, same order
@@ -104,6 +119,11 @@ def attend(str kernel, int itemsize, tuple pointers,
     sizes          (L, S, E, Ev)
     inner_strides  element strides (q_row, q_col, k_row, k_col, v_row, v_col,
                    o_row, o_col, mask_row, mask_col)
+    key_chunk      0: every item reads all S keys.  Otherwise keys are split
+                   into chunks of this many (a multiple of 1024); chunk c
+                   writes its partial output at out + c * out_split_stride
+                   bytes and, at lse_address, the rows' logsumexp as a
+                   contiguous (chunks, B, H, L) array of the dtype.
 
     Returns the number of threads in the OpenMP team that ran the work.
     """
@@ -128,7 +148,10 @@ def attend(str kernel, int itemsize, tuple pointers,
     cdef int64_t block = dk.block_rows
     cdef int64_t n_qblocks = (prob.L + block - 1) // block
     cdef int64_t per_batch = num_heads * n_qblocks
-    cdef int64_t n_items = batch_offsets.shape[1] * per_batch
+    cdef int64_t n_chunks = 1 if key_chunk == 0 else (prob.S + key_chunk - 1) // key_chunk
+    cdef int64_t n_batch = batch_offsets.shape[1]
+    cdef int64_t n_items = n_batch * per_batch * n_chunks
+    cdef char *lse = <char *>lse_address
     if n_items == 0:
         return 0
 
@@ -141,7 +164,8 @@ def attend(str kernel, int itemsize, tuple pointers,
         aligned_free(scratch)
         free(team)
         raise MemoryError(f"cannot allocate {scratch_bytes * num_threads} bytes of scratch")
-    cdef int64_t item, b, h, qb, row0
+    cdef int64_t item, b, h, qb, chunk
+    cdef pyattn_block blk
     cdef int tid
     memset(team, 0, sizeof(int) * num_threads)
     for tid in range(num_threads):
@@ -152,19 +176,23 @@ def attend(str kernel, int itemsize, tuple pointers,
         # Dynamic schedule: causal blocks differ in cost, and every item is
         # computed the same way whichever thread takes it (thread-invariant).
         for item in prange(n_items, schedule="dynamic"):
-            b = item // per_batch
-            h = (item // n_qblocks) % num_heads
-            qb = item % n_qblocks
-            row0 = qb * block
+            chunk = item % n_chunks
+            qb = (item // n_chunks) % n_qblocks
+            h = (item // (n_chunks * n_qblocks)) % num_heads
+            b = item // (n_chunks * per_batch)
+            # Assigned whole, so that Cython makes it thread-private.
+            blk = _block(qb * block, block, prob.L, chunk, key_chunk, prob.S)
+            if lse != NULL:
+                blk.lse = lse + (((chunk * n_batch + b) * num_heads + h) * prob.L
+                                 + blk.row0) * itemsize
             dk.attend(
                 &prob,
                 q + batch_offsets[0, b] + h * q_hs,
                 k + batch_offsets[1, b] + (h // kv_group) * k_hs,
                 v + batch_offsets[2, b] + (h // kv_group) * v_hs,
                 (m + batch_offsets[3, b] + h * m_hs) if m != NULL else NULL,
-                o + batch_offsets[4, b] + h * o_hs,
-                row0, min(block, prob.L - row0),
-                scratch + tid * scratch_bytes)
+                o + chunk * out_split_stride + batch_offsets[4, b] + h * o_hs,
+                &blk, scratch + tid * scratch_bytes)
     cdef int used = 0
     for tid in range(num_threads):
         used = max(used, team[tid])

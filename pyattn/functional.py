@@ -109,6 +109,17 @@ def run_kernel(prob, work_out, nthreads):
         return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
 
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.itemsize))
+    key_chunk = split_keys(offsets.shape[1] * prob.num_heads * n_qblocks, S)
+    partial = lse = None
+    if key_chunk:  # each chunk writes its own normalised output and logsumexp
+        n_chunks = -(-S // key_chunk)
+        partial = np.empty((n_chunks,) + dest.shape, dtype=dest.dtype)
+        lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=dest.dtype)
+        arrays[4] = partial[0]
+        offsets[4] = _batch_byte_offsets(partial[0], batch)
+        _, os_ = _element_strides(partial[0])
+
     used = _attention.attend(
         _dispatch.KERNEL, q.itemsize,
         tuple(0 if a is None else _address(a) for a in arrays),
@@ -117,7 +128,45 @@ def run_kernel(prob, work_out, nthreads):
         prob.num_heads, prob.kv_group, (L, S, E, Ev),
         (qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1], ms[-2], ms[-1]),
         mask_kind, prob.is_causal, prob.scale, nthreads,
+        key_chunk, 0 if partial is None else partial.strides[0],
+        0 if lse is None else _address(lse),
     )
+    if partial is not None:
+        merge_partials(partial, lse, out=dest)
     if dest is not work_out:
         work_out[...] = dest
     return used
+
+
+# Split-KV ("flash decoding"): with few (batch, head, query block) items there
+# is too little to share among threads, so long key ranges are cut into
+# chunks computed in parallel and merged exactly.  The rule looks at the shape
+# only, never the thread count, so results stay identical for any num_threads.
+SPLIT_TARGET_ITEMS = 16   # aim for at least this many work items
+SPLIT_MIN_KEYS = 1024     # chunk granularity (a multiple of every BLOCK_N)
+
+
+def split_keys(n_items, S):
+    """Keys per chunk for a call with `n_items` work items, or 0 for no split."""
+    if n_items >= SPLIT_TARGET_ITEMS or S < 2 * SPLIT_MIN_KEYS:
+        return 0
+    n_chunks = min(-(-SPLIT_TARGET_ITEMS // n_items), S // SPLIT_MIN_KEYS)
+    chunk = -(-S // n_chunks)
+    return -(-chunk // SPLIT_MIN_KEYS) * SPLIT_MIN_KEYS
+
+
+def merge_partials(outputs, lses, out=None):
+    """Combine attention over disjoint key ranges into attention over all of
+    them: outputs (n, ..., L, Ev) each normalised over its keys, lses (n, ...,
+    L) their logsumexps.  Rows with no key anywhere (all lse -inf) are zeros."""
+    top = lses.max(axis=0)
+    top = np.where(np.isneginf(top), 0, top)  # all -inf: weights 0, not NaN
+    weights = np.exp(lses - top)
+    total = weights.sum(axis=0)
+    merged = np.einsum("n...l,n...le->...le", weights, outputs)
+    merged = np.divide(merged, total[..., None], out=np.zeros_like(merged),
+                       where=total[..., None] != 0)
+    if out is None:
+        return merged
+    out[...] = merged
+    return out

@@ -1,0 +1,73 @@
+"""Split-KV: few work items and many keys -> key chunks merged exactly."""
+import numpy as np
+import pytest
+
+import pyattn
+from pyattn import functional
+from pyattn import reference as ref
+
+
+@pytest.mark.parametrize("n_items, S, expect_split", [
+    (1, 4096, True), (4, 100_000, True), (15, 2048, True),
+    (16, 100_000, False), (1, 2047, False), (1, 100, False),
+])
+def test_split_rule_depends_on_shape_only(n_items, S, expect_split):
+    chunk = functional.split_keys(n_items, S)
+    assert (chunk > 0) == expect_split
+    if chunk:
+        assert chunk % functional.SPLIT_MIN_KEYS == 0
+        assert 2 <= -(-S // chunk) <= functional.SPLIT_TARGET_ITEMS
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+@pytest.mark.parametrize("L, S", [(1, 4096), (3, 5000), (70, 2500), (1, 2048)])
+@pytest.mark.parametrize("masking", ["none", "causal", "bool", "prefix"])
+def test_split_path_matches_reference(dtype, tol, L, S, masking, rng):
+    assert functional.split_keys(1, S) > 0  # these shapes do take the split path
+    q = rng.standard_normal((1, 1, L, 32)).astype(dtype)
+    k = rng.standard_normal((1, 1, S, 32)).astype(dtype)
+    v = rng.standard_normal((1, 1, S, 24)).astype(dtype)
+    kwargs = {
+        "none": {},
+        "causal": {"is_causal": True},  # later chunks see no key for early rows
+        "bool": {"attn_mask": rng.random((L, S)) > 0.5},
+        "prefix": {"attn_mask": np.arange(S) < 700},  # whole chunks fully masked
+    }[masking]
+    got = pyattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    want = ref.scaled_dot_product_attention(q, k, v, **kwargs)
+    np.testing.assert_allclose(got, want, rtol=10 * tol, atol=tol)
+    for n in (1, 2, 3):  # chunking never depends on the thread count
+        assert np.array_equal(
+            pyattn.scaled_dot_product_attention(q, k, v, num_threads=n, **kwargs), got)
+
+
+def test_split_path_fully_masked_rows_are_zero(rng):
+    q, k, v = (rng.standard_normal((1, 2, s, 16)) for s in (2, 4096, 4096))
+    mask = np.ones((2, 4096), bool)
+    mask[1] = False
+    got = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert np.array_equal(got[:, :, 1], np.zeros_like(got[:, :, 1]))
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("cuts", [[1], [5, 6], [1, 2, 3, 50], [30, 31]])
+def test_merge_partials_of_arbitrary_key_splits_is_exact(cuts, rng):
+    """Attention over key slices, merged by their logsumexps, is attention over
+    all keys; a slice with every key masked carries lse = -inf."""
+    L, S = 7, 64
+    q, k, v = (rng.standard_normal(s) for s in [(2, L, 8), (2, S, 8), (2, S, 5)])
+    mask = rng.random((L, S)) > 0.3
+    mask[:, 40:] = False
+    outs, lses = [], []
+    for lo, hi in zip([0] + cuts, cuts + [S]):
+        outs.append(ref.scaled_dot_product_attention(q, k[:, lo:hi], v[:, lo:hi],
+                                                     attn_mask=mask[:, lo:hi]))
+        scores = np.where(mask[:, lo:hi], q @ k[:, lo:hi].swapaxes(-1, -2) / np.sqrt(8),
+                          -np.inf)
+        top = scores.max(-1, keepdims=True)
+        top = np.where(np.isneginf(top), 0, top)
+        with np.errstate(divide="ignore"):
+            lses.append(np.log(np.exp(scores - top).sum(-1)) + top[..., 0])
+    merged = functional.merge_partials(np.stack(outs), np.stack(lses))
+    want = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    np.testing.assert_allclose(merged, want, rtol=1e-12, atol=1e-13)
