@@ -17,6 +17,18 @@ _SUPPORTED_NAMES = "float32 or float64"
 MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
 
 
+def typed_access_ok(arr):
+    """Whether C can address `arr` as typed elements: data aligned to the
+    itemsize (misaligned access is UB in C) and strides in whole elements."""
+    return arr.flags.aligned and not any(st % arr.itemsize for st in arr.strides)
+
+
+def kernel_readable(arr):
+    """`arr`, or a copy when typed_access_ok fails; done at the caller's size,
+    before any broadcasting."""
+    return arr if typed_access_ok(arr) else arr.copy()
+
+
 def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
     """`x` as an ndarray of a supported float dtype, without copying when it
     already is one."""
@@ -34,7 +46,7 @@ def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
         raise ValueError(
             f"{name} must have at least {min_ndim} dimensions {layout}; got shape {arr.shape}"
         )
-    return arr
+    return kernel_readable(arr)
 
 
 def check_scale(scale, head_dim):
@@ -150,7 +162,7 @@ def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
             f"(..., Hq, L, S) = {scores_shape}"
         )
     try:
-        return np.broadcast_to(mask, scores_shape)  # a view: strides 0, no copy
+        return np.broadcast_to(kernel_readable(mask), scores_shape)  # a view, no copy
     except ValueError:
         raise ValueError(
             f"attn_mask of shape {mask.shape} does not broadcast to the scores shape "

@@ -2,17 +2,14 @@
 import numpy as np
 
 from . import _attention, _dispatch
-from ._validation import check_num_threads, prepare_attention, prepare_out
+from ._validation import check_num_threads, prepare_attention, prepare_out, typed_access_ok
 
 __all__ = ["scaled_dot_product_attention"]
 
 
 def _element_strides(arr):
-    """`arr` and its strides in elements; copied if a stride is not a whole
-    number of elements (possible for views of structured arrays)."""
-    if any(s % arr.itemsize for s in arr.strides):
-        arr = arr.copy()
-    return arr, tuple(s // arr.itemsize for s in arr.strides)
+    """Strides of `arr` in elements (its typed access was checked before)."""
+    return tuple(s // arr.itemsize for s in arr.strides)
 
 
 def _batch_byte_offsets(arr, batch):
@@ -84,18 +81,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
 def run_kernel(prob, work_out, nthreads):
     """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem.
     Returns the number of threads the kernel ran with."""
-    dest = work_out
-    if any(s % dest.itemsize for s in dest.strides):
+    dest = work_out  # an `out` C cannot write as typed elements gets a stand-in
+    if not typed_access_ok(dest):
         dest = np.empty(work_out.shape, dtype=work_out.dtype)
-    q, qs = _element_strides(prob.q)
-    k, ks = _element_strides(prob.k)
-    v, vs = _element_strides(prob.v)
-    _, os_ = _element_strides(dest)
+    q, k, v = prob.q, prob.k, prob.v
+    qs, ks, vs, os_ = (_element_strides(a) for a in (q, k, v, dest))
     arrays = [q, k, v, None, dest]
     mask_kind, ms = _attention.MASK_NONE, (0, 0, 0)
     if prob.mask is not None:
         mask = prob.mask.view(np.uint8) if prob.mask.dtype == np.bool_ else prob.mask
-        mask, ms = _element_strides(mask)
+        ms = _element_strides(mask)
         arrays[3] = mask
         mask_kind = _attention.MASK_BOOL if prob.mask.dtype == np.bool_ else _attention.MASK_ADDITIVE
 
@@ -118,7 +113,7 @@ def run_kernel(prob, work_out, nthreads):
         lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=dest.dtype)
         arrays[4] = partial[0]
         offsets[4] = _batch_byte_offsets(partial[0], batch)
-        _, os_ = _element_strides(partial[0])
+        os_ = _element_strides(partial[0])
 
     used = _attention.attend(
         _dispatch.KERNEL, q.itemsize,
