@@ -3,24 +3,29 @@ benchmark group per shape.
 
     python -m pytest benchmarks --benchmark-only
 
-Each pyattn benchmark also checks, outside the timing, that its result matches
-the reference, so a fast but wrong kernel cannot pass.
+pyattn runs on every case of pyattn.bench (its "full" suite); the slow
+reference only on the "quick" suite.  Each pyattn benchmark also checks,
+outside the timing, that its result matches the reference, so a fast but
+wrong kernel cannot pass.
+
+A baseline run is committed in benchmarks/baseline/baseline.json; see
+benchmarks/baseline/README.md for the commands that compare a new run with it.
 """
 import numpy as np
 import pytest
 
-from pyattn.bench import CASES, IMPLEMENTATIONS, TOLERANCE
+from pyattn.bench import CASES, IMPLEMENTATIONS, SUITES, TOLERANCE
 
 REFERENCE_ROUNDS = 3  # the reference is slow (~0.3 s a prefill call)
 
 
-def case_params():
+def case_params(names):
     """One pytest.param per named case, id'd and grouped by its name."""
-    return [pytest.param(case, id=case.name, marks=pytest.mark.benchmark(group=case.name))
-            for case in CASES.values()]
+    return [pytest.param(CASES[name], id=name, marks=pytest.mark.benchmark(group=name))
+            for name in names]
 
 
-@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("case", case_params(SUITES["full"]))
 def test_pyattn(benchmark, case, inputs, reference_output):
     q, k, v = inputs(case)
     fn = IMPLEMENTATIONS["pyattn"]
@@ -30,7 +35,7 @@ def test_pyattn(benchmark, case, inputs, reference_output):
     np.testing.assert_allclose(out, want, **TOLERANCE[case.dtype])
 
 
-@pytest.mark.parametrize("case", case_params())
+@pytest.mark.parametrize("case", case_params(SUITES["quick"]))
 def test_reference(benchmark, case, inputs):
     q, k, v = inputs(case)
     fn = IMPLEMENTATIONS["reference"]

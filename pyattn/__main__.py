@@ -1,14 +1,16 @@
 """``python -m pyattn SUBCOMMAND [options]``.
 
 Subcommands:
-  bench   benchmark pyattn against its pure-NumPy reference (pyattn.bench)
+  bench   benchmark pyattn against its NumPy reference and, when installed,
+          PyTorch and ONNX Runtime (pyattn.bench)
 """
 import sys
 
 USAGE = """usage: python -m pyattn SUBCOMMAND [options]
 
 subcommands:
-  bench   benchmark pyattn against its pure-NumPy reference
+  bench   benchmark pyattn against its NumPy reference and, when installed,
+          PyTorch and ONNX Runtime
           (python -m pyattn bench --help for its options)
 """
 

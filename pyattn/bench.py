@@ -1,19 +1,29 @@
-"""Benchmarks: pyattn against its pure-NumPy reference on named shapes.
+"""Benchmarks: pyattn against its pure-NumPy reference and, when they are
+importable, against PyTorch and ONNX Runtime, on named shapes.
 
 Run ``python -m pyattn.bench`` (or ``python -m pyattn bench``); ``--help``
 lists the options.  The table gives, per case, the median wall time of each
-implementation, the speedup of pyattn over the reference, pyattn's attention
-throughput in GFLOP/s and its memory traffic in GB/s (q, k, v and out counted
-once each), and the thread count.  ``--memory`` instead runs one long sequence
-through pyattn in a fresh process and prints its peak RSS.
+implementation, each other implementation's time over pyattn's (above 1:
+pyattn is faster), pyattn's attention throughput in GFLOP/s and its memory
+traffic in GB/s (q, k, v and out counted once each), and the thread count.
+``--memory`` instead runs one long sequence through pyattn in a fresh process
+and prints its peak RSS.  ``--plot out.png`` draws throughput against sequence
+length (needs matplotlib: ``pip install "pyattn[bench]"``).
 
 Structure, kept simple so more implementations can be added as columns:
-``CASES`` maps a name to a :class:`Case`, ``IMPLEMENTATIONS`` maps a name to a
-callable ``fn(q, k, v, causal, threads) -> output``; pyattn and the reference
-are the first two entries, pyattn is the one the throughput columns describe
-and the reference the one the speedup and the correctness check are against.
+``CASES`` maps a name to a :class:`Case`, ``SUITES`` names lists of cases,
+``IMPLEMENTATIONS`` maps a name to a callable ``fn(q, k, v, causal, threads)
+-> output``; pyattn and the reference are its two entries, pyattn is the one
+the throughput columns describe and the reference the one every result is
+checked against.  ``PEERS`` are the optional other libraries (:class:`Peer`):
+each is measured only when it imports, otherwise reported as absent, and each
+may decline a case it cannot run (``n/a``).  Every output, a peer's included,
+is compared with the reference outside the timing; one that differs is marked
+``(WRONG)`` so a misconfigured peer cannot show a fast time.
 """
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -29,7 +39,8 @@ import numpy as np
 import pyattn
 from pyattn import _attention
 
-__all__ = ["CASES", "IMPLEMENTATIONS", "Case", "main", "run_case", "machine_info"]
+__all__ = ["CASES", "IMPLEMENTATIONS", "PEERS", "SUITES", "Case", "NotApplicable", "Peer",
+           "main", "run_case", "machine_info"]
 
 
 # ---------------------------------------------------------------- the cases
@@ -84,19 +95,44 @@ class Case:
 CASES = {
     c.name: c
     for c in [
+        # the quick suite (the default run), in the order it is printed
         Case("prefill", B=1, H=8, L=2048, S=2048, D=64),
         Case("bert", B=8, H=12, L=128, S=128, D=64),
         Case("causal", B=1, H=8, L=2048, S=2048, D=64, causal=True),
         Case("decode", B=1, H=32, L=1, S=4096, D=128),
         Case("prefill-f64", B=1, H=8, L=1024, S=1024, D=64, dtype="float64"),
+        # the rest of the full suite: the prefill sweep over L = S and D, and ViT-B/16
+        Case("prefill-512-d64", B=1, H=8, L=512, S=512, D=64),
+        Case("prefill-1k-d64", B=1, H=8, L=1024, S=1024, D=64),
+        Case("prefill-4k-d64", B=1, H=8, L=4096, S=4096, D=64),
+        Case("prefill-1k-d128", B=1, H=8, L=1024, S=1024, D=128),
+        Case("prefill-2k-d128", B=1, H=8, L=2048, S=2048, D=128),
+        Case("prefill-4k-d128", B=1, H=8, L=4096, S=4096, D=128),
+        Case("vit", B=4, H=12, L=197, S=197, D=64),
     ]
 }
+
+SUITES = {
+    "quick": ("prefill", "bert", "causal", "decode", "prefill-f64"),
+    "full": ("prefill-512-d64", "prefill-1k-d64", "prefill", "prefill-4k-d64",
+             "prefill-1k-d128", "prefill-2k-d128", "prefill-4k-d128",
+             "causal", "bert", "vit", "decode", "prefill-f64"),
+}
+DEFAULT_SUITE = "quick"
+
+# --plot: throughput against L = S for these (B1 H8 D64 float32, not causal)
+PLOT_SWEEP = ("prefill-512-d64", "prefill-1k-d64", "prefill", "prefill-4k-d64")
 
 # the --memory case: the reference would need B*H*L*S*4 bytes for its scores
 MEMORY_CASE = Case("memory", B=1, H=8, L=16384, S=16384, D=64)
 
 # how close pyattn must be to the reference (np.allclose)
 TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-9, atol=1e-11)}
+
+
+# how close a peer must be to the reference: looser than for pyattn (other
+# summation orders), still far below what a wrong layout, scale or mask gives
+PEER_TOLERANCE = {"float32": dict(rtol=1e-3, atol=1e-4), "float64": dict(rtol=1e-7, atol=1e-9)}
 
 
 # ------------------------------------------------------- the implementations
@@ -120,6 +156,145 @@ DEFAULT_MIN_REPEAT = 3     # ... at least this many ...
 TIME_BUDGET_S = 4.0        # ... and otherwise as many as fit in this, per case and implementation
 
 
+# ------------------------------------------------------------------- peers
+class NotApplicable(Exception):
+    """Raised by Peer.prepared when the peer cannot run a case; the message says why."""
+
+
+class Peer:
+    """An optional other library, measured when it imports.
+
+    ``probe()`` imports it and returns a description (version, API used);
+    an ImportError means absent.  ``prepared(case, q, k, v, threads)`` is a
+    context manager that does all the per-case work outside the timing
+    (conversions, sessions, thread settings; undone on exit) and yields
+    ``(call, to_bhld)``: ``call()`` runs the attention once, ``to_bhld(out)``
+    turns its result into a (B, H, L, D) NumPy array for the check.
+    """
+
+    name = ""    # key in the results and the JSON
+    label = ""   # short column label
+
+    def probe(self):
+        raise NotImplementedError
+
+    def prepared(self, case, q, k, v, threads):
+        raise NotImplementedError
+
+
+class TorchPeer(Peer):
+    """torch.nn.functional.scaled_dot_product_attention on torch.from_numpy views."""
+
+    name, label = "torch", "torch"
+
+    def probe(self):
+        import torch
+        self.torch = torch
+        return {"version": torch.__version__,
+                "api": "torch.nn.functional.scaled_dot_product_attention",
+                "default_threads": torch.get_num_threads(),
+                "threads": "torch.set_num_threads(threads) for the run"}
+
+    @contextlib.contextmanager
+    def prepared(self, case, q, k, v, threads):
+        torch = self.torch
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # views, no copy
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        causal = case.causal
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                yield (lambda: sdpa(tq, tk, tv, is_causal=causal)), (lambda out: out.numpy())
+        finally:
+            torch.set_num_threads(before)
+
+
+class OnnxRuntimePeer(Peer):
+    """ONNX Runtime's com.microsoft MultiHeadAttention contrib op, CPU provider.
+
+    The model is one MultiHeadAttention node (num_heads=H) with inputs
+    query (B, L, H*D), key and value (B, S, H*D) and output (B, L, H*D), all
+    float32; causal uses its ``unidirectional`` attribute.  The (B, H, L, D)
+    inputs are transposed to (B, L, H*D) once per case, outside the timing.
+    """
+
+    name, label = "onnxruntime", "ort"
+    OPSET = 17
+
+    def probe(self):
+        import onnx
+        import onnxruntime
+        if "CPUExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ImportError("onnxruntime has no CPUExecutionProvider")
+        self.onnx, self.ort = onnx, onnxruntime
+        return {"version": onnxruntime.__version__, "onnx": onnx.__version__,
+                "api": "com.microsoft MultiHeadAttention (one-node ONNX model), "
+                       "CPUExecutionProvider",
+                "threads": "SessionOptions.intra_op_num_threads = threads, inter_op 1"}
+
+    def model(self, case):
+        """The serialized one-node model for `case` (float32, fixed shapes)."""
+        helper, TensorProto = self.onnx.helper, self.onnx.TensorProto
+        B, H, L, S, D = case.B, case.H, case.L, case.S, case.D
+        attrs = {"num_heads": H}
+        if case.causal:
+            attrs["unidirectional"] = 1
+        node = helper.make_node("MultiHeadAttention", ["query", "key", "value"], ["output"],
+                                domain="com.microsoft", **attrs)
+        value = lambda name, n: helper.make_tensor_value_info(  # noqa: E731
+            name, TensorProto.FLOAT, [B, n, H * D])
+        graph = helper.make_graph([node], "mha", [value("query", L), value("key", S),
+                                                  value("value", S)], [value("output", L)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        return model.SerializeToString()
+
+    @contextlib.contextmanager
+    def prepared(self, case, q, k, v, threads):
+        if case.dtype != "float32":
+            raise NotApplicable(f"{case.dtype}: MultiHeadAttention's CPU kernel takes float32 only")
+        if case.causal and case.L != case.S:
+            # unidirectional masks bottom-right aligned when L < S; is_causal is top-left
+            raise NotApplicable("causal with L != S: unidirectional is aligned differently")
+        ort = self.ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(self.model(case), options,
+                                       providers=["CPUExecutionProvider"])
+
+        def to_blhd(x):  # (B, H, N, D) -> (B, N, H*D), contiguous
+            return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(x.shape[0], x.shape[2], -1)
+
+        feeds = {"query": to_blhd(q), "key": to_blhd(k), "value": to_blhd(v)}
+        B, H, L, D = case.B, case.H, case.L, case.D
+        try:
+            yield ((lambda: session.run(["output"], feeds)[0]),
+                   (lambda out: out.reshape(B, L, H, D).transpose(0, 2, 1, 3)))
+        finally:
+            session = None  # its thread pool goes now, not at the next collection
+
+
+PEERS = {p.name: p for p in [TorchPeer(), OnnxRuntimePeer()]}
+
+
+def probe_peers(names):
+    """{name: description} for the requested peers: available ones carry the
+    Peer under "peer" (dropped from the JSON), absent ones the reason."""
+    found = {}
+    for name in names:
+        peer = PEERS[name]
+        try:
+            info = peer.probe()
+        except Exception as exc:  # ImportError, or a broken install: absent either way
+            found[name] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+        else:
+            found[name] = dict(available=True, peer=peer, **info)
+    return found
+
+
 # ------------------------------------------------------------- measurement
 def time_calls(fn, repeat):
     """Wall times (s) of `repeat` calls of fn(), and the last result."""
@@ -131,35 +306,67 @@ def time_calls(fn, repeat):
     return times, result
 
 
-def run_case(case, impls, threads, repeat=None, log=None):
-    """Time every implementation on `case`; a dict of the measurements.
+@contextlib.contextmanager
+def _plain(fn, case, q, k, v, threads):
+    """IMPLEMENTATIONS entries as Peer.prepared: nothing to prepare."""
+    yield (lambda: fn(q, k, v, case.causal, threads)), None
 
-    Each implementation is called once untimed (warm-up), then `repeat` times
-    (the reference at most REFERENCE_MAX_REPEAT times).  With repeat=None the
-    count comes from the warm-up time: as many runs as fit in TIME_BUDGET_S,
-    between DEFAULT_MIN_REPEAT and DEFAULT_MAX_REPEAT.
+
+def _compare(got, want, tolerance):
+    """(max |got - want|, allclose) for a result against the reference."""
+    if got.shape != want.shape:
+        return float("inf"), False
+    err = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
+    return err, bool(np.allclose(got, want, **tolerance))
+
+
+def run_case(case, impls, threads, repeat=None, log=None, peers=()):
+    """Time every implementation, then every peer, on `case`; a dict of the measurements.
+
+    Each is called once untimed (warm-up), then `repeat` times (the reference
+    at most REFERENCE_MAX_REPEAT times).  With repeat=None the count comes
+    from the warm-up time: as many runs as fit in TIME_BUDGET_S, between
+    DEFAULT_MIN_REPEAT and DEFAULT_MAX_REPEAT.  The last timed result of each
+    is compared, untimed, with the reference's (with pyattn's when the
+    reference is not run).  A peer that declines the case is recorded as
+    "n/a", one that raises as "error"; their cells carry no time.
     """
     q, k, v = case.make_inputs()
     record = dict(asdict(case), shape=case.shape, flops=case.flops, bytes=case.nbytes,
                   threads=threads, impls={})
+    runners = [(name, functools.partial(_plain, fn), False) for name, fn in impls.items()]
+    runners += [(peer.name, peer.prepared, True) for peer in peers]
     outputs = {}
-    for name, fn in impls.items():
+    for name, prepared, is_peer in runners:
         if log:
             log(f"  {case.name}: {name} ...")
-        call = lambda fn=fn: fn(q, k, v, case.causal, threads)  # noqa: E731
-        t0 = time.perf_counter()
-        outputs[name] = call()  # warm-up
-        warmup = time.perf_counter() - t0
-        if repeat is None:
-            n = int(TIME_BUDGET_S / max(warmup, 1e-9))
-            n = max(DEFAULT_MIN_REPEAT, min(DEFAULT_MAX_REPEAT, n))
-        else:
-            n = repeat
-        if name == BASELINE:
-            n = min(n, REFERENCE_MAX_REPEAT)
-        times, _ = time_calls(call, n)
+        entry = record["impls"][name] = {}
+        try:
+            with prepared(case, q, k, v, threads) as (call, to_bhld):
+                t0 = time.perf_counter()
+                call()  # warm-up
+                warmup = time.perf_counter() - t0
+                if repeat is None:
+                    n = int(TIME_BUDGET_S / max(warmup, 1e-9))
+                    n = max(DEFAULT_MIN_REPEAT, min(DEFAULT_MAX_REPEAT, n))
+                else:
+                    n = repeat
+                if name == BASELINE:
+                    n = min(n, REFERENCE_MAX_REPEAT)
+                times, out = time_calls(call, n)
+                outputs[name] = np.asarray(to_bhld(out) if to_bhld else out)
+        except NotApplicable as exc:
+            entry.update(status="n/a", reason=str(exc))
+            continue
+        except Exception as exc:
+            if not is_peer:
+                raise
+            entry.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            print(f"WARNING: {name} failed on {case.name}: {entry['reason']}", file=sys.stderr)
+            continue
         med = statistics.median(times)
-        record["impls"][name] = {
+        entry.update({
+            "status": "ok",
             "median_ms": med * 1e3,
             "min_ms": min(times) * 1e3,
             "repeat": n,
@@ -167,13 +374,33 @@ def run_case(case, impls, threads, repeat=None, log=None):
             "times_ms": [t * 1e3 for t in times],
             "gflops": case.flops / med / 1e9,
             "gbps": case.nbytes / med / 1e9,
-        }
+        })
+
+    checked_against = BASELINE if BASELINE in outputs else SUBJECT
+    want = outputs.get(checked_against)
+    record["checked_against"] = checked_against if want is not None else None
+    for name, got in outputs.items():
+        if name == checked_against or want is None:
+            continue
+        is_peer = name not in impls
+        tolerance = (PEER_TOLERANCE if is_peer else TOLERANCE)[case.dtype]
+        err, ok = _compare(got, want, tolerance)
+        entry = record["impls"][name]
+        entry.update(max_abs_err=err, matches=ok)
+        if not ok:
+            entry["status"] = "wrong"
     if SUBJECT in outputs and BASELINE in outputs:
-        got, want = outputs[SUBJECT], outputs[BASELINE]
-        record["max_abs_err"] = float(np.max(np.abs(got - want)))
-        record["matches_reference"] = bool(np.allclose(got, want, **TOLERANCE[case.dtype]))
+        record["max_abs_err"] = record["impls"][SUBJECT]["max_abs_err"]
+        record["matches_reference"] = record["impls"][SUBJECT]["matches"]
         record["speedup"] = (record["impls"][BASELINE]["median_ms"]
                              / record["impls"][SUBJECT]["median_ms"])
+    # other / pyattn, for each result that is right (above 1: pyattn is faster)
+    subject = record["impls"].get(SUBJECT, {})
+    record["ratios"] = {
+        name: (e["median_ms"] / subject["median_ms"]
+               if e.get("status") == "ok" and "median_ms" in subject else None)
+        for name, e in record["impls"].items() if name != SUBJECT
+    }
     return record
 
 
@@ -205,34 +432,78 @@ def machine_info():
     }
 
 
-def header(machine, threads):
+def header(machine, threads, peers=None):
+    """The machine line, then (when peers were asked for) one line on the peers."""
     cfg = machine["pyattn"]
     omp = "OpenMP" if cfg["openmp"] else "no OpenMP"
-    return (f"pyattn {cfg['version']} | CPU: {machine['cpu_model']} "
+    line = (f"pyattn {cfg['version']} | CPU: {machine['cpu_model']} "
             f"({machine['usable_cpus']} usable cores) | threads: {threads} | "
             f"kernel: {cfg['kernel']} ({omp}) | numpy {machine['numpy']}")
+    if peers is None:
+        return line
+    return line + "\npeers: " + _peers_text(peers)
+
+
+def _peers_text(peers):
+    if not peers:
+        return "none requested"
+    parts = []
+    for name, info in peers.items():
+        if info["available"]:
+            extra = f", onnx {info['onnx']}" if "onnx" in info else ""
+            parts.append(f"{name} {info['version']}{extra}")
+        else:
+            parts.append(f"{name} absent ({info['reason']})")
+    return " | ".join(parts)
 
 
 # ------------------------------------------------------------------- table
+LABELS = {SUBJECT: SUBJECT, BASELINE: "ref", **{p.name: p.label for p in PEERS.values()}}
+
+
+def _ms_cell(entry):
+    status = entry.get("status")
+    if status in ("ok", "wrong"):
+        ms = entry["median_ms"]
+        text = f"{ms:.1f}" if ms >= 1000 else f"{ms:.2f}"
+        return text + (" (WRONG)" if status == "wrong" else "")
+    return status or "-"
+
+
+def _ratio_cell(ratio, entry):
+    if ratio is not None:
+        return f"{ratio:.2f}x"
+    return {"n/a": "n/a", "error": "error", "wrong": "-"}.get(entry.get("status"), "-")
+
+
 def format_table(records, impl_names):
-    cols = ["case", "shape (B H L S D)", "dtype"]
-    cols += [f"{name} ms" for name in impl_names]
-    has_speedup = SUBJECT in impl_names and BASELINE in impl_names
-    if has_speedup:
-        cols.append("speedup")
-    cols += [f"{SUBJECT} GFLOP/s", "GB/s", "threads"]
+    """The table: one ms column per implementation, the others' time over
+    pyattn's, pyattn's GFLOP/s and GB/s, threads; then a legend."""
+    others = [n for n in impl_names if n != SUBJECT]
+    cols = ["case", "B H L S D", "dtype"]
+    cols += [f"{LABELS.get(n, n)} ms" for n in impl_names]
+    if SUBJECT in impl_names:
+        cols += [f"vs {LABELS.get(n, n)}" for n in others]
+    cols += ["GFLOP/s", "GB/s", "threads"]
     rows = []
+    reasons = {}
     for r in records:
         dtype = r["dtype"] + (" causal" if r["causal"] else "")
         row = [r["name"], r["shape"], dtype]
-        row += [f"{r['impls'][n]['median_ms']:.2f}" for n in impl_names]
-        if has_speedup:
-            mark = "" if r["matches_reference"] else " (WRONG)"
-            row.append(f"{r['speedup']:.2f}x{mark}")
-        subject = r["impls"].get(SUBJECT)
-        row += [f"{subject['gflops']:.1f}", f"{subject['gbps']:.2f}"] if subject else ["-", "-"]
+        row += [_ms_cell(r["impls"].get(n, {})) for n in impl_names]
+        if SUBJECT in impl_names:
+            row += [_ratio_cell(r["ratios"].get(n), r["impls"].get(n, {})) for n in others]
+        subject = r["impls"].get(SUBJECT, {})
+        if "gflops" in subject:
+            row += [f"{subject['gflops']:.1f}", f"{subject['gbps']:.2f}"]
+        else:
+            row += ["-", "-"]
         row.append(str(r["threads"]))
         rows.append(row)
+        for n in impl_names:
+            e = r["impls"].get(n, {})
+            if e.get("status") in ("n/a", "error"):
+                reasons.setdefault((n, e["status"], e["reason"]), []).append(r["name"])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
 
     def line(cells):
@@ -243,7 +514,74 @@ def format_table(records, impl_names):
 
     lines = [line(cols), line(["-" * w for w in widths])]
     lines += [line(row) for row in rows]
+    legend = "ms: median wall time per call"
+    if SUBJECT in impl_names and others:
+        legend += "; vs X: X's time / pyattn's (above 1: pyattn is faster)"
+    legend += "; GFLOP/s, GB/s: pyattn's"
+    lines.append(legend)
+    names = ", ".join(f"{LABELS.get(n, n)} = {n}" for n in impl_names if LABELS.get(n, n) != n)
+    if names:
+        lines.append(names)
+    checked = {r.get("checked_against") for r in records} - {None}
+    if checked:
+        lines.append("every result is checked against " + " / ".join(sorted(checked))
+                     + " outside the timing; (WRONG): it differs")
+    for (n, status, reason), cases in reasons.items():
+        lines.append(f"{status}: {n} on {', '.join(cases)}: {reason}")
     return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- plot
+PLOT_INSTALL_HINT = ('--plot needs matplotlib, which is not installed: pip install matplotlib '
+                     '(or pip install "pyattn[bench]")')
+
+
+def _import_matplotlib():
+    """matplotlib's Figure class (no pyplot, no GUI backend), or None if absent."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure
+
+
+def plot_sweep(records, impl_names, path, machine, threads):
+    """GFLOP/s against L = S over the PLOT_SWEEP cases, one line per implementation."""
+    Figure = _import_matplotlib()
+    by_name = {r["name"]: r for r in records}
+    sweep = [by_name[n] for n in PLOT_SWEEP if n in by_name]
+    if not sweep:
+        raise ValueError("no sweep case was measured")
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.add_subplot()
+    styles = {SUBJECT: dict(marker="o", linewidth=2.5), BASELINE: dict(marker="s", linestyle="--"),
+              "torch": dict(marker="^"), "onnxruntime": dict(marker="D")}
+    for name in impl_names:
+        points = [(r["L"], r["impls"][name]["gflops"]) for r in sweep
+                  if r["impls"].get(name, {}).get("status") == "ok"]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        label = name if name != BASELINE else "reference (NumPy)"
+        ax.plot(xs, ys, label=label, **styles.get(name, dict(marker="v")))
+    lengths = [r["L"] for r in sweep]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([str(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    c = sweep[0]
+    ax.set_xlabel("sequence length L = S")
+    ax.set_ylabel("GFLOP/s  (4·B·H·L·S·D / median time)")
+    cfg = machine["pyattn"]
+    ax.set_title(f"Attention throughput, B{c['B']} H{c['H']} D{c['D']} {c['dtype']}, not causal\n"
+                 f"{machine['cpu_model']} ({machine['usable_cpus']} usable cores), "
+                 f"{threads} thread{'s' if threads != 1 else ''}, "
+                 f"pyattn {cfg['version']} ({cfg['kernel']})", fontsize=11)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 # ------------------------------------------------------------------ memory
@@ -327,19 +665,35 @@ def _positive_int(text):
     return n
 
 
+def _case_line(c):
+    suites = [s for s, names in SUITES.items() if c.name in names]
+    tags = ", ".join(suites) + (", --plot" if c.name in PLOT_SWEEP else "")
+    return (f"  {c.name:<16} B{c.B} H{c.H} L{c.L} S{c.S} D{c.D} {c.dtype}"
+            + (" causal" if c.causal else "")).ljust(58) + f"({tags})"
+
+
 def build_parser(prog=None):
     p = argparse.ArgumentParser(
         prog=prog or "python -m pyattn.bench",
-        description="Benchmark pyattn against its pure-NumPy reference.",
+        description="Benchmark pyattn against its pure-NumPy reference and, when they are "
+                    "importable, PyTorch and ONNX Runtime.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=("cases:\n" + "\n".join(
-            f"  {c.name:<12} B{c.B} H{c.H} L{c.L} S{c.S} D{c.D} {c.dtype}"
-            + (" causal" if c.causal else "") for c in CASES.values())),
+        epilog=("cases (suites they belong to):\n"
+                + "\n".join(_case_line(c) for c in CASES.values())
+                + "\n\npeers:\n"
+                  "  torch        torch.nn.functional.scaled_dot_product_attention\n"
+                  "  onnxruntime  com.microsoft MultiHeadAttention, CPUExecutionProvider "
+                  "(float32; needs onnx too)\n"
+                  "  a peer that does not import is reported as absent; one that cannot run "
+                  "a case shows n/a"),
     )
-    p.add_argument("--cases", default=",".join(CASES),
-                   help="comma-separated case names (default: all)")
+    p.add_argument("--suite", choices=sorted(SUITES), default=None,
+                   help=f"named set of cases (default: {DEFAULT_SUITE}; "
+                        f"quick = {', '.join(SUITES['quick'])}; full = all)")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated case names (overrides --suite)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads for pyattn (default: pyattn's default, "
+                   help="threads for pyattn and the peers (default: pyattn's default, "
                         f"{_attention.max_threads()} here); also caps NumPy's BLAS "
                         "pool for the reference when threadpoolctl is installed")
     p.add_argument("--repeat", type=_positive_int, default=None,
@@ -347,13 +701,22 @@ def build_parser(prog=None):
                         f"most {REFERENCE_MAX_REPEAT}); default: as many as fit in "
                         f"{TIME_BUDGET_S:g} s, {DEFAULT_MIN_REPEAT} to {DEFAULT_MAX_REPEAT}")
     p.add_argument("--no-reference", action="store_true",
-                   help="skip the pure-NumPy baseline")
+                   help="do not run the pure-NumPy baseline (results are then checked "
+                        "against pyattn's)")
+    p.add_argument("--peers", default=",".join(PEERS), metavar="NAMES",
+                   help="comma-separated peers to measure when importable, or 'none' "
+                        f"(default: {','.join(PEERS)})")
+    p.add_argument("--no-peers", action="store_true", help="same as --peers none")
     p.add_argument("--json", metavar="PATH",
-                   help="write all measurements and the machine description to PATH")
+                   help="write all measurements, the machine and the peers' versions to PATH")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also measure the prefill sweep (" + ", ".join(PLOT_SWEEP) + ") and "
+                        "save a PNG of GFLOP/s against L = S for every implementation "
+                        "(needs matplotlib: pip install \"pyattn[bench]\")")
     p.add_argument("--memory", action="store_true",
                    help=f"instead of the table: peak RSS of B{MEMORY_CASE.B} H{MEMORY_CASE.H} "
                         f"L=S={MEMORY_CASE.L} D{MEMORY_CASE.D} {MEMORY_CASE.dtype} through "
-                        "pyattn, in a fresh process (the reference is not run)")
+                        "pyattn, in a fresh process (the reference and peers are not run)")
     return p
 
 
@@ -366,17 +729,42 @@ def _limit_blas(threads):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
+def _split(text):
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def main(argv=None, prog=None):
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CASES]
-    if unknown or not names:
-        parser.error(f"unknown case(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(CASES)}")
+    if args.cases is not None:
+        names = _split(args.cases)
+        unknown = [n for n in names if n not in CASES]
+        if unknown or not names:
+            parser.error(f"unknown case(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(CASES)}")
+    else:
+        names = list(SUITES[args.suite or DEFAULT_SUITE])
+    peer_names = [] if args.no_peers else _split(args.peers)
+    if peer_names == ["none"]:
+        peer_names = []
+    unknown = [n for n in peer_names if n not in PEERS]
+    if unknown:
+        parser.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)} "
+                     "or none")
+    if args.plot and args.memory:
+        parser.error("--plot draws the table's measurements; it does not go with --memory")
+    if args.plot:
+        if _import_matplotlib() is None:
+            parser.exit(2, f"{parser.prog}: error: {PLOT_INSTALL_HINT}\n")
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            parser.error(f"--plot: no such directory: {folder}")
+        names += [n for n in PLOT_SWEEP if n not in names]
+
     threads = args.threads if args.threads is not None else _attention.max_threads()
     machine = machine_info()
-    print(header(machine, threads), flush=True)
+    peers = {} if args.memory else probe_peers(peer_names)
+    print(header(machine, threads, None if args.memory else peers), flush=True)
 
     report = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -394,22 +782,37 @@ def main(argv=None, prog=None):
         impls = dict(IMPLEMENTATIONS)
         if args.no_reference:
             impls.pop(BASELINE)
+        present = [info["peer"] for info in peers.values() if info["available"]]
+        report["settings"].update(cases=names, suite=None if args.cases else (args.suite or DEFAULT_SUITE),
+                                  tolerance=TOLERANCE, peer_tolerance=PEER_TOLERANCE)
+        report["peers"] = {name: {k: v for k, v in info.items() if k != "peer"}
+                           for name, info in peers.items()}
         blas_limit = _limit_blas(threads) if (args.threads is not None and BASELINE in impls) else None
         report["settings"]["reference_blas_threads"] = threads if blas_limit else "numpy default"
         records = []
         try:
             for name in names:
-                records.append(run_case(CASES[name], impls, threads, args.repeat))
+                records.append(run_case(CASES[name], impls, threads, args.repeat, peers=present))
         finally:
             if blas_limit is not None:
                 blas_limit.restore_original_limits()
         report["results"] = records
-        print(format_table(records, list(impls)))
+        impl_names = list(impls) + [p.name for p in present]
+        print(format_table(records, impl_names))
         wrong = [r["name"] for r in records if not r.get("matches_reference", True)]
         if wrong:
             print(f"WARNING: pyattn does not match the reference on: {', '.join(wrong)} "
                   "(see max_abs_err with --json)", file=sys.stderr)
             status = 1
+        for p in present:
+            bad = [r["name"] for r in records if r["impls"][p.name].get("status") == "wrong"]
+            if bad:
+                print(f"WARNING: {p.name}'s output differs from the {records[0]['checked_against']} "
+                      f"on: {', '.join(bad)}; its times there are not comparable", file=sys.stderr)
+        if args.plot:
+            plot_sweep(records, impl_names, args.plot, machine, threads)
+            report["plot"] = args.plot
+            print(f"wrote {args.plot}")
 
     if args.json:
         with open(args.json, "w") as f:
