@@ -237,12 +237,14 @@ static void FN(pack_tile)(const pyattn_problem *p, const REAL *k, const REAL *v,
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t cols_pad = FN(round_up)(nb, NR);
-    for (int64_t c = 0; c < nb; c++) {
-        const REAL *src = k + (j0 + c) * p->k_row;
-        for (int64_t e = 0; e < E; e++) kt[e * BLOCK_N + c] = src[e * p->k_col];
+    /* Rows of K^T are written contiguously; the strided reads vectorise as
+     * gathers where the ISA has them. */
+    const REAL *src = k + j0 * p->k_row;
+    for (int64_t e = 0; e < E; e++) {
+        REAL *dst = kt + e * BLOCK_N;
+        for (int64_t c = 0; c < nb; c++) dst[c] = src[c * p->k_row + e * p->k_col];
+        for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
     }
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t c = nb; c < cols_pad; c++) kt[e * BLOCK_N + c] = 0;
     for (int64_t c = 0; c < nb; c++) {
         const REAL *src = v + (j0 + c) * p->v_row;
         if (p->v_col == 1) {
