@@ -1,6 +1,6 @@
 """Build the pyattn extension: Cython driver + C kernels, with OpenMP if the
-compiler has it.  No -march=native: each ISA's kernels select their own target
-in their source file, and the choice between them is made at run time."""
+compiler has it.  No tuning for the build machine: each ISA's kernels select
+their own target in their source file, and the choice between them is made at run time."""
 import os
 import sys
 import tempfile

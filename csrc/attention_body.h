@@ -16,9 +16,13 @@
  * Structure, the BLIS way:
  *   micro-kernel  C[MR x NR] (+)= A[MR x K] * B[K x NR], B packed row-major;
  *                 used for both S = Q K^T (K = E) and O += P V (K = keys).
- *   macro-kernel  attend(): packs Q (scaled), K^T and V tiles into scratch,
- *                 walks the key tiles, and keeps the online softmax state.
- * The L x S score matrix never exists: only one BLOCK_M x BLOCK_N tile does.
+ *   macro-kernel  attend_tiled(): walks the key tiles of K^T / V panels
+ *                 (packed once per head and thread, see workspace), masks,
+ *                 and keeps the online softmax state per query row.
+ *   decode path   attend_direct(): fewer than MR query rows read K and V in
+ *                 place, one dot product per score.
+ * attend() packs the scaled Q block, picks the path, and normalises.  The
+ * L x S score matrix never exists: only one BLOCK_M x BLOCK_N tile does.
  */
 #include <math.h>
 #include <string.h>

@@ -2,10 +2,12 @@
  * The one interface between the Cython driver and the attention kernels.
  *
  * A kernel computes softmax(scale * Q K^T + mask) V for a block of query rows
- * of one (batch, head) pair.  It takes raw pointers already positioned at that
- * pair, sizes, and element strides; it never validates and never allocates:
- * the caller hands it per-thread scratch of pyattn_kernels.scratch_elems(...)
- * elements of the working dtype.
+ * of one (batch, head) pair, over a range of keys.  It takes raw pointers
+ * already positioned at that pair, sizes, and element strides; it never
+ * validates and never allocates: the caller hands it per-thread scratch of
+ * scratch_bytes(problem) bytes, 64-byte aligned, whose first
+ * PYATTN_SCRATCH_HEADER bytes are zero before the thread's first call of a run
+ * (the kernel caches packed K/V there).
  *
  * Several implementations (one per instruction set) fill the same table, so
  * the driver picks a table once and stays ISA-agnostic.
