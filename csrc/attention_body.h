@@ -53,9 +53,36 @@ static inline VEC FN(vselect)(UVEC mask, VEC a, VEC b)
     return (VEC)((mask & (UVEC)a) | (~mask & (UVEC)b));
 }
 
-/* Lane-wise max that ignores a NaN in `a`: NaN scores must not become the
- * running max (they still reach the output through exp(NaN - max)). */
-static inline VEC FN(vmax)(VEC a, VEC b) { return FN(vselect)((UVEC)(a > b), a, b); }
+/* Lane-wise a > b ? a : b, which ignores a NaN in `a`: NaN scores must not
+ * become the running max (they still reach the output through 2^(NaN - max)).
+ * x86's MAXPS/MAXPD compute exactly this in one instruction; GCC does not
+ * see it in the generic select. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#if VBYTES == 64 && REAL_IS_DOUBLE
+#define PA_X86_MAX _mm512_max_pd
+#elif VBYTES == 64
+#define PA_X86_MAX _mm512_max_ps
+#elif VBYTES == 32 && REAL_IS_DOUBLE
+#define PA_X86_MAX _mm256_max_pd
+#elif VBYTES == 32
+#define PA_X86_MAX _mm256_max_ps
+#elif VBYTES == 16 && REAL_IS_DOUBLE
+#define PA_X86_MAX _mm_max_pd
+#else
+#define PA_X86_MAX _mm_max_ps
+#endif
+#endif
+
+static inline VEC FN(vmax)(VEC a, VEC b)
+{
+#ifdef PA_X86_MAX
+    return (VEC)PA_X86_MAX(a, b);
+#else
+    return FN(vselect)((UVEC)(a > b), a, b);
+#endif
+}
+#undef PA_X86_MAX
 
 /*
  * The softmax works in base 2: Q is prescaled by scale * log2(e) (and float
