@@ -88,8 +88,8 @@ static inline VEC FN(vmax)(VEC a, VEC b)
  * The softmax works in base 2: Q is prescaled by scale * log2(e) (and float
  * masks by log2(e)), so its exponential is 2^x, for x <= LAZY_RESCALE or NaN.
  *
- * vexp2: 2^x for x < 127 (fp32), vectorised and branch-free, <= 2 ulp (tests/test_kernels.py
- * measures it).  x = n + r with n = round(x) and |r| <= 1/2, exactly; 2^r =
+ * vexp2: 2^x for x < 127 (fp32), vectorised and branch-free, <= 2 ulp
+ * (tests/test_kernels.py measures it).  x = n + r with n = round(x) and |r| <= 1/2, exactly; 2^r =
  * e^(r ln2) by its Taylor polynomial (truncation far below half an ulp there);
  * 2^n is built in the exponent bits.  2^-inf = 0 exactly, NaN stays NaN, and
  * results below the smallest normal number flush to 0: they are under 2^-126
@@ -268,8 +268,8 @@ static void FN(pack_tile)(const pyattn_problem *p, const REAL *k, const REAL *v,
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t cols_pad = FN(round_up)(nb, NR);
-    /* Rows of K^T are written contiguously; the strided reads vectorise as
-     * gathers where the ISA has them. */
+    /* Rows of K^T are written contiguously and K is read strided: half the
+     * cost of the opposite order (contiguous reads, strided writes). */
     const REAL *src = k + j0 * p->k_row;
     for (int64_t e = 0; e < E; e++) {
         REAL *dst = kt + e * BLOCK_N;
@@ -306,15 +306,15 @@ static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
         for (int64_t c = (i - j0 + 1 > 0 ? i - j0 + 1 : 0); c < nb; c++) s[c] = ninf;
 }
 
-/* One online-softmax step for one query row and one key tile:
- * the scores s become unnormalised weights exp(s - m_new), the running max m
- * and sum l are updated, and the output row is rescaled by exp(m - m_new). */
 /* The running max moves only when a tile beats it by more than this (base-2
  * units): weights then stay below 2^LAZY_RESCALE, far from overflow, and most
  * tiles skip both the exp of the correction and the rescaling of the output.
  * Any shift gives the same softmax; this one is just cheaper. */
 #define LAZY_RESCALE 8
 
+/* One online-softmax step for one query row and one key tile: the base-2
+ * scores s become unnormalised weights 2^(s - m), and when the running max m
+ * moves, the sum l and the output row are rescaled by 2^(m_old - m_new). */
 static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
                              REAL *o_row, int64_t evp)
 {
@@ -486,13 +486,14 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     memset(w.acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
 
     pyattn_scratch_header *tag = scratch;
-    if (nrows < MR && (p->k_col != 1 || p->v_col != 1))
-        tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
-    if (nrows < MR)
+    if (nrows < MR) {
+        if (p->k_col != 1 || p->v_col != 1)
+            tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
         FN(attend_direct)(p, k, v, mask, blk, qs, w.kt_panel, w.v_panel, w.scores, w.acc,
                           w.row_max, w.row_sum);
-    else
+    } else {
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
+    }
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {

@@ -13,6 +13,10 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 cdef extern from "pyattn_kernels.h" nogil:
+    enum:
+        PYATTN_MASK_NONE
+        PYATTN_MASK_BOOL
+        PYATTN_MASK_ADDITIVE
     ctypedef struct pyattn_problem:
         int64_t L, S, E, Ev
         int64_t q_row, q_col, k_row, k_col, v_row, v_col
@@ -48,7 +52,7 @@ cdef extern from "pyattn_kernels.h" nogil:
     int PYATTN_SCRATCH_HEADER
     void aligned_free "pyattn_aligned_free"(void *p)
 
-MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = PYATTN_MASK_NONE, PYATTN_MASK_BOOL, PYATTN_MASK_ADDITIVE
 
 
 def openmp_enabled():

@@ -95,25 +95,25 @@ def run_kernel(prob, work_out, nthreads):
         mask_kind = _attention.MASK_BOOL if prob.mask.dtype == np.bool_ else _attention.MASK_ADDITIVE
 
     batch = prob.batch
-    offsets = np.zeros((5, int(np.prod(batch, dtype=np.int64))), dtype=np.int64)
-    for i, arr in enumerate(arrays):
-        if arr is not None:
-            offsets[i] = _batch_byte_offsets(arr, batch)
-
-    def head_stride(arr):  # bytes; 0 for a broadcast (length-1) head axis
-        return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
-
+    n_batch = int(np.prod(batch, dtype=np.int64))
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.itemsize))
-    key_chunk = split_keys(offsets.shape[1] * prob.num_heads * n_qblocks, S)
+    key_chunk = split_keys(n_batch * prob.num_heads * n_qblocks, S)
     partial = lse = None
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
         partial = np.empty((n_chunks,) + dest.shape, dtype=dest.dtype)
         lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=dest.dtype)
         arrays[4] = partial[0]
-        offsets[4] = _batch_byte_offsets(partial[0], batch)
         os_ = _element_strides(partial[0])
+
+    offsets = np.zeros((5, n_batch), dtype=np.int64)
+    for i, arr in enumerate(arrays):
+        if arr is not None:
+            offsets[i] = _batch_byte_offsets(arr, batch)
+
+    def head_stride(arr):  # bytes; 0 for a broadcast (length-1) head axis
+        return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
 
     used = _attention.attend(
         _dispatch.KERNEL, q.itemsize,
