@@ -413,49 +413,90 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL
     }
 }
 
+/* Scores of one key tile for the block's rows r0..nrows, in base-2 units and
+ * masked, left in w->scores; *vp points at the tile's packed V.  r0 skips the
+ * MR row groups that causality hides from the whole tile.  Returns r0. */
+static int64_t FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REAL *v,
+                               const void *mask, const pyattn_block *blk, int64_t rows_pad,
+                               const FN(workspace) *w, int64_t j0, int64_t nb,
+                               const REAL **vp)
+{
+    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR), cols_pad = FN(round_up)(nb, NR);
+    const int64_t row0 = blk->row0;
+    const REAL *kt = w->kt_panel;
+    *vp = w->v_panel;
+    if (w->whole_head) {
+        kt += j0 * E, *vp += j0 * evp;
+    } else {
+        FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
+    }
+    /* Causal: rows before j0 see none of this tile; skip their MR groups. */
+    const int64_t r0 = p->causal && j0 > row0 ? (j0 - row0) / MR * MR : 0;
+
+    /* S = (scale Q) K^T for the tile. */
+    FN(tile_gemm)(rows_pad - r0, cols_pad, E, w->q_block + r0 * E, E, kt, BLOCK_N,
+                  w->scores + r0 * BLOCK_N, BLOCK_N, 0);
+    for (int64_t r = r0; r < blk->nrows; r++) {
+        const int needs_causal = p->causal && j0 + nb - 1 > row0 + r;
+        if (p->mask_kind != PYATTN_MASK_NONE || needs_causal || nb != cols_pad)
+            FN(mask_row)(p, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
+    }
+    return r0;
+}
+
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
 static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL *v,
                              const void *mask, const pyattn_block *blk, int64_t rows_pad,
                              pyattn_scratch_header *tag, const FN(workspace) *w)
 {
     const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
-    const int64_t row0 = blk->row0, nrows = blk->nrows;
-    const int64_t kv_end = FN(key_end)(p, blk);
     if (w->whole_head && (tag->k != k || tag->v != v)) {
         for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N)
             FN(pack_tile)(p, k, v, j0, p->S - j0 < BLOCK_N ? p->S - j0 : BLOCK_N,
                           w->kt_panel + j0 * E, w->v_panel + j0 * evp);
         tag->k = k, tag->v = v;
     }
+    const int64_t kv_end = FN(key_end)(p, blk);
     for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
-        const int64_t cols_pad = FN(round_up)(nb, NR);
-        const REAL *kt = w->kt_panel, *vp = w->v_panel;
-        if (w->whole_head) {
-            kt += j0 * E, vp += j0 * evp;
-        } else {
-            FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
-        }
+        const REAL *vp;
+        const int64_t r0 = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp);
         REAL *sc = w->scores, *acc = w->acc;
-
-        /* Causal: rows before j0 see none of this tile; skip their MR groups. */
-        const int64_t r0 = p->causal && j0 > row0 ? (j0 - row0) / MR * MR : 0;
-
-        /* S = (scale Q) K^T for the tile. */
-        FN(tile_gemm)(rows_pad - r0, cols_pad, E, w->q_block + r0 * E, E, kt, BLOCK_N,
-                      sc + r0 * BLOCK_N, BLOCK_N, 0);
-
-        for (int64_t r = r0; r < nrows; r++) {
-            REAL *s = sc + r * BLOCK_N;
-            const int needs_causal = p->causal && j0 + nb - 1 > row0 + r;
-            if (p->mask_kind != PYATTN_MASK_NONE || needs_causal || nb != cols_pad)
-                FN(mask_row)(p, mask, s, row0 + r, j0, nb, cols_pad);
-            FN(softmax_step)(s, cols_pad, w->row_max + r, w->row_sum + r, acc + r * evp, evp);
-        }
+        for (int64_t r = r0; r < blk->nrows; r++)
+            FN(softmax_step)(sc + r * BLOCK_N, FN(round_up)(nb, NR), w->row_max + r,
+                             w->row_sum + r, acc + r * evp, evp);
 
         /* O += P V (padding rows hold P = 0 from their zero Q rows). */
         FN(tile_gemm)(rows_pad - r0, evp, nb, sc + r0 * BLOCK_N, BLOCK_N, vp, evp,
                       acc + r0 * evp, evp, 1);
+    }
+}
+
+/* Attention weights, after attend_tiled: once every row's max m and sum l are
+ * final, the probabilities the output used, 2^(s - m) / l, are recomputed tile
+ * by tile and added, times w_factor, into the zeroed blk->weights (factor 1
+ * writes one head; 1/H for every head in turn averages them).  Keys a row
+ * never sees keep their 0, and so do rows with no key at all (l == 0). */
+static void FN(add_weights)(const pyattn_problem *p, const REAL *k, const REAL *v,
+                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
+                            const FN(workspace) *w)
+{
+    REAL *weights = blk->weights;
+    const int64_t kv_end = FN(key_end)(p, blk);
+    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
+        const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
+        const REAL *vp;
+        const int64_t r0 = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp);
+        for (int64_t r = r0; r < blk->nrows; r++) {
+            if (w->row_sum[r] == 0) continue;
+            REAL *s = w->scores + r * BLOCK_N;
+            const VEC shift = FN(vsplat)(w->row_max[r]);
+            const VEC coef = FN(vsplat)((REAL)(p->w_factor / w->row_sum[r]));
+            for (int64_t c = 0; c < nb; c += LANES)
+                FN(vstore)(s + c, FN(vexp2)(FN(vload)(s + c) - shift) * coef);
+            REAL *dst = weights + (blk->row0 + r) * p->w_row + j0;
+            for (int64_t c = 0; c < nb; c++) dst[c] += s[c];
+        }
     }
 }
 
@@ -486,13 +527,14 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     memset(w.acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
 
     pyattn_scratch_header *tag = scratch;
-    if (nrows < MR) {
+    if (nrows < MR && !blk->weights) {
         if (p->k_col != 1 || p->v_col != 1)
             tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
         FN(attend_direct)(p, k, v, mask, blk, qs, w.kt_panel, w.v_panel, w.scores, w.acc,
                           w.row_max, w.row_sum);
     } else {
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
+        if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
     }
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */

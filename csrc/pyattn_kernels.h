@@ -35,6 +35,8 @@ typedef struct pyattn_problem {
     int mask_kind;                   /* enum pyattn_mask_kind */
     int causal;                      /* 1: query i sees keys j <= i (top-left) */
     double scale;                    /* multiplies Q K^T before the mask */
+    int64_t w_row;                   /* row stride of blk->weights, elements */
+    double w_factor;                 /* weights are added times this (1/H: mean) */
 } pyattn_problem;
 
 /* One work item: query rows [row0, row0 + nrows) of one (batch, head), read
@@ -42,11 +44,14 @@ typedef struct pyattn_problem {
  * a multiple of 1024.  lse, when not NULL, receives each row's logsumexp of its
  * scaled and masked scores (natural log; -inf when no key takes part), nrows
  * contiguous values of the kernel's dtype: with it, outputs over disjoint key
- * ranges merge exactly. */
+ * ranges merge exactly.  weights, when not NULL, points at the (batch, head)
+ * origin of a zeroed L x S array (row stride w_row) to which the softmax
+ * probabilities are added times w_factor. */
 typedef struct pyattn_block {
     int64_t row0, nrows;
     int64_t key0, key1;
     void *lse;
+    void *weights;
 } pyattn_block;
 
 /* Attend one block.  q, k, v, mask and out point at the (batch, head) origin;

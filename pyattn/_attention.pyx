@@ -24,9 +24,12 @@ cdef extern from "pyattn_kernels.h" nogil:
         int mask_kind
         int causal
         double scale
+        int64_t w_row
+        double w_factor
     ctypedef struct pyattn_block:
         int64_t row0, nrows, key0, key1
         void *lse
+        void *weights
     ctypedef void (*pyattn_attend_fn)(
         const pyattn_problem *p, const void *q, const void *k, const void *v,
         const void *mask, void *out, const pyattn_block *blk,
@@ -105,6 +108,7 @@ cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t 
     blk.key0 = chunk * key_chunk
     blk.key1 = S if key_chunk == 0 else min(S, blk.key0 + key_chunk)
     blk.lse = NULL
+    blk.weights = NULL
     return blk
 
 
@@ -113,7 +117,8 @@ def attend(str kernel, int itemsize, tuple pointers,
            int64_t num_heads, int64_t kv_group, tuple sizes,
            tuple inner_strides, int mask_kind, bint causal, double scale,
            int num_threads, int64_t key_chunk=0, int64_t out_split_stride=0,
-           uintptr_t lse_address=0):
+           uintptr_t lse_address=0, uintptr_t weights_address=0,
+           int64_t weights_batch_stride=0, bint average_heads=False):
     """Run the kernel on every (batch, head, query block, key chunk).
 
     pointers       data addresses of (q, k, v, mask, out); mask may be 0
@@ -128,6 +133,10 @@ def attend(str kernel, int itemsize, tuple pointers,
                    writes its partial output at out + c * out_split_stride
                    bytes and, at lse_address, the rows' logsumexp as a
                    contiguous (chunks, B, H, L) array of the dtype.
+    weights_address  0, or a zeroed contiguous array that receives the
+                   softmax probabilities: (B, H, L, S), or (B, L, S) with
+                   average_heads (the mean over heads).  Needs key_chunk 0.
+    weights_batch_stride  its batch stride in bytes.
 
     Returns the number of threads in the OpenMP team that ran the work.
     """
@@ -139,6 +148,8 @@ def attend(str kernel, int itemsize, tuple pointers,
     prob.mask_kind = mask_kind
     prob.causal = causal
     prob.scale = scale
+    prob.w_row = prob.S
+    prob.w_factor = 1.0 / num_heads if average_heads else 1.0
 
     cdef char *q = <char *><uintptr_t>pointers[0]
     cdef char *k = <char *><uintptr_t>pointers[1]
@@ -149,9 +160,16 @@ def attend(str kernel, int itemsize, tuple pointers,
     cdef int64_t v_hs = head_strides[2], m_hs = head_strides[3]
     cdef int64_t o_hs = head_strides[4]
 
+    cdef char *weights = <char *>weights_address
+    # The mean over heads is summed by one thread, in head order: an item then
+    # covers every head of its query block.
+    cdef int64_t heads_per_item = num_heads if average_heads else 1
+    cdef int64_t head_items = num_heads // heads_per_item
+    cdef int64_t weights_head_stride = 0 if average_heads else prob.L * prob.S * itemsize
+
     cdef int64_t block = dk.block_rows
     cdef int64_t n_qblocks = (prob.L + block - 1) // block
-    cdef int64_t per_batch = num_heads * n_qblocks
+    cdef int64_t per_batch = head_items * n_qblocks
     cdef int64_t n_chunks = 1 if key_chunk == 0 else (prob.S + key_chunk - 1) // key_chunk
     cdef int64_t n_batch = batch_offsets.shape[1]
     cdef int64_t n_items = n_batch * per_batch * n_chunks
@@ -168,7 +186,7 @@ def attend(str kernel, int itemsize, tuple pointers,
         aligned_free(scratch)
         free(team)
         raise MemoryError(f"cannot allocate {scratch_bytes * num_threads} bytes of scratch")
-    cdef int64_t item, b, h, qb, chunk
+    cdef int64_t item, b, h, hi, qb, chunk
     cdef pyattn_block blk
     cdef int tid
     memset(team, 0, sizeof(int) * num_threads)
@@ -182,21 +200,24 @@ def attend(str kernel, int itemsize, tuple pointers,
         for item in prange(n_items, schedule="dynamic"):
             chunk = item % n_chunks
             qb = (item // n_chunks) % n_qblocks
-            h = (item // (n_chunks * n_qblocks)) % num_heads
+            hi = (item // (n_chunks * n_qblocks)) % head_items
             b = item // (n_chunks * per_batch)
-            # Assigned whole, so that Cython makes it thread-private.
-            blk = _block(qb * block, block, prob.L, chunk, key_chunk, prob.S)
-            if lse != NULL:
-                blk.lse = lse + (((chunk * n_batch + b) * num_heads + h) * prob.L
-                                 + blk.row0) * itemsize
-            dk.attend(
-                &prob,
-                q + batch_offsets[0, b] + h * q_hs,
-                k + batch_offsets[1, b] + (h // kv_group) * k_hs,
-                v + batch_offsets[2, b] + (h // kv_group) * v_hs,
-                (m + batch_offsets[3, b] + h * m_hs) if m != NULL else NULL,
-                o + chunk * out_split_stride + batch_offsets[4, b] + h * o_hs,
-                &blk, scratch + tid * scratch_bytes)
+            for h in range(hi * heads_per_item, (hi + 1) * heads_per_item):
+                # Assigned whole, so that Cython makes it thread-private.
+                blk = _block(qb * block, block, prob.L, chunk, key_chunk, prob.S)
+                if lse != NULL:
+                    blk.lse = lse + (((chunk * n_batch + b) * num_heads + h) * prob.L
+                                     + blk.row0) * itemsize
+                if weights != NULL:
+                    blk.weights = weights + b * weights_batch_stride + h * weights_head_stride
+                dk.attend(
+                    &prob,
+                    q + batch_offsets[0, b] + h * q_hs,
+                    k + batch_offsets[1, b] + (h // kv_group) * k_hs,
+                    v + batch_offsets[2, b] + (h // kv_group) * v_hs,
+                    (m + batch_offsets[3, b] + h * m_hs) if m != NULL else NULL,
+                    o + chunk * out_split_stride + batch_offsets[4, b] + h * o_hs,
+                    &blk, scratch + tid * scratch_bytes)
     cdef int used = 0
     for tid in range(num_threads):
         used = max(used, team[tid])

@@ -64,23 +64,39 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     ndarray, (..., Hq, L, Ev), the inputs' dtype.  A query row for which no
     key takes part is zeros.
     """
+    return attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                     out=out, num_threads=num_threads)[0]
+
+
+def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+              enable_gqa=False, *, out=None, num_threads=None, weights=None):
+    """scaled_dot_product_attention, optionally with its softmax probabilities:
+    `weights` None, "heads" (..., H, L, S) or "mean" (..., L, S), the average
+    over heads.  Returns (output, weights or None)."""
     prob = prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     nthreads = check_num_threads(num_threads, _attention.max_threads)
     inputs = {"query": query, "key": key, "value": value, "attn_mask": attn_mask}
     result = prepare_out(out, prob, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
-    if result.size == 0:
-        return result
-    if prob.k.shape[-2] == 0:  # no keys: every row is "fully masked"
+    probs = None
+    if weights is not None:
+        L, S = prob.q.shape[-2], prob.k.shape[-2]
+        heads = (prob.num_heads,) if weights == "heads" else ()
+        probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.dtype)
+    if result.size and prob.k.shape[-2] == 0:  # no keys: every row is "fully masked"
         result[...] = 0
-        return result
-    lifted = result[(np.newaxis,) * (len(prob.work_shape) - result.ndim)]  # a view
-    run_kernel(prob, lifted, nthreads)
-    return result
+    elif result.size:
+        lifted = result[(np.newaxis,) * (len(prob.work_shape) - result.ndim)]  # a view
+        run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean")
+    if probs is not None:  # back to the caller's batch dims
+        probs = probs.reshape(result.shape[:-3 if weights == "mean" else -2] + probs.shape[-2:])
+    return result, probs
 
 
-def run_kernel(prob, work_out, nthreads):
+def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False):
     """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem.
-    Returns the number of threads the kernel ran with."""
+    `weights`, when given, is a zeroed C-contiguous array that receives the
+    softmax probabilities: (*batch, H, L, S), or (*batch, L, S) averaged over
+    heads with `average_heads`.  Returns the number of threads used."""
     dest = work_out  # an `out` C cannot write as typed elements gets a stand-in
     if not typed_access_ok(dest):
         dest = np.empty(work_out.shape, dtype=work_out.dtype)
@@ -98,7 +114,7 @@ def run_kernel(prob, work_out, nthreads):
     n_batch = int(np.prod(batch, dtype=np.int64))
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.itemsize))
-    key_chunk = split_keys(n_batch * prob.num_heads * n_qblocks, S)
+    key_chunk = 0 if weights is not None else split_keys(n_batch * prob.num_heads * n_qblocks, S)
     partial = lse = None
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
@@ -125,6 +141,9 @@ def run_kernel(prob, work_out, nthreads):
         mask_kind, prob.is_causal, prob.scale, nthreads,
         key_chunk, 0 if partial is None else partial.strides[0],
         0 if lse is None else _address(lse),
+        0 if weights is None else _address(weights),
+        0 if weights is None else weights[(0,) * len(batch)].nbytes,
+        average_heads,
     )
     if partial is not None:
         merge_partials(partial, lse, out=dest)

@@ -153,8 +153,8 @@ CHILD = textwrap.dedent("""
     from pyattn import _attention, functional
     used = []
     real = functional.run_kernel
-    def spy(*a):
-        used.append(real(*a))
+    def spy(*a, **kw):
+        used.append(real(*a, **kw))
         return used[-1]
     functional.run_kernel = spy
     q = np.random.default_rng(0).standard_normal((2, 4, 130, 16)).astype(np.float32)

@@ -1,0 +1,341 @@
+"""The two layers of the classic description of attention.
+
+SelfAttention: one head; three linear maps make Q, K and V from the input,
+softmax(Q K^T / sqrt(d_k)) V.  MultiHeadAttention: torch.nn.MultiheadAttention's
+semantics, parameters and state_dict keys, on NumPy arrays.
+
+Projections run through NumPy's BLAS, one call at a time and never inside
+pyattn's OpenMP region; heads are split and joined through strided views, so
+the attention kernel reads Q, K, V from the projection's output and writes
+its result where the output projection reads it.
+"""
+import math
+
+import numpy as np
+
+from ._validation import SUPPORTED_DTYPES, as_float_array
+from .functional import attention
+
+__all__ = ["MultiHeadAttention", "SelfAttention"]
+
+
+def _generator(rng):
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def _layer_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _xavier_uniform(rng, shape, dtype):
+    """Glorot & Bengio's uniform init for a (fan_out, fan_in) matrix (torch's rule)."""
+    bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def _as_input(x, name, dtype, width, width_name):
+    """`x` in the layer's dtype (converted like a Linear layer's input), with
+    `width` features in its last axis."""
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+    arr = as_float_array(arr.astype(dtype, copy=False), name, min_ndim=1)
+    if arr.shape[-1] != width:
+        raise ValueError(f"{name} must have {width_name} = {width} features in its last axis; "
+                         f"got shape {arr.shape}")
+    return arr
+
+
+def _linear(x, weight, bias, out=None):
+    """x @ weight.T + bias over the last axis, as one 2-D BLAS call where the
+    leading axes merge without a copy."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = np.matmul(flat, weight.T, out=None if out is None else out.reshape(-1, weight.shape[0]))
+    if bias is not None:
+        y += bias
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+class SelfAttention:
+    """Single-head self-attention, in the math convention Q = x @ w_q.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Width of the input x.
+    kdim, vdim : int, optional
+        Width of the queries/keys (d_k) and of the values (the output);
+        default embed_dim.
+    bias : bool
+        Give the three linear maps biases (zeros at init).
+    dtype : float32 or float64
+    rng : numpy.random.Generator or int, optional
+        Seeds the xavier-uniform init of w_q (embed_dim, kdim), w_k
+        (embed_dim, kdim) and w_v (embed_dim, vdim).
+    """
+
+    def __init__(self, embed_dim, kdim=None, vdim=None, bias=False, dtype=np.float32, rng=None):
+        self.embed_dim = _positive_int(embed_dim, "embed_dim")
+        self.kdim = self.embed_dim if kdim is None else _positive_int(kdim, "kdim")
+        self.vdim = self.embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        self.dtype = _layer_dtype(dtype)
+        rng = _generator(rng)
+        shapes = {"q": self.kdim, "k": self.kdim, "v": self.vdim}
+        for name, width in shapes.items():
+            w = _xavier_uniform(rng, (width, self.embed_dim), self.dtype).T.copy()
+            setattr(self, f"w_{name}", w)
+            setattr(self, f"b_{name}", np.zeros(width, self.dtype) if bias else None)
+
+    def __repr__(self):
+        return (f"SelfAttention(embed_dim={self.embed_dim}, kdim={self.kdim}, vdim={self.vdim}, "
+                f"bias={self.b_q is not None}, dtype={self.dtype.name})")
+
+    def __call__(self, x, attn_mask=None, is_causal=False, return_weights=False, *, num_threads=None):
+        """Attend x (..., L, embed_dim) to itself: (..., L, vdim), and with
+        ``return_weights`` also the (..., L, L) softmax weights.  attn_mask
+        follows scaled_dot_product_attention (bool True = attend, float
+        added), broadcastable to (..., L, L)."""
+        x = _as_input(x, "x", self.dtype, self.embed_dim, "embed_dim")
+        if x.ndim < 2:
+            raise ValueError(f"x must have shape (..., L, embed_dim); got shape {x.shape}")
+        # One GEMM for the three maps: x @ [w_q | w_k | w_v].
+        w = np.concatenate([self.w_q, self.w_k, self.w_v], axis=1)
+        b = None if self.b_q is None else np.concatenate([self.b_q, self.b_k, self.b_v])
+        qkv = _linear(x, w.T, b)
+        q, k, v = np.split(qkv, [self.kdim, 2 * self.kdim], axis=-1)
+        out, weights = attention(q, k, v, attn_mask, is_causal, num_threads=num_threads,
+                                 weights="heads" if return_weights else None)
+        return (out, weights) if return_weights else out
+
+
+class MultiHeadAttention:
+    """torch.nn.MultiheadAttention on NumPy arrays (inference: no dropout,
+    no add_bias_kv, no add_zero_attn).
+
+    Parameters follow torch, with batch_first=True by default (torch: False).
+    Weights use torch's layout, y = x @ W.T + b, and torch's names:
+    ``in_proj_weight`` (3E, E) when kdim == vdim == embed_dim, else
+    ``q_proj_weight`` (E, E), ``k_proj_weight`` (E, kdim), ``v_proj_weight``
+    (E, vdim); ``in_proj_bias`` (3E,), ``out_proj_weight`` (E, E),
+    ``out_proj_bias`` (E,).  Init as torch: xavier-uniform input projections,
+    zero biases, out_proj.weight uniform(+-1/sqrt(E)), seeded by ``rng``.
+    """
+
+    def __init__(self, embed_dim, num_heads, bias=True, kdim=None, vdim=None, batch_first=True,
+                 dtype=np.float32, rng=None):
+        self.embed_dim = E = _positive_int(embed_dim, "embed_dim")
+        self.num_heads = _positive_int(num_heads, "num_heads")
+        if E % self.num_heads:
+            raise ValueError(f"embed_dim ({E}) must be divisible by num_heads ({self.num_heads})")
+        self.head_dim = E // self.num_heads
+        self.kdim = E if kdim is None else _positive_int(kdim, "kdim")
+        self.vdim = E if vdim is None else _positive_int(vdim, "vdim")
+        self.batch_first = bool(batch_first)
+        self.dtype = dt = _layer_dtype(dtype)
+        rng = _generator(rng)
+        self._qkv_same_embed_dim = self.kdim == E and self.vdim == E
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = _xavier_uniform(rng, (3 * E, E), dt)
+            self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
+        else:
+            self.in_proj_weight = None
+            self.q_proj_weight = _xavier_uniform(rng, (E, E), dt)
+            self.k_proj_weight = _xavier_uniform(rng, (E, self.kdim), dt)
+            self.v_proj_weight = _xavier_uniform(rng, (E, self.vdim), dt)
+        bound = 1.0 / math.sqrt(E)  # torch's Linear default, kept by MultiheadAttention
+        self.out_proj_weight = rng.uniform(-bound, bound, size=(E, E)).astype(dt)
+        self.in_proj_bias = np.zeros(3 * E, dt) if bias else None
+        self.out_proj_bias = np.zeros(E, dt) if bias else None
+
+    def __repr__(self):
+        return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"bias={self.in_proj_bias is not None}, kdim={self.kdim}, vdim={self.vdim}, "
+                f"batch_first={self.batch_first}, dtype={self.dtype.name})")
+
+    # -- parameters ---------------------------------------------------------
+    _ATTRIBUTE = {"out_proj.weight": "out_proj_weight", "out_proj.bias": "out_proj_bias"}
+
+    def _parameter_shapes(self):
+        """torch's state_dict keys, in its order, with their shapes."""
+        E = self.embed_dim
+        shapes = {}
+        if self._qkv_same_embed_dim:
+            shapes["in_proj_weight"] = (3 * E, E)
+        else:
+            shapes.update(q_proj_weight=(E, E), k_proj_weight=(E, self.kdim),
+                          v_proj_weight=(E, self.vdim))
+        if self.in_proj_bias is not None:
+            shapes["in_proj_bias"] = (3 * E,)
+        shapes["out_proj.weight"] = (E, E)
+        if self.out_proj_bias is not None:
+            shapes["out_proj.bias"] = (E,)
+        return shapes
+
+    def state_dict(self):
+        """The parameters under torch's key names, as NumPy copies."""
+        return {key: getattr(self, self._ATTRIBUTE.get(key, key)).copy()
+                for key in self._parameter_shapes()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load parameters saved by state_dict() here or by torch (tensors are
+        converted with numpy.asarray).  strict=False ignores missing and
+        unexpected keys; shapes are always checked."""
+        shapes = self._parameter_shapes()
+        missing = [k for k in shapes if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in shapes]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
+                             f"unexpected keys {unexpected}; expected keys {list(shapes)}")
+        loaded = {}
+        for key, shape in shapes.items():
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            try:
+                arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"state_dict[{key!r}] cannot be converted to an array: {exc}") from None
+            if arr.dtype.kind not in "fiu" or arr.shape != shape:
+                raise ValueError(f"state_dict[{key!r}] must be a real array of shape {shape}; "
+                                 f"got {arr.dtype} of shape {arr.shape}")
+            loaded[key] = np.array(arr, dtype=self.dtype)  # a copy: no aliasing of the caller's
+        for key, arr in loaded.items():  # all checked first: an error changes nothing
+            setattr(self, self._ATTRIBUTE.get(key, key), arr)
+
+    # -- forward ------------------------------------------------------------
+    def __call__(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                 average_attn_weights=True, is_causal=False, *, num_threads=None):
+        """Attend `query` to `key`/`value`, as torch.nn.MultiheadAttention.
+
+        Shapes (batch_first=True): query (B, L, E), key (B, S, kdim), value
+        (B, S, vdim); batch_first=False swaps B and L/S; unbatched (L, E),
+        (S, kdim), (S, vdim) also work.  Masks follow torch: bool True =
+        masked out, float = added to the scores.  key_padding_mask (B, S);
+        attn_mask (L, S) or (B * num_heads, L, S).  is_causal applies a causal
+        mask (with or without attn_mask).  A query row whose keys are all
+        masked attends to nothing: zeros before out_proj (torch gives NaN).
+
+        Returns (output like query, weights or None); weights are (B, L, S)
+        averaged over heads, or (B, num_heads, L, S) with
+        average_attn_weights=False, and cost B*H*L*S memory.
+        """
+        E, H, D = self.embed_dim, self.num_heads, self.head_dim
+        self_attention = query is key and key is value
+        query = _as_input(query, "query", self.dtype, E, "embed_dim")
+        key = query if self_attention else _as_input(key, "key", self.dtype, self.kdim, "kdim")
+        value = query if self_attention else _as_input(value, "value", self.dtype, self.vdim, "vdim")
+        batched = self._check_shapes(query, key, value)
+
+        def batch_major(x):  # (B, N, width) view of an input or projection
+            if not batched:
+                return x[np.newaxis]
+            return x if self.batch_first else x.swapaxes(0, 1)
+
+        def heads(x):  # (B, N, E) -> (B, H, N, D); splitting an axis is always a view
+            b, n = x.shape[:2]
+            return x.reshape(b, n, H, D).swapaxes(1, 2)
+
+        if self_attention and self._qkv_same_embed_dim:
+            qkv = batch_major(_linear(query, self.in_proj_weight, self.in_proj_bias))
+            q, k, v = (heads(qkv[..., i * E:(i + 1) * E]) for i in range(3))
+        else:
+            w_q, w_k, w_v = self._input_projections()
+            b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else np.split(self.in_proj_bias, 3)
+            q = heads(batch_major(_linear(query, w_q, b_q)))
+            k = heads(batch_major(_linear(key, w_k, b_k)))
+            v = heads(batch_major(_linear(value, w_v, b_v)))
+
+        B, L, S = q.shape[0], q.shape[2], k.shape[2]
+        mask = self._sdpa_mask(key_padding_mask, attn_mask, B, L, S, batched)
+        # The heads' outputs land in the query's own layout, heads side by side:
+        # concatenating them is free and out_proj reads them with one GEMM.
+        context = np.empty(query.shape, dtype=self.dtype)
+        _, weights = attention(q, k, v, mask, is_causal, out=heads(batch_major(context)),
+                               num_threads=num_threads,
+                               weights=None if not need_weights
+                               else "mean" if average_attn_weights else "heads")
+        output = _linear(context, self.out_proj_weight, self.out_proj_bias)
+        if weights is not None and not batched:
+            weights = weights[0]
+        return output, weights
+
+    def _input_projections(self):
+        if self._qkv_same_embed_dim:
+            return np.split(self.in_proj_weight, 3)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _check_shapes(self, query, key, value):
+        """Whether the call is batched; raises on inconsistent shapes."""
+        if query.ndim not in (2, 3):
+            raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched); got shape {query.shape}")
+        for name, arr in (("key", key), ("value", value)):
+            if arr.ndim != query.ndim:
+                raise ValueError(f"{name} must have as many dimensions as query ({query.ndim}); "
+                                 f"got query {query.shape} and {name} {arr.shape}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"key and value must agree in all but the last axis; "
+                             f"got key {key.shape} and value {value.shape}")
+        batched = query.ndim == 3
+        if batched:
+            axis = 0 if self.batch_first else 1
+            if query.shape[axis] != key.shape[axis]:
+                raise ValueError(f"query and key must have the same batch size (axis {axis}); "
+                                 f"got query {query.shape} and key {key.shape}")
+        return batched
+
+    def _sdpa_mask(self, key_padding_mask, attn_mask, B, L, S, batched):
+        """torch's two masks (True = masked out) as one mask in
+        scaled_dot_product_attention's convention, broadcastable to
+        (B, H, L, S): bool (True = attend) when both are bool, else float."""
+        H = self.num_heads
+        masks = []
+        if key_padding_mask is not None:
+            kpm = self._mask_array(key_padding_mask, "key_padding_mask")
+            expected = (B, S) if batched else (S,)
+            if kpm.shape != expected:
+                raise ValueError(f"key_padding_mask must have shape {expected} (batch, keys); "
+                                 f"got {kpm.shape}")
+            masks.append(kpm.reshape(B, 1, 1, S))
+        if attn_mask is not None:
+            am = self._mask_array(attn_mask, "attn_mask")
+            if am.shape == (L, S):
+                masks.append(am)
+            elif am.shape == ((B * H, L, S) if batched else (H, L, S)):
+                masks.append(am.reshape(B, H, L, S))
+            else:
+                full = f"({B * H}, {L}, {S})" if batched else f"({H}, {L}, {S})"
+                raise ValueError(f"attn_mask must have shape ({L}, {S}) or {full}; got {am.shape}")
+        if not masks:
+            return None
+        if all(m.dtype == np.bool_ for m in masks):
+            return ~masks[0] if len(masks) == 1 else ~(masks[0] | masks[1])
+        additive = [np.where(m, -np.inf, 0).astype(self.dtype) if m.dtype == np.bool_ else m
+                    for m in masks]
+        return additive[0] if len(additive) == 1 else additive[0] + additive[1]
+
+    def _mask_array(self, mask, name):
+        arr = np.asarray(mask)
+        if arr.dtype == np.bool_:
+            return arr
+        if arr.dtype.kind != "f":
+            raise TypeError(f"{name} must be bool (True = masked out) or float (added to the "
+                            f"scores); got dtype {arr.dtype}")
+        return arr.astype(self.dtype, copy=False)
