@@ -7,7 +7,8 @@ implementation, each other implementation's time over pyattn's (above 1:
 pyattn is faster), pyattn's attention throughput in GFLOP/s and its memory
 traffic in GB/s (q, k, v and out counted once each), and the thread count.
 ``--memory`` instead runs one long sequence through pyattn in a fresh process
-and prints its peak RSS.  ``--plot out.png`` draws throughput against sequence
+and prints its peak RSS; ``--layers`` times the whole MultiHeadAttention
+module against torch.nn.MultiheadAttention (see pyattn.bench_layers).  ``--plot out.png`` draws throughput against sequence
 length (needs matplotlib: ``pip install "pyattn[bench]"``).
 
 Structure, kept simple so more implementations can be added as columns:
@@ -717,6 +718,10 @@ def build_parser(prog=None):
                    help=f"instead of the table: peak RSS of B{MEMORY_CASE.B} H{MEMORY_CASE.H} "
                         f"L=S={MEMORY_CASE.L} D{MEMORY_CASE.D} {MEMORY_CASE.dtype} through "
                         "pyattn, in a fresh process (the reference and peers are not run)")
+    p.add_argument("--layers", action="store_true",
+                   help="instead of the table: the whole MultiHeadAttention module (BERT-base "
+                        "block, B8 L128 E768 H12) against torch.nn.MultiheadAttention and a "
+                        "NumPy module with reference attention")
     return p
 
 
@@ -751,8 +756,10 @@ def main(argv=None, prog=None):
     if unknown:
         parser.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)} "
                      "or none")
-    if args.plot and args.memory:
-        parser.error("--plot draws the table's measurements; it does not go with --memory")
+    if args.plot and (args.memory or args.layers):
+        parser.error("--plot draws the table's measurements; it does not go with --memory or --layers")
+    if args.memory and args.layers:
+        parser.error("choose one of --memory and --layers")
     if args.plot:
         if _import_matplotlib() is None:
             parser.exit(2, f"{parser.prog}: error: {PLOT_INSTALL_HINT}\n")
@@ -763,8 +770,9 @@ def main(argv=None, prog=None):
 
     threads = args.threads if args.threads is not None else _attention.max_threads()
     machine = machine_info()
-    peers = {} if args.memory else probe_peers(peer_names)
-    print(header(machine, threads, None if args.memory else peers), flush=True)
+    table = not (args.memory or args.layers)
+    peers = probe_peers(peer_names) if table else {}
+    print(header(machine, threads, peers if table else None), flush=True)
 
     report = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -778,6 +786,11 @@ def main(argv=None, prog=None):
     if args.memory:
         report["memory"] = run_memory(threads)
         print(format_memory(report["memory"]))
+    elif args.layers:
+        from pyattn.bench_layers import format_layers, run_layers
+        report["layers"] = run_layers(threads)
+        print(format_layers(report["layers"]))
+        status = int(not all(e["matches"] for r in report["layers"] for e in r["impls"].values()))
     else:
         impls = dict(IMPLEMENTATIONS)
         if args.no_reference:

@@ -170,6 +170,8 @@ class MultiHeadAttention:
                 f"bias={self.in_proj_bias is not None}, kdim={self.kdim}, vdim={self.vdim}, "
                 f"batch_first={self.batch_first}, dtype={self.dtype.name})")
 
+    _attention = staticmethod(attention)  # the kernel (benchmarks swap in a baseline)
+
     # -- parameters ---------------------------------------------------------
     _ATTRIBUTE = {"out_proj.weight": "out_proj_weight", "out_proj.bias": "out_proj_bias"}
 
@@ -238,10 +240,10 @@ class MultiHeadAttention:
         average_attn_weights=False, and cost B*H*L*S memory.
         """
         E, H, D = self.embed_dim, self.num_heads, self.head_dim
-        self_attention = query is key and key is value
+        fused = query is key and key is value and self._qkv_same_embed_dim
         query = _as_input(query, "query", self.dtype, E, "embed_dim")
-        key = query if self_attention else _as_input(key, "key", self.dtype, self.kdim, "kdim")
-        value = query if self_attention else _as_input(value, "value", self.dtype, self.vdim, "vdim")
+        key = query if fused else _as_input(key, "key", self.dtype, self.kdim, "kdim")
+        value = query if fused else _as_input(value, "value", self.dtype, self.vdim, "vdim")
         batched = self._check_shapes(query, key, value)
 
         def batch_major(x):  # (B, N, width) view of an input or projection
@@ -253,7 +255,7 @@ class MultiHeadAttention:
             b, n = x.shape[:2]
             return x.reshape(b, n, H, D).swapaxes(1, 2)
 
-        if self_attention and self._qkv_same_embed_dim:
+        if fused:  # one GEMM makes Q, K and V
             qkv = batch_major(_linear(query, self.in_proj_weight, self.in_proj_bias))
             q, k, v = (heads(qkv[..., i * E:(i + 1) * E]) for i in range(3))
         else:
@@ -268,7 +270,7 @@ class MultiHeadAttention:
         # The heads' outputs land in the query's own layout, heads side by side:
         # concatenating them is free and out_proj reads them with one GEMM.
         context = np.empty(query.shape, dtype=self.dtype)
-        _, weights = attention(q, k, v, mask, is_causal, out=heads(batch_major(context)),
+        _, weights = self._attention(q, k, v, mask, is_causal, out=heads(batch_major(context)),
                                num_threads=num_threads,
                                weights=None if not need_weights
                                else "mean" if average_attn_weights else "heads")
