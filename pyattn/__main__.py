@@ -3,6 +3,8 @@
 Subcommands:
   bench   benchmark pyattn against its NumPy reference and, when installed,
           PyTorch and ONNX Runtime (pyattn.bench)
+  demo    the "我爱AI" walk-through of self-attention and multi-head
+          attention (pyattn.walkthrough)
 """
 import sys
 
@@ -12,6 +14,9 @@ subcommands:
   bench   benchmark pyattn against its NumPy reference and, when installed,
           PyTorch and ONNX Runtime
           (python -m pyattn bench --help for its options)
+  demo    walk through self-attention and multi-head attention on "我爱AI",
+          step by step, checked against pyattn's layers
+          (python -m pyattn demo --help for its options)
 """
 
 
@@ -24,6 +29,10 @@ def main(argv=None):
     if command == "bench":
         from . import bench
         return bench.main(rest, prog="python -m pyattn bench")
+    if command == "demo":
+        from . import walkthrough
+        walkthrough.main(rest, prog="python -m pyattn demo")  # exits nonzero on failure
+        return 0
     print(f"python -m pyattn: unknown subcommand {command!r}\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2
