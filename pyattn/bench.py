@@ -586,14 +586,22 @@ def plot_sweep(records, impl_names, path, machine, threads):
 
 
 # ------------------------------------------------------------------ memory
+def peak_rss_bytes():
+    """This process image's peak resident set size: VmHWM on Linux.  Not
+    ru_maxrss there, which keeps the high-water mark of the image before exec
+    (the parent that forked this process)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024  # KiB elsewhere
+
+
 def _memory_worker():
     """Runs in a fresh process: MEMORY_CASE through pyattn; prints JSON."""
-    import resource
-
-    def maxrss_bytes():
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024  # KiB on Linux
-
+    maxrss_bytes = peak_rss_bytes
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else None
     case = MEMORY_CASE
     after_import = maxrss_bytes()
@@ -647,7 +655,7 @@ def format_memory(m):
         f"  output                      {mib(m['output_bytes'])}",
         f"  RSS after import            {mib(m['rss_after_import_bytes'])}",
         f"  RSS before the call         {mib(m['rss_before_call_bytes'])}",
-        f"  peak RSS (ru_maxrss)        {mib(m['peak_rss_bytes'])}",
+        f"  peak RSS (VmHWM)            {mib(m['peak_rss_bytes'])}",
         f"  growth during the call      {mib(extra)} (output + working memory)",
         f"  reference's scores alone    {gib(m['reference_scores_bytes'])}"
         f" (B*H*L*S*4 bytes; not run)",

@@ -1,9 +1,11 @@
 """Peak memory of one call is O(threads x tile), not O(L x S).
 
 Each case runs in a fresh interpreter and reads the process's peak resident
-set size (ru_maxrss) after the call, against its resident set size just
-before: that difference bounds what the call added at its peak (from above,
-so the check is conservative).  tracemalloc cannot see the kernel's C mallocs.
+set size (VmHWM) after the call, against its resident set size just before:
+that difference bounds what the call added at its peak (from above, so the
+check is conservative).  Not ru_maxrss: on Linux it keeps the high-water mark
+of the image before exec, i.e. of the (large) pytest process that forked the
+child.  tracemalloc cannot see the kernel's C mallocs.
 A control allocation in the same child shows that the measurement does see a
 score-matrix-sized buffer.  The calls use two threads, so the bound does not
 depend on the machine's CPU count (per-thread scratch is part of the budget).
@@ -20,7 +22,7 @@ SCORES_BYTES = L * S * 4  # float32 scores: 256 MiB
 LIMIT = 64 * MiB
 
 CHILD = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
     import numpy as np
     import pyattn
 
@@ -31,9 +33,7 @@ CHILD = textwrap.dedent("""
         except OSError:  # not Linux: the peak so far (less conservative)
             return peak()
 
-    def peak():
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kib if sys.platform == "darwin" else kib * 1024
+    from pyattn.bench import peak_rss_bytes as peak
 
     L = S = {L}
     D = {D}
