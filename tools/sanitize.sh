@@ -8,7 +8,7 @@ set -euo pipefail
 top="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-cp -r "$top/pyattn" "$top/csrc" "$top/tests" "$top/setup.py" "$top/pyproject.toml" "$work/"
+cp -r "$top/pyattn" "$top/csrc" "$top/tests" "$top/examples" "$top/setup.py" "$top/pyproject.toml" "$work/"
 rm -f "$work"/pyattn/*.so "$work"/pyattn/_attention.c
 cd "$work"
 PYATTN_EXTRA_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -O1" \
