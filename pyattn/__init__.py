@@ -24,6 +24,33 @@ def _borrow_installed_extension():
 
 _borrow_installed_extension()
 
+
+# Idle OpenMP workers of libgomp spin for a while after a parallel region
+# before they sleep (GOMP_SPINCOUNT: 300000 iterations by default, about a
+# millisecond).  pyattn's calls are usually followed by NumPy's BLAS (the
+# layers' projections, the user's own matmuls), and spinning workers then take
+# cores from the BLAS threads: on 2 cores the MultiHeadAttention block ran
+# 20-40 % slower.  Unless the user chose a wait policy, pyattn's libgomp spins
+# only briefly.  libgomp reads this once, when the extension loads it (if
+# another library loaded libgomp first, its setting stays).
+OPENMP_SPINCOUNT = "10000"
+
+
+def _load_extension_with_short_spin():
+    import os
+
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        from . import _attention  # noqa: F401  (the user's choice stands)
+        return
+    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
+    try:
+        from . import _attention  # noqa: F401
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]  # child processes see the user's environment
+
+
+_load_extension_with_short_spin()
+
 from . import reference  # noqa: E402
 from ._config import config, show_config  # noqa: E402
 from ._version import __version__  # noqa: E402

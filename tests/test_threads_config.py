@@ -240,3 +240,13 @@ def test_unusable_pyattn_isa_warns_and_falls_back(helpers, tmp_path):
     assert got["kernel"] == _dispatch.usable_kernels()[0]
     assert any(cat == "RuntimeWarning" and "sse9000" in msg and "PYATTN_ISA" in msg
                for cat, msg in got["warnings"]), got["warnings"]
+
+
+def test_short_openmp_spin_is_set_for_the_extension_only(helpers, tmp_path):
+    """pyattn loads libgomp with a short spin (see pyattn/__init__.py) without
+    leaving GOMP_SPINCOUNT in the environment, and a user's choice stands."""
+    code = ("import os, pyattn; print(os.environ.get('GOMP_SPINCOUNT'), "
+            "os.environ.get('OMP_WAIT_POLICY'))")
+    assert helpers.run_python(code, cwd=tmp_path).stdout.split() == ["None", "None"]
+    out = helpers.run_python(code, cwd=tmp_path, GOMP_SPINCOUNT="123").stdout.split()
+    assert out == ["123", "None"]
