@@ -287,13 +287,46 @@ static void FN(pack_tile)(const pyattn_problem *p, const REAL *k, const REAL *v,
     }
 }
 
-/* Mask one score row of a tile to -inf (or add the float mask), covering the
- * user mask, causality and the zero padding past the last key. */
-static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
-                         int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
+/* Keys row i may see: [row_lo, row_hi), its window around the diagonal
+ * i + diag (causal is window_right = 0); -1 leaves a side unbounded. */
+static inline int64_t FN(row_lo)(const pyattn_problem *p, const pyattn_block *blk, int64_t i)
+{
+    return p->window_left < 0 ? 0 : i + blk->diag - p->window_left;
+}
+
+static inline int64_t FN(row_hi)(const pyattn_problem *p, const pyattn_block *blk, int64_t i)
+{
+    return p->window_right < 0 ? INT64_MAX : i + blk->diag + p->window_right + 1;
+}
+
+/* s = c tanh(s / c), lane-wise, from 2^x: tanh|x| = (1 - e) / (1 + e) with
+ * e = e^(-2|x|), which cannot overflow; the sign is put back after. */
+static void FN(softcap_row)(REAL *s, int64_t n, REAL cap)
+{
+    const VEC vcap = FN(vsplat)(cap), one = FN(vsplat)(1);
+    const VEC to_exp2 = FN(vsplat)((REAL)(-2 * LOG2E));
+    for (int64_t c = 0; c < n; c += LANES) {
+        const VEC x = FN(vload)(s + c) / vcap;
+        const UVEC negative = (UVEC)(x < 0);
+        const VEC e = FN(vexp2)(FN(vselect)(negative, -x, x) * to_exp2);
+        const VEC t = (one - e) / (one + e);
+        FN(vstore)(s + c, FN(vselect)(negative, -t, t) * vcap);
+    }
+}
+
+/* Turn one row of raw tile scores (base 2) into the scores the softmax sees:
+ * soft-capping, then the ALiBi bias -slope |i + diag - j|, then the user's
+ * mask, the window (causality) and the padding past the last key, all -inf. */
+static void FN(finish_row)(const pyattn_problem *p, const pyattn_block *blk, const void *mask,
+                           REAL *s, int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
 {
     const REAL ninf = -(REAL)INFINITY;
-    for (int64_t c = nb; c < cols_pad; c++) s[c] = ninf;
+    if (p->softcap > 0) FN(softcap_row)(s, nb, (REAL)(p->softcap * LOG2E));
+    if (blk->alibi_slope != 0) {
+        const REAL slope = (REAL)(blk->alibi_slope * LOG2E);
+        const int64_t d = i + blk->diag - j0; /* column c is |d - c| from the diagonal */
+        for (int64_t c = 0; c < nb; c++) s[c] -= slope * (REAL)(d > c ? d - c : c - d);
+    }
     if (p->mask_kind == PYATTN_MASK_BOOL) {
         const uint8_t *m = (const uint8_t *)mask + i * p->mask_row + j0 * p->mask_col;
         for (int64_t c = 0; c < nb; c++)
@@ -302,8 +335,18 @@ static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
         const REAL *m = (const REAL *)mask + i * p->mask_row + j0 * p->mask_col;
         for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col] * LOG2E;
     }
-    if (p->causal)
-        for (int64_t c = (i - j0 + 1 > 0 ? i - j0 + 1 : 0); c < nb; c++) s[c] = ninf;
+    const int64_t lo = FN(row_lo)(p, blk, i) - j0, hi = FN(row_hi)(p, blk, i) - j0;
+    for (int64_t c = 0; c < nb && c < lo; c++) s[c] = ninf;
+    for (int64_t c = hi > 0 ? hi : 0; c < nb; c++) s[c] = ninf;
+    for (int64_t c = nb; c < cols_pad; c++) s[c] = ninf;
+}
+
+/* Whether row i of the tile [j0, j0 + nb) needs finish_row at all. */
+static inline int FN(row_needs_finish)(const pyattn_problem *p, const pyattn_block *blk,
+                                       int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
+{
+    return p->mask_kind != PYATTN_MASK_NONE || p->softcap > 0 || blk->alibi_slope != 0 ||
+           nb != cols_pad || FN(row_lo)(p, blk, i) > j0 || FN(row_hi)(p, blk, i) < j0 + nb;
 }
 
 /* The running max moves only when a tile beats it by more than this (base-2
@@ -364,12 +407,15 @@ static inline void FN(axpy)(REAL alpha, const REAL *x, REAL *y, int64_t n)
     for (int64_t e = nv; e < n; e++) y[e] += alpha * x[e];
 }
 
-/* End of the keys this block reads: its key range, cut by causality (keys
- * past the block's last query row are masked for every row). */
-static inline int64_t FN(key_end)(const pyattn_problem *p, const pyattn_block *blk)
+/* Keys the block reads: its key range cut to what its rows' windows can see,
+ * starting on a tile boundary (key0 is one). */
+static inline void FN(key_range)(const pyattn_problem *p, const pyattn_block *blk,
+                                 int64_t *begin, int64_t *end)
 {
-    const int64_t causal_end = blk->row0 + blk->nrows;
-    return p->causal && causal_end < blk->key1 ? causal_end : blk->key1;
+    const int64_t lo = FN(row_lo)(p, blk, blk->row0);
+    const int64_t hi = FN(row_hi)(p, blk, blk->row0 + blk->nrows - 1);
+    *begin = lo > blk->key0 ? lo / BLOCK_N * BLOCK_N : blk->key0;
+    *end = hi < blk->key1 ? hi : blk->key1;
 }
 
 /*
@@ -385,8 +431,9 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t row0 = blk->row0, nrows = blk->nrows;
-    const int64_t kv_end = FN(key_end)(p, blk);
-    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
+    int64_t kv_begin, kv_end;
+    FN(key_range)(p, blk, &kv_begin, &kv_end);
+    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, LANES);
         const REAL *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
@@ -404,7 +451,8 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL
         for (int64_t r = 0; r < nrows; r++) {
             REAL *s = sc + r * BLOCK_N;
             for (int64_t c = 0; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
-            FN(mask_row)(p, mask, s, row0 + r, j0, nb, cols_pad);
+            if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
+                FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
             FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
         }
         for (int64_t c = 0; c < nb; c++)
@@ -413,16 +461,27 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL
     }
 }
 
-/* Scores of one key tile for the block's rows r0..nrows, in base-2 units and
- * masked, left in w->scores; *vp points at the tile's packed V.  r0 skips the
- * MR row groups that causality hides from the whole tile.  Returns r0. */
-static int64_t FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REAL *v,
-                               const void *mask, const pyattn_block *blk, int64_t rows_pad,
-                               const FN(workspace) *w, int64_t j0, int64_t nb,
-                               const REAL **vp)
+/* Scores of one key tile for the block's rows [*r_begin, *r_end), finished
+ * (see finish_row) in w->scores; *vp points at the tile's packed V.  The rows
+ * are whole MR groups: groups whose windows miss the tile are left out
+ * (causality hides the tile from early rows, a sliding window from late ones).
+ * Returns 0 when no row sees the tile. */
+static int FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REAL *v,
+                           const void *mask, const pyattn_block *blk, int64_t rows_pad,
+                           const FN(workspace) *w, int64_t j0, int64_t nb, const REAL **vp,
+                           int64_t *r_begin, int64_t *r_end)
 {
     const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR), cols_pad = FN(round_up)(nb, NR);
-    const int64_t row0 = blk->row0;
+    const int64_t row0 = blk->row0, nrows = blk->nrows;
+    /* Rows r see the tile iff row_hi(r) > j0 and row_lo(r) < j0 + nb. */
+    int64_t first = 0, last = nrows;
+    if (p->window_right >= 0) first = j0 - blk->diag - p->window_right - row0;
+    if (p->window_left >= 0) last = j0 + nb - blk->diag + p->window_left - row0;
+    first = first > 0 ? first / MR * MR : 0;
+    last = last < nrows ? FN(round_up)(last, MR) : rows_pad;
+    if (last <= first) return 0;
+    *r_begin = first, *r_end = last;
+
     const REAL *kt = w->kt_panel;
     *vp = w->v_panel;
     if (w->whole_head) {
@@ -430,18 +489,13 @@ static int64_t FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REA
     } else {
         FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
     }
-    /* Causal: rows before j0 see none of this tile; skip their MR groups. */
-    const int64_t r0 = p->causal && j0 > row0 ? (j0 - row0) / MR * MR : 0;
-
     /* S = (scale Q) K^T for the tile. */
-    FN(tile_gemm)(rows_pad - r0, cols_pad, E, w->q_block + r0 * E, E, kt, BLOCK_N,
-                  w->scores + r0 * BLOCK_N, BLOCK_N, 0);
-    for (int64_t r = r0; r < blk->nrows; r++) {
-        const int needs_causal = p->causal && j0 + nb - 1 > row0 + r;
-        if (p->mask_kind != PYATTN_MASK_NONE || needs_causal || nb != cols_pad)
-            FN(mask_row)(p, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
-    }
-    return r0;
+    FN(tile_gemm)(last - first, cols_pad, E, w->q_block + first * E, E, kt, BLOCK_N,
+                  w->scores + first * BLOCK_N, BLOCK_N, 0);
+    for (int64_t r = first; r < last && r < nrows; r++)
+        if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
+            FN(finish_row)(p, blk, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
+    return 1;
 }
 
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
@@ -456,18 +510,20 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
                           w->kt_panel + j0 * E, w->v_panel + j0 * evp);
         tag->k = k, tag->v = v;
     }
-    const int64_t kv_end = FN(key_end)(p, blk);
-    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
+    int64_t kv_begin, kv_end;
+    FN(key_range)(p, blk, &kv_begin, &kv_end);
+    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const REAL *vp;
-        const int64_t r0 = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp);
+        int64_t r0, r1;
+        if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
         REAL *sc = w->scores, *acc = w->acc;
-        for (int64_t r = r0; r < blk->nrows; r++)
+        for (int64_t r = r0; r < r1 && r < blk->nrows; r++)
             FN(softmax_step)(sc + r * BLOCK_N, FN(round_up)(nb, NR), w->row_max + r,
                              w->row_sum + r, acc + r * evp, evp);
 
         /* O += P V (padding rows hold P = 0 from their zero Q rows). */
-        FN(tile_gemm)(rows_pad - r0, evp, nb, sc + r0 * BLOCK_N, BLOCK_N, vp, evp,
+        FN(tile_gemm)(r1 - r0, evp, nb, sc + r0 * BLOCK_N, BLOCK_N, vp, evp,
                       acc + r0 * evp, evp, 1);
     }
 }
@@ -482,12 +538,14 @@ static void FN(add_weights)(const pyattn_problem *p, const REAL *k, const REAL *
                             const FN(workspace) *w)
 {
     REAL *weights = blk->weights;
-    const int64_t kv_end = FN(key_end)(p, blk);
-    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
+    int64_t kv_begin, kv_end;
+    FN(key_range)(p, blk, &kv_begin, &kv_end);
+    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const REAL *vp;
-        const int64_t r0 = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp);
-        for (int64_t r = r0; r < blk->nrows; r++) {
+        int64_t r0, r1;
+        if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
+        for (int64_t r = r0; r < r1 && r < blk->nrows; r++) {
             if (w->row_sum[r] == 0) continue;
             REAL *s = w->scores + r * BLOCK_N;
             const VEC shift = FN(vsplat)(w->row_max[r]);
@@ -497,6 +555,23 @@ static void FN(add_weights)(const pyattn_problem *p, const REAL *k, const REAL *
             REAL *dst = weights + (blk->row0 + r) * p->w_row + j0;
             for (int64_t c = 0; c < nb; c++) dst[c] += s[c];
         }
+    }
+}
+
+/* An attention sink: one more logit (base 2) in the softmax's denominator
+ * with no value row, so the row's weights sum to less than 1.  Same state
+ * update as softmax_step with a one-key tile that adds nothing to o_row. */
+static void FN(add_sink)(REAL sink, REAL *m, REAL *l, REAL *o_row, int64_t evp)
+{
+    if (sink > *m) {
+        /* The old state weighs 2^(m - sink): 0 for an empty past. */
+        const REAL alpha = *m == -(REAL)INFINITY ? 0 : FN(vexp2)(FN(vsplat)(*m - sink))[0];
+        const VEC va = FN(vsplat)(alpha);
+        for (int64_t c = 0; c < evp; c += LANES) FN(vstore)(o_row + c, FN(vload)(o_row + c) * va);
+        *l = *l * alpha + 1;
+        *m = sink;
+    } else {
+        *l += FN(vexp2)(FN(vsplat)(sink - *m))[0];
     }
 }
 
@@ -534,8 +609,12 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                           w.row_max, w.row_sum);
     } else {
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
-        if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
     }
+    if (blk->key0 == 0 && blk->sink > -INFINITY) /* counted once, with the first keys */
+        for (int64_t r = 0; r < nrows; r++)
+            FN(add_sink)((REAL)(blk->sink * LOG2E), w.row_max + r, w.row_sum + r,
+                         w.acc + r * evp, evp);
+    if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {

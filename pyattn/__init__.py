@@ -27,8 +27,8 @@ _borrow_installed_extension()
 from . import reference  # noqa: E402
 from ._config import config, show_config  # noqa: E402
 from ._version import __version__  # noqa: E402
-from .functional import scaled_dot_product_attention  # noqa: E402
+from .functional import merge_attention, scaled_dot_product_attention  # noqa: E402
 from .layers import MultiHeadAttention, SelfAttention  # noqa: E402
 
-__all__ = ["MultiHeadAttention", "SelfAttention", "__version__", "config", "reference",
+__all__ = ["MultiHeadAttention", "SelfAttention", "__version__", "config", "merge_attention", "reference",
            "scaled_dot_product_attention", "show_config"]
