@@ -1,4 +1,6 @@
 """pyattn's functional API: scaled dot-product attention on NumPy arrays."""
+import dataclasses
+
 import numpy as np
 
 from . import _attention, _dispatch
@@ -119,8 +121,12 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
         lse = np.empty(prob.work_shape[:-1], dtype=prob.dtype)
     if result.size and S > 0:
         lifted = result[(np.newaxis,) * (len(prob.work_shape) - result.ndim)]  # a view
-        run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean", opts=opts,
-                   lse=lse)
+        if probs is None and _heads_as_rows(prob, opts):
+            prob, lifted, lse_view = _group_query_heads(prob, lifted, lse)
+            run_kernel(prob, lifted, nthreads, opts=opts, lse=lse_view)
+        else:
+            run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean",
+                       opts=opts, lse=lse)
     elif result.size:  # no keys: every row is "fully masked"
         result[...] = 0
         if lse is not None:
@@ -133,6 +139,36 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     if lse is not None:
         lse = lse.reshape(result.shape[:-1])
     return result, probs, lse
+
+
+def _heads_as_rows(prob, opts):
+    """Whether a grouped-query call with one query row can run its query heads
+    as the rows of one problem per key/value head: each key/value head is then
+    read once for its whole group.  Only when nothing depends on the head or
+    on the row's position (the rows would be heads, all at position 0)."""
+    S = prob.k.shape[-2]
+    left, right = opts.window
+    return (prob.kv_group > 1 and prob.q.shape[-2] == 1 and prob.mask is None
+            and opts.alibi is None and opts.sinks is None and opts.q_lengths is None
+            and left < 0 and (right < 0 or bool((opts.diag + right >= S - 1).all())))
+
+
+def _group_query_heads(prob, work_out, lse):
+    """(problem, output, lse) views with the g query heads of each key/value
+    head as g rows: (..., Hkv * g, 1, E) -> (..., Hkv, g, E)."""
+    g = prob.kv_group
+
+    def as_rows(a):  # (..., H, 1, W) -> (..., H / g, g, W)
+        head = a.ndim - 3
+        hs = a.strides[head]
+        return np.lib.stride_tricks.as_strided(
+            a, a.shape[:head] + (a.shape[head] // g, g) + a.shape[head + 2:],
+            a.strides[:head] + (hs * g, hs) + a.strides[head + 2:])
+
+    q = as_rows(prob.q)
+    grouped = dataclasses.replace(prob, q=q, num_heads=prob.num_heads // g, kv_group=1,
+                                  work_shape=prob.batch + (prob.num_heads // g, g, prob.work_shape[-1]))
+    return grouped, as_rows(work_out), None if lse is None else as_rows(lse[..., np.newaxis])[..., 0]
 
 
 def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts=None,
