@@ -9,6 +9,10 @@
  *   MR, NV    micro-tile: MR rows x NV vectors of columns
  *   BLOCK_M   query rows per call (a multiple of MR)
  *   BLOCK_N   keys per tile (a multiple of NV * lanes)
+ *   STORE     optional: the element type of q, k, v and out when it is not REAL
+ *             (float16, bfloat16), with TO_REAL(x) / FROM_REAL(x) converting
+ *             one element; they are converted where they are packed and
+ *             written, and all the arithmetic stays in REAL.
  *
  * Vectors are GCC vector extensions, so the same text compiles to SSE2, AVX2
  * or AVX-512 depending on the target the including file selects.
@@ -26,6 +30,15 @@
  */
 #include <math.h>
 #include <string.h>
+
+#ifndef STORE
+#define STORE REAL
+#define TO_REAL(x) (x)
+#define FROM_REAL(x) (x)
+#define STORE_IS_REAL 1
+#else
+#define STORE_IS_REAL 0
+#endif
 
 #define LANES ((int64_t)(VBYTES / sizeof(REAL)))
 #define NR (NV * LANES)
@@ -261,28 +274,35 @@ static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
     return w;
 }
 
+/* dst[0:n] = src[0:n:stride] as REAL. */
+static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REAL *dst)
+{
+#if STORE_IS_REAL
+    if (stride == 1) {
+        memcpy(dst, src, sizeof(REAL) * (size_t)n);
+        return;
+    }
+#endif
+    for (int64_t x = 0; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
+}
+
 /* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
  * (nb x evp, zero columns past Ev). */
-static void FN(pack_tile)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
                           int64_t j0, int64_t nb, REAL *kt, REAL *vp)
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t cols_pad = FN(round_up)(nb, NR);
     /* Rows of K^T are written contiguously and K is read strided: half the
      * cost of the opposite order (contiguous reads, strided writes). */
-    const REAL *src = k + j0 * p->k_row;
+    const STORE *src = k + j0 * p->k_row;
     for (int64_t e = 0; e < E; e++) {
         REAL *dst = kt + e * BLOCK_N;
-        for (int64_t c = 0; c < nb; c++) dst[c] = src[c * p->k_row + e * p->k_col];
+        for (int64_t c = 0; c < nb; c++) dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
         for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
     }
     for (int64_t c = 0; c < nb; c++) {
-        const REAL *src = v + (j0 + c) * p->v_row;
-        if (p->v_col == 1) {
-            memcpy(vp + c * evp, src, sizeof(REAL) * (size_t)Ev);
-        } else {
-            for (int64_t x = 0; x < Ev; x++) vp[c * evp + x] = src[x * p->v_col];
-        }
+        FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vp + c * evp);
         for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
     }
 }
@@ -424,7 +444,7 @@ static inline void FN(key_range)(const pyattn_problem *p, const pyattn_block *bl
  * elements are not contiguous), each score is one dot product, and P V is
  * accumulated key by key.  Same masking and online softmax as the tiled path.
  */
-static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STORE *v,
                               const void *mask, const pyattn_block *blk, REAL *qs,
                               REAL *kbuf, REAL *vbuf, REAL *sc, REAL *acc, REAL *mrow,
                               REAL *lrow)
@@ -436,18 +456,21 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL
     for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, LANES);
-        const REAL *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
-        int64_t k_stride = p->k_row, v_stride = p->v_row;
-        if (p->k_col != 1) {
+        /* Rows of REAL elements in place, else converted into the buffers. */
+        const REAL *kr = kbuf, *vr = vbuf;
+        int64_t k_stride = E, v_stride = Ev;
+#if STORE_IS_REAL
+        if (p->k_col == 1)
+            kr = k + j0 * p->k_row, k_stride = p->k_row;
+        if (p->v_col == 1)
+            vr = v + j0 * p->v_row, v_stride = p->v_row;
+#endif
+        if (kr == kbuf)
             for (int64_t c = 0; c < nb; c++)
-                for (int64_t e = 0; e < E; e++) kbuf[c * E + e] = kr[c * p->k_row + e * p->k_col];
-            kr = kbuf, k_stride = E;
-        }
-        if (p->v_col != 1) {
+                FN(load_row)(k + (j0 + c) * p->k_row, p->k_col, E, kbuf + c * E);
+        if (vr == vbuf)
             for (int64_t c = 0; c < nb; c++)
-                for (int64_t x = 0; x < Ev; x++) vbuf[c * Ev + x] = vr[c * p->v_row + x * p->v_col];
-            vr = vbuf, v_stride = Ev;
-        }
+                FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vbuf + c * Ev);
         for (int64_t r = 0; r < nrows; r++) {
             REAL *s = sc + r * BLOCK_N;
             for (int64_t c = 0; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
@@ -466,7 +489,7 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL
  * are whole MR groups: groups whose windows miss the tile are left out
  * (causality hides the tile from early rows, a sliding window from late ones).
  * Returns 0 when no row sees the tile. */
-static int FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE *v,
                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
                            const FN(workspace) *w, int64_t j0, int64_t nb, const REAL **vp,
                            int64_t *r_begin, int64_t *r_end)
@@ -499,7 +522,7 @@ static int FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REAL *v
 }
 
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
-static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STORE *v,
                              const void *mask, const pyattn_block *blk, int64_t rows_pad,
                              pyattn_scratch_header *tag, const FN(workspace) *w)
 {
@@ -533,7 +556,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
  * by tile and added, times w_factor, into the zeroed blk->weights (factor 1
  * writes one head; 1/H for every head in turn averages them).  Keys a row
  * never sees keep their 0, and so do rows with no key at all (l == 0). */
-static void FN(add_weights)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(add_weights)(const pyattn_problem *p, const STORE *k, const STORE *v,
                             const void *mask, const pyattn_block *blk, int64_t rows_pad,
                             const FN(workspace) *w)
 {
@@ -580,8 +603,8 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                        const pyattn_block *blk, void *scratch)
 {
     const int64_t row0 = blk->row0, nrows = blk->nrows;
-    const REAL *q = q_, *k = k_, *v = v_;
-    REAL *out = out_;
+    const STORE *q = q_, *k = k_, *v = v_;
+    STORE *out = out_;
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
     const REAL scale = (REAL)(p->scale * LOG2E); /* base-2 softmax, see vexp2 */
@@ -591,8 +614,8 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     /* Pack the scaled Q block; padding rows are zero and never written out. */
     for (int64_t r = 0; r < rows_pad; r++) {
         if (r < nrows) {
-            const REAL *src = q + (row0 + r) * p->q_row;
-            for (int64_t e = 0; e < E; e++) qs[r * E + e] = src[e * p->q_col] * scale;
+            const STORE *src = q + (row0 + r) * p->q_row;
+            for (int64_t e = 0; e < E; e++) qs[r * E + e] = TO_REAL(src[e * p->q_col]) * scale;
         } else {
             for (int64_t e = 0; e < E; e++) qs[r * E + e] = 0;
         }
@@ -603,7 +626,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 
     pyattn_scratch_header *tag = scratch;
     if (nrows < MR && !blk->weights) {
-        if (p->k_col != 1 || p->v_col != 1)
+        if (!STORE_IS_REAL || p->k_col != 1 || p->v_col != 1)
             tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
         FN(attend_direct)(p, k, v, mask, blk, qs, w.kt_panel, w.v_panel, w.scores, w.acc,
                           w.row_max, w.row_sum);
@@ -618,10 +641,11 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {
-        REAL *dst = out + (row0 + r) * p->o_row;
+        STORE *dst = out + (row0 + r) * p->o_row;
         const REAL l = w.row_sum[r];
         const REAL inv = l == 0 ? 0 : 1 / l;
-        for (int64_t x = 0; x < Ev; x++) dst[x * p->o_col] = l == 0 ? 0 : w.acc[r * evp + x] * inv;
+        for (int64_t x = 0; x < Ev; x++)
+            dst[x * p->o_col] = FROM_REAL(l == 0 ? 0 : w.acc[r * evp + x] * inv);
         /* logsumexp of the scaled, masked scores, in natural log. */
         if (blk->lse)
             ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY
@@ -629,6 +653,10 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     }
 }
 
+#undef STORE
+#undef TO_REAL
+#undef FROM_REAL
+#undef STORE_IS_REAL
 #undef PANEL_BUDGET
 #undef LAZY_RESCALE
 #undef LANES

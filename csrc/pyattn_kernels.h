@@ -85,10 +85,15 @@ typedef struct pyattn_dtype_kernel {
     int64_t block_rows;              /* query rows per work item */
 } pyattn_dtype_kernel;
 
+/* Per storage dtype of q, k, v and out.  float16 and bfloat16 compute in
+ * float: their mask, logsumexp and weights are float.  An entry whose attend
+ * is NULL was not compiled (float16 needs the compiler's _Float16). */
 typedef struct pyattn_kernels {
     const char *name;                /* "baseline", ... */
     pyattn_dtype_kernel f32;
     pyattn_dtype_kernel f64;
+    pyattn_dtype_kernel f16;
+    pyattn_dtype_kernel bf16;
 } pyattn_kernels;
 
 /* The implementations; avx2 and avx512 exist on x86 builds only. */

@@ -50,6 +50,8 @@ cdef extern from "pyattn_kernels.h" nogil:
         const char *name
         pyattn_dtype_kernel f32
         pyattn_dtype_kernel f64
+        pyattn_dtype_kernel f16
+        pyattn_dtype_kernel bf16
     const pyattn_kernels *pyattn_kernels_by_name(const char *name)
     int pyattn_cpu_supports(const char *name)
     int pyattn_openmp_enabled()
@@ -83,16 +85,38 @@ def cpu_supports(str name):
     return bool(pyattn_cpu_supports(name.encode()))
 
 
-cdef const pyattn_dtype_kernel *_dtype_kernel(str name, int itemsize) except NULL:
+# Storage dtypes of q, k, v and out; float16 and bfloat16 compute in float32,
+# which is then the dtype of the mask, the logsumexp and the weights.
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+COMPUTE_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 4, "bfloat16": 4}
+
+
+cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype) except NULL:
     cdef const pyattn_kernels *table = pyattn_kernels_by_name(name.encode())
+    cdef const pyattn_dtype_kernel *dk
     if table == NULL:
         raise ValueError(f"no kernels called {name!r} in this build")
-    return &table.f32 if itemsize == 4 else &table.f64
+    if dtype not in DTYPES:
+        raise TypeError(f"no kernels for dtype {dtype}; they exist for {', '.join(DTYPES)}")
+    dk = (&table.f32 if dtype == "float32" else &table.f64 if dtype == "float64"
+          else &table.f16 if dtype == "float16" else &table.bf16)
+    if dk.attend == NULL:
+        raise TypeError(f"this build has no {dtype} kernels (its compiler lacks _Float16)")
+    return dk
 
 
-def block_rows(str kernel, int itemsize):
-    """Query rows per work item for that kernel and dtype size."""
-    return _dtype_kernel(kernel, itemsize).block_rows
+def has_dtype(str kernel, str dtype):
+    """Whether the kernels called `kernel` handle `dtype` in this build."""
+    try:
+        _dtype_kernel(kernel, dtype)
+    except TypeError:
+        return False
+    return True
+
+
+def block_rows(str kernel, str dtype):
+    """Query rows per work item for that kernel and dtype."""
+    return _dtype_kernel(kernel, dtype).block_rows
 
 
 def kernel_exp2(str kernel, x, y):
@@ -102,7 +126,7 @@ def kernel_exp2(str kernel, x, y):
     cdef unsigned char[::1] yb = y.view("u1")
     if x.shape != y.shape or x.dtype != y.dtype or x.ndim != 1 or x.size == 0:
         raise ValueError("x and y must be non-empty 1-D arrays of one shape and dtype")
-    _dtype_kernel(kernel, x.itemsize).exp2(&xb[0], &yb[0], x.size)
+    _dtype_kernel(kernel, x.dtype.name).exp2(&xb[0], &yb[0], x.size)
 
 
 cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t chunk,
@@ -121,20 +145,20 @@ cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t 
 
 
 cdef void _padding_rows(char *out, char *lse, int64_t r0, int64_t r1, const pyattn_problem *p,
-                        int itemsize) noexcept nogil:
+                        int itemsize, int lse_itemsize) noexcept nogil:
     """Rows [r0, r1) past a sequence's length: zeros, and logsumexp -inf."""
     cdef int64_t r, x
     for r in range(r0, r1):
         for x in range(p.Ev):
             memset(out + (r * p.o_row + x * p.o_col) * itemsize, 0, itemsize)
         if lse != NULL:
-            if itemsize == 4:
+            if lse_itemsize == 4:
                 (<float *>lse)[r] = -INFINITY
             else:
                 (<double *>lse)[r] = -INFINITY
 
 
-def attend(str kernel, int itemsize, tuple pointers,
+def attend(str kernel, str dtype, tuple pointers,
            const int64_t[:, ::1] batch_offsets, tuple head_strides,
            int64_t num_heads, int64_t kv_group, tuple sizes,
            tuple inner_strides, int mask_kind, tuple window, double scale,
@@ -159,7 +183,7 @@ def attend(str kernel, int itemsize, tuple pointers,
                    into chunks of this many (a multiple of 1024); chunk c
                    writes its partial output at out + c * out_split_stride
                    bytes and, at lse_address, the rows' logsumexp as a
-                   contiguous (chunks, B, H, L) array of the dtype.
+                   contiguous (chunks, B, H, L) array of the compute dtype.
     weights_address  0, or a zeroed contiguous array that receives the
                    softmax probabilities: (B, H, L, S), or (B, L, S) with
                    average_heads (the mean over heads).  Needs key_chunk 0.
@@ -172,7 +196,9 @@ def attend(str kernel, int itemsize, tuple pointers,
 
     Returns the number of threads in the OpenMP team that ran the work.
     """
-    cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, itemsize)
+    cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, dtype)
+    cdef int itemsize = 2 if dtype in ("float16", "bfloat16") else COMPUTE_ITEMSIZE[dtype]
+    cdef int real_size = COMPUTE_ITEMSIZE[dtype]  # of the logsumexp and the weights
     cdef pyattn_problem prob
     prob.L, prob.S, prob.E, prob.Ev = sizes
     (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,
@@ -206,7 +232,7 @@ def attend(str kernel, int itemsize, tuple pointers,
     # covers every head of its query block.
     cdef int64_t heads_per_item = num_heads if average_heads else 1
     cdef int64_t head_items = num_heads // heads_per_item
-    cdef int64_t weights_head_stride = 0 if average_heads else prob.L * prob.S * itemsize
+    cdef int64_t weights_head_stride = 0 if average_heads else prob.L * prob.S * real_size
 
     cdef int64_t block = dk.block_rows
     cdef int64_t n_qblocks = (prob.L + block - 1) // block
@@ -249,8 +275,8 @@ def attend(str kernel, int itemsize, tuple pointers,
                 o_item = o + chunk * out_split_stride + batch_offsets[4, b] + h * o_hs
                 lse_item = NULL
                 if lse != NULL:
-                    lse_item = lse + ((chunk * n_batch + b) * num_heads + h) * prob.L * itemsize
-                    blk.lse = lse_item + blk.row0 * itemsize
+                    lse_item = lse + ((chunk * n_batch + b) * num_heads + h) * prob.L * real_size
+                    blk.lse = lse_item + blk.row0 * real_size
                 if weights != NULL:
                     blk.weights = weights + b * weights_batch_stride + h * weights_head_stride
                 if diag_p != NULL:
@@ -265,7 +291,7 @@ def attend(str kernel, int itemsize, tuple pointers,
                 if q_len_p != NULL:
                     valid_rows = max(0, min(blk.nrows, q_len_p[b] - blk.row0))
                     _padding_rows(o_item, lse_item, blk.row0 + valid_rows,
-                                  blk.row0 + blk.nrows, &prob, itemsize)
+                                  blk.row0 + blk.nrows, &prob, itemsize, real_size)
                     blk.nrows = valid_rows
                 if valid_rows == 0:
                     continue

@@ -12,8 +12,20 @@ from typing import Optional, Tuple
 import numpy as np
 
 _TooHardError = getattr(np, "exceptions", np).TooHardError
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_SUPPORTED_NAMES = "float32 or float64"
+try:  # bfloat16 is NumPy's through ml_dtypes, an optional dependency
+    from ml_dtypes import bfloat16 as _bfloat16
+    _HALVES = (np.dtype(np.float16), np.dtype(_bfloat16))
+except ImportError:
+    _HALVES = (np.dtype(np.float16),)
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # computed in their own precision
+SUPPORTED_DTYPES = FLOAT_DTYPES + _HALVES  # half types are stored as such, computed in float32
+_SUPPORTED_NAMES = "float32, float64, float16 or bfloat16 (with ml_dtypes)"
+
+
+def compute_dtype(dtype):
+    """The dtype a storage dtype is computed in (and its mask, logsumexp and
+    weights are given in): float32 for the half types."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
 
 
@@ -111,6 +123,10 @@ class AttentionProblem:
     @property
     def dtype(self):
         return self.q.dtype
+
+    @property
+    def compute_dtype(self):
+        return compute_dtype(self.q.dtype)
 
     @property
     def scores_shape(self):
@@ -219,7 +235,7 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     scores_shape = batch + (num_heads, L, S)
     mask = None
     if attn_mask is not None:
-        mask = _check_mask(attn_mask, q.dtype, scores_shape, ndim)
+        mask = _check_mask(attn_mask, compute_dtype(q.dtype), scores_shape, ndim)
 
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, is_causal=is_causal,

@@ -4,8 +4,8 @@ import dataclasses
 import numpy as np
 
 from . import _attention, _dispatch
-from ._validation import (as_float_array, check_flag, check_num_threads, prepare_attention,
-                          prepare_options, prepare_out, typed_access_ok)
+from ._validation import (as_float_array, check_flag, check_num_threads, compute_dtype,
+                          prepare_attention, prepare_options, prepare_out, typed_access_ok)
 
 __all__ = ["merge_attention", "scaled_dot_product_attention"]
 
@@ -44,8 +44,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     query : array_like, (..., Hq, L, E) or (L, E)
     key : array_like, (..., Hkv, S, E)
     value : array_like, (..., Hkv, S, Ev)
-        float32 or float64, one dtype for all three; any strides.  Leading
-        batch dimensions broadcast against each other.
+        float32 or float64, or float16 / bfloat16 (stored as such, computed
+        in float32); one dtype for all three; any strides.  Leading batch
+        dimensions broadcast against each other.
     attn_mask : array_like, optional
         Broadcastable to (..., Hq, L, S).  bool: True means the key takes
         part; float: added to the scaled scores (use -inf to exclude).
@@ -116,9 +117,9 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     probs = lse = None
     if weights is not None:
         heads = (prob.num_heads,) if weights == "heads" else ()
-        probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.dtype)
+        probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.compute_dtype)
     if return_lse:
-        lse = np.empty(prob.work_shape[:-1], dtype=prob.dtype)
+        lse = np.empty(prob.work_shape[:-1], dtype=prob.compute_dtype)
     if result.size and S > 0:
         lifted = result[(np.newaxis,) * (len(prob.work_shape) - result.ndim)]  # a view
         if probs is None and _heads_as_rows(prob, opts):
@@ -197,13 +198,13 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     batch = prob.batch
     n_batch = int(np.prod(batch, dtype=np.int64))
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.itemsize))
+    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.dtype.name))
     key_chunk = 0 if weights is not None else split_keys(n_batch * prob.num_heads * n_qblocks, S)
     partial, chunk_lse = None, lse
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
         partial = np.empty((n_chunks,) + dest.shape, dtype=dest.dtype)
-        chunk_lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=dest.dtype)
+        chunk_lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=prob.compute_dtype)
         arrays[4] = partial[0]
         os_ = _element_strides(partial[0])
 
@@ -216,7 +217,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
 
     used = _attention.attend(
-        _dispatch.KERNEL, q.itemsize,
+        _dispatch.KERNEL, q.dtype.name,
         tuple(0 if a is None else _address(a) for a in arrays),
         offsets,
         tuple(head_stride(a) for a in arrays),
@@ -293,15 +294,16 @@ def merge_attention(outputs, lses, *, out=None):
 
     Returns
     -------
-    (output (..., L, Ev), lse (..., L)) in the outputs' dtype.  Parts in any
+    (output (..., L, Ev) in the outputs' dtype, lse (..., L) in the lses').  Parts in any
     order give the same result up to rounding.
     """
     outs = as_float_array(np.stack(outputs) if isinstance(outputs, (list, tuple)) else outputs,
                           "outputs", min_ndim=3, layout="(n, ..., L, Ev)")
     ls = as_float_array(np.stack(lses) if isinstance(lses, (list, tuple)) else lses,
                         "lses", min_ndim=2, layout="(n, ..., L)")
-    if outs.dtype != ls.dtype:
-        raise TypeError(f"outputs and lses must share one dtype; got {outs.dtype} and {ls.dtype}")
+    if ls.dtype != compute_dtype(outs.dtype):
+        raise TypeError(f"lses must have dtype {compute_dtype(outs.dtype)} (as return_lse gives "
+                        f"for {outs.dtype} outputs); got {ls.dtype}")
     if outs.shape[:-1] != ls.shape:
         raise ValueError(f"lses must have the outputs' shape without the last axis; got "
                          f"outputs {outs.shape} and lses {ls.shape}")

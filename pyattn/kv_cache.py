@@ -44,7 +44,7 @@ class KVCache:
         self.max_len = None if max_len is None else _size(max_len, "max_len")
         self.dtype = np.dtype(dtype)
         if self.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {self.dtype}")
         self.lengths = np.zeros(self.batch, dtype=np.int64)
         self._k = self._v = None
         self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY))

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._validation import SUPPORTED_DTYPES, as_float_array
+from ._validation import FLOAT_DTYPES, as_float_array
 from .functional import attention
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
@@ -29,7 +29,7 @@ def _generator(rng):
 
 def _layer_dtype(dtype):
     dt = np.dtype(dtype)
-    if dt not in SUPPORTED_DTYPES:
+    if dt not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt
 

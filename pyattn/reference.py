@@ -47,7 +47,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     inputs = {"query": query, "key": key, "value": value, "attn_mask": attn_mask}
     result = prepare_out(out, prob.out_shape, prob.dtype, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
 
-    q, k, v = prob.q, prob.k, prob.v
+    # half types are computed in float32, like the kernel does
+    q, k, v = (a.astype(prob.compute_dtype, copy=False) for a in (prob.q, prob.k, prob.v))
     if prob.kv_group > 1:  # GQA: query head h reads key/value head h // group
         k = np.repeat(k, prob.num_heads // k.shape[-3], axis=-3)
         v = np.repeat(v, prob.num_heads // v.shape[-3], axis=-3)
@@ -91,4 +92,4 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     if not return_lse:
         return result
     lse = np.broadcast_to(lse, prob.work_shape[:-1]).reshape(prob.out_shape[:-1])
-    return result, lse.astype(prob.dtype)
+    return result, lse.astype(prob.compute_dtype)
