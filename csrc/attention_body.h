@@ -10,9 +10,10 @@
  *   BLOCK_M   query rows per call (a multiple of MR)
  *   BLOCK_N   keys per tile (a multiple of NV * lanes)
  *   STORE     optional: the element type of q, k, v and out when it is not REAL
- *             (float16, bfloat16), with TO_REAL(x) / FROM_REAL(x) converting
- *             one element; they are converted where they are packed and
- *             written, and all the arithmetic stays in REAL.
+ *             (_Float16 or bfloat16's uint16_t), with STORE_KIND naming it and
+ *             TO_REAL(x) / FROM_REAL(x) converting one element; elements are
+ *             converted where they are loaded and written, and all the
+ *             arithmetic stays in REAL.
  *
  * Vectors are GCC vector extensions, so the same text compiles to SSE2, AVX2
  * or AVX-512 depending on the target the including file selects.
@@ -35,10 +36,10 @@
 #define STORE REAL
 #define TO_REAL(x) (x)
 #define FROM_REAL(x) (x)
-#define STORE_IS_REAL 1
-#else
-#define STORE_IS_REAL 0
+#define STORE_KIND 0
 #endif
+#define STORE_KIND_F16 1
+#define STORE_KIND_BF16 2
 
 #define LANES ((int64_t)(VBYTES / sizeof(REAL)))
 #define NR (NV * LANES)
@@ -274,16 +275,34 @@ static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
     return w;
 }
 
+/* LANES contiguous STORE elements as a vector of REAL. */
+static inline VEC FN(vload_store)(const STORE *p)
+{
+#if STORE_KIND == 0
+    return FN(vload)(p);
+#elif STORE_KIND == STORE_KIND_BF16 /* the top half of a float: widen, shift */
+    typedef uint16_t FN(hvec) __attribute__((vector_size(VBYTES / 2)));
+    FN(hvec) h;
+    memcpy(&h, p, sizeof h);
+    return (VEC)(__builtin_convertvector(h, UVEC) << 16);
+#elif defined(__F16C__) && VBYTES == 64 /* GCC converts _Float16 one by one */
+    return (VEC)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__) && VBYTES == 32
+    return (VEC)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    REAL buf[LANES];
+    for (int64_t i = 0; i < LANES; i++) buf[i] = TO_REAL(p[i]);
+    return FN(vload)(buf);
+#endif
+}
+
 /* dst[0:n] = src[0:n:stride] as REAL. */
 static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REAL *dst)
 {
-#if STORE_IS_REAL
-    if (stride == 1) {
-        memcpy(dst, src, sizeof(REAL) * (size_t)n);
-        return;
-    }
-#endif
-    for (int64_t x = 0; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
+    int64_t x = 0;
+    if (stride == 1)
+        for (; x + LANES <= n; x += LANES) FN(vstore)(dst + x, FN(vload_store)(src + x));
+    for (; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
 }
 
 /* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
@@ -408,23 +427,24 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
 }
 
 /* dot(a, b) over n elements: vector body, scalar tail. */
-static inline REAL FN(dot)(const REAL *a, const REAL *b, int64_t n)
+static inline REAL FN(dot)(const REAL *a, const STORE *b, int64_t n)
 {
     const int64_t nv = n - n % LANES;
     VEC acc = FN(vsplat)(0);
-    for (int64_t e = 0; e < nv; e += LANES) acc += FN(vload)(a + e) * FN(vload)(b + e);
+    for (int64_t e = 0; e < nv; e += LANES) acc += FN(vload)(a + e) * FN(vload_store)(b + e);
     REAL d = FN(hsum)(acc);
-    for (int64_t e = nv; e < n; e++) d += a[e] * b[e];
+    for (int64_t e = nv; e < n; e++) d += a[e] * TO_REAL(b[e]);
     return d;
 }
 
 /* y[0:n] += alpha * x[0:n]. */
-static inline void FN(axpy)(REAL alpha, const REAL *x, REAL *y, int64_t n)
+static inline void FN(axpy)(REAL alpha, const STORE *x, REAL *y, int64_t n)
 {
     const int64_t nv = n - n % LANES;
     const VEC va = FN(vsplat)(alpha);
-    for (int64_t e = 0; e < nv; e += LANES) FN(vstore)(y + e, FN(vload)(y + e) + va * FN(vload)(x + e));
-    for (int64_t e = nv; e < n; e++) y[e] += alpha * x[e];
+    for (int64_t e = 0; e < nv; e += LANES)
+        FN(vstore)(y + e, FN(vload)(y + e) + va * FN(vload_store)(x + e));
+    for (int64_t e = nv; e < n; e++) y[e] += alpha * TO_REAL(x[e]);
 }
 
 /* Keys the block reads: its key range cut to what its rows' windows can see,
@@ -456,21 +476,22 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
     for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, LANES);
-        /* Rows of REAL elements in place, else converted into the buffers. */
-        const REAL *kr = kbuf, *vr = vbuf;
-        int64_t k_stride = E, v_stride = Ev;
-#if STORE_IS_REAL
-        if (p->k_col == 1)
-            kr = k + j0 * p->k_row, k_stride = p->k_row;
-        if (p->v_col == 1)
-            vr = v + j0 * p->v_row, v_stride = p->v_row;
-#endif
-        if (kr == kbuf)
+        /* Rows are read in place when their elements are contiguous, else
+         * gathered into the (otherwise unused) panels first. */
+        const STORE *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
+        int64_t k_stride = p->k_row, v_stride = p->v_row;
+        if (p->k_col != 1) {
+            STORE *kb = (STORE *)kbuf;
             for (int64_t c = 0; c < nb; c++)
-                FN(load_row)(k + (j0 + c) * p->k_row, p->k_col, E, kbuf + c * E);
-        if (vr == vbuf)
+                for (int64_t e = 0; e < E; e++) kb[c * E + e] = kr[c * p->k_row + e * p->k_col];
+            kr = kb, k_stride = E;
+        }
+        if (p->v_col != 1) {
+            STORE *vb = (STORE *)vbuf;
             for (int64_t c = 0; c < nb; c++)
-                FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vbuf + c * Ev);
+                for (int64_t x = 0; x < Ev; x++) vb[c * Ev + x] = vr[c * p->v_row + x * p->v_col];
+            vr = vb, v_stride = Ev;
+        }
         for (int64_t r = 0; r < nrows; r++) {
             REAL *s = sc + r * BLOCK_N;
             for (int64_t c = 0; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
@@ -626,7 +647,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 
     pyattn_scratch_header *tag = scratch;
     if (nrows < MR && !blk->weights) {
-        if (!STORE_IS_REAL || p->k_col != 1 || p->v_col != 1)
+        if (p->k_col != 1 || p->v_col != 1)
             tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
         FN(attend_direct)(p, k, v, mask, blk, qs, w.kt_panel, w.v_panel, w.scores, w.acc,
                           w.row_max, w.row_sum);
@@ -654,9 +675,11 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 }
 
 #undef STORE
+#undef STORE_KIND
+#undef STORE_KIND_F16
+#undef STORE_KIND_BF16
 #undef TO_REAL
 #undef FROM_REAL
-#undef STORE_IS_REAL
 #undef PANEL_BUDGET
 #undef LAZY_RESCALE
 #undef LANES

@@ -81,6 +81,7 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 }
 
 #define STORE uint16_t
+#define STORE_KIND 2
 #define TO_REAL(x) PA_CAT(bf16_to_float, ISA)(x)
 #define FROM_REAL(x) PA_CAT(float_to_bf16, ISA)(x)
 #define SUFFIX PA_CAT(bf16, ISA)
@@ -93,6 +94,7 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 #define STORE _Float16
 #define TO_REAL(x) ((float)(x))
 #define FROM_REAL(x) ((_Float16)(x))
+#define STORE_KIND 1
 #define SUFFIX PA_CAT(f16, ISA)
 #include "attention_body.h"
 #define PA_F16(name) PA_CAT(name, PA_CAT(f16, ISA))
