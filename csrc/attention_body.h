@@ -9,6 +9,11 @@
  *   MR, NV    micro-tile: MR rows x NV vectors of columns
  *   BLOCK_M   query rows per call (a multiple of MR)
  *   BLOCK_N   keys per tile (a multiple of NV * lanes)
+ *   STORE     optional: the element type of q, k, v and out when it is not REAL
+ *             (_Float16 or bfloat16's uint16_t), with STORE_KIND naming it and
+ *             TO_REAL(x) / FROM_REAL(x) converting one element; elements are
+ *             converted where they are loaded and written, and all the
+ *             arithmetic stays in REAL.
  *
  * Vectors are GCC vector extensions, so the same text compiles to SSE2, AVX2
  * or AVX-512 depending on the target the including file selects.
@@ -26,6 +31,15 @@
  */
 #include <math.h>
 #include <string.h>
+
+#ifndef STORE
+#define STORE REAL
+#define TO_REAL(x) (x)
+#define FROM_REAL(x) (x)
+#define STORE_KIND 0
+#endif
+#define STORE_KIND_F16 1
+#define STORE_KIND_BF16 2
 
 #define LANES ((int64_t)(VBYTES / sizeof(REAL)))
 #define NR (NV * LANES)
@@ -261,39 +275,97 @@ static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
     return w;
 }
 
+/* LANES contiguous STORE elements as a vector of REAL. */
+static inline VEC FN(vload_store)(const STORE *p)
+{
+#if STORE_KIND == 0
+    return FN(vload)(p);
+#elif STORE_KIND == STORE_KIND_BF16 /* the top half of a float: widen, shift */
+    typedef uint16_t FN(hvec) __attribute__((vector_size(VBYTES / 2)));
+    FN(hvec) h;
+    memcpy(&h, p, sizeof h);
+    return (VEC)(__builtin_convertvector(h, UVEC) << 16);
+#elif defined(__F16C__) && VBYTES == 64 /* GCC converts _Float16 one by one */
+    return (VEC)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__) && VBYTES == 32
+    return (VEC)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    REAL buf[LANES];
+    for (int64_t i = 0; i < LANES; i++) buf[i] = TO_REAL(p[i]);
+    return FN(vload)(buf);
+#endif
+}
+
+/* dst[0:n] = src[0:n:stride] as REAL. */
+static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REAL *dst)
+{
+    int64_t x = 0;
+    if (stride == 1)
+        for (; x + LANES <= n; x += LANES) FN(vstore)(dst + x, FN(vload_store)(src + x));
+    for (; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
+}
+
 /* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
  * (nb x evp, zero columns past Ev). */
-static void FN(pack_tile)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
                           int64_t j0, int64_t nb, REAL *kt, REAL *vp)
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t cols_pad = FN(round_up)(nb, NR);
     /* Rows of K^T are written contiguously and K is read strided: half the
      * cost of the opposite order (contiguous reads, strided writes). */
-    const REAL *src = k + j0 * p->k_row;
+    const STORE *src = k + j0 * p->k_row;
     for (int64_t e = 0; e < E; e++) {
         REAL *dst = kt + e * BLOCK_N;
-        for (int64_t c = 0; c < nb; c++) dst[c] = src[c * p->k_row + e * p->k_col];
+        for (int64_t c = 0; c < nb; c++) dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
         for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
     }
     for (int64_t c = 0; c < nb; c++) {
-        const REAL *src = v + (j0 + c) * p->v_row;
-        if (p->v_col == 1) {
-            memcpy(vp + c * evp, src, sizeof(REAL) * (size_t)Ev);
-        } else {
-            for (int64_t x = 0; x < Ev; x++) vp[c * evp + x] = src[x * p->v_col];
-        }
+        FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vp + c * evp);
         for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
     }
 }
 
-/* Mask one score row of a tile to -inf (or add the float mask), covering the
- * user mask, causality and the zero padding past the last key. */
-static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
-                         int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
+/* Keys row i may see: [row_lo, row_hi), its window around the diagonal
+ * i + diag (causal is window_right = 0); -1 leaves a side unbounded. */
+static inline int64_t FN(row_lo)(const pyattn_problem *p, const pyattn_block *blk, int64_t i)
+{
+    return p->window_left < 0 ? 0 : i + blk->diag - p->window_left;
+}
+
+static inline int64_t FN(row_hi)(const pyattn_problem *p, const pyattn_block *blk, int64_t i)
+{
+    return p->window_right < 0 ? INT64_MAX : i + blk->diag + p->window_right + 1;
+}
+
+/* s = c tanh(s / c), lane-wise, from 2^x: tanh|x| = (1 - e) / (1 + e) with
+ * e = e^(-2|x|), which cannot overflow; the sign is put back after. */
+static void FN(softcap_row)(REAL *s, int64_t n, REAL cap)
+{
+    const VEC vcap = FN(vsplat)(cap), one = FN(vsplat)(1);
+    const VEC to_exp2 = FN(vsplat)((REAL)(-2 * LOG2E));
+    for (int64_t c = 0; c < n; c += LANES) {
+        const VEC x = FN(vload)(s + c) / vcap;
+        const UVEC negative = (UVEC)(x < 0);
+        const VEC e = FN(vexp2)(FN(vselect)(negative, -x, x) * to_exp2);
+        const VEC t = (one - e) / (one + e);
+        FN(vstore)(s + c, FN(vselect)(negative, -t, t) * vcap);
+    }
+}
+
+/* Turn one row of raw tile scores (base 2) into the scores the softmax sees:
+ * soft-capping, then the ALiBi bias -slope |i + diag - j|, then the user's
+ * mask, the window (causality) and the padding past the last key, all -inf. */
+static void FN(finish_row)(const pyattn_problem *p, const pyattn_block *blk, const void *mask,
+                           REAL *s, int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
 {
     const REAL ninf = -(REAL)INFINITY;
-    for (int64_t c = nb; c < cols_pad; c++) s[c] = ninf;
+    if (p->softcap > 0) FN(softcap_row)(s, nb, (REAL)(p->softcap * LOG2E));
+    if (blk->alibi_slope != 0) {
+        const REAL slope = (REAL)(blk->alibi_slope * LOG2E);
+        const int64_t d = i + blk->diag - j0; /* column c is |d - c| from the diagonal */
+        for (int64_t c = 0; c < nb; c++) s[c] -= slope * (REAL)(d > c ? d - c : c - d);
+    }
     if (p->mask_kind == PYATTN_MASK_BOOL) {
         const uint8_t *m = (const uint8_t *)mask + i * p->mask_row + j0 * p->mask_col;
         for (int64_t c = 0; c < nb; c++)
@@ -302,8 +374,18 @@ static void FN(mask_row)(const pyattn_problem *p, const void *mask, REAL *s,
         const REAL *m = (const REAL *)mask + i * p->mask_row + j0 * p->mask_col;
         for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col] * LOG2E;
     }
-    if (p->causal)
-        for (int64_t c = (i - j0 + 1 > 0 ? i - j0 + 1 : 0); c < nb; c++) s[c] = ninf;
+    const int64_t lo = FN(row_lo)(p, blk, i) - j0, hi = FN(row_hi)(p, blk, i) - j0;
+    for (int64_t c = 0; c < nb && c < lo; c++) s[c] = ninf;
+    for (int64_t c = hi > 0 ? hi : 0; c < nb; c++) s[c] = ninf;
+    for (int64_t c = nb; c < cols_pad; c++) s[c] = ninf;
+}
+
+/* Whether row i of the tile [j0, j0 + nb) needs finish_row at all. */
+static inline int FN(row_needs_finish)(const pyattn_problem *p, const pyattn_block *blk,
+                                       int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
+{
+    return p->mask_kind != PYATTN_MASK_NONE || p->softcap > 0 || blk->alibi_slope != 0 ||
+           nb != cols_pad || FN(row_lo)(p, blk, i) > j0 || FN(row_hi)(p, blk, i) < j0 + nb;
 }
 
 /* The running max moves only when a tile beats it by more than this (base-2
@@ -345,31 +427,35 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
 }
 
 /* dot(a, b) over n elements: vector body, scalar tail. */
-static inline REAL FN(dot)(const REAL *a, const REAL *b, int64_t n)
+static inline REAL FN(dot)(const REAL *a, const STORE *b, int64_t n)
 {
     const int64_t nv = n - n % LANES;
     VEC acc = FN(vsplat)(0);
-    for (int64_t e = 0; e < nv; e += LANES) acc += FN(vload)(a + e) * FN(vload)(b + e);
+    for (int64_t e = 0; e < nv; e += LANES) acc += FN(vload)(a + e) * FN(vload_store)(b + e);
     REAL d = FN(hsum)(acc);
-    for (int64_t e = nv; e < n; e++) d += a[e] * b[e];
+    for (int64_t e = nv; e < n; e++) d += a[e] * TO_REAL(b[e]);
     return d;
 }
 
 /* y[0:n] += alpha * x[0:n]. */
-static inline void FN(axpy)(REAL alpha, const REAL *x, REAL *y, int64_t n)
+static inline void FN(axpy)(REAL alpha, const STORE *x, REAL *y, int64_t n)
 {
     const int64_t nv = n - n % LANES;
     const VEC va = FN(vsplat)(alpha);
-    for (int64_t e = 0; e < nv; e += LANES) FN(vstore)(y + e, FN(vload)(y + e) + va * FN(vload)(x + e));
-    for (int64_t e = nv; e < n; e++) y[e] += alpha * x[e];
+    for (int64_t e = 0; e < nv; e += LANES)
+        FN(vstore)(y + e, FN(vload)(y + e) + va * FN(vload_store)(x + e));
+    for (int64_t e = nv; e < n; e++) y[e] += alpha * TO_REAL(x[e]);
 }
 
-/* End of the keys this block reads: its key range, cut by causality (keys
- * past the block's last query row are masked for every row). */
-static inline int64_t FN(key_end)(const pyattn_problem *p, const pyattn_block *blk)
+/* Keys the block reads: its key range cut to what its rows' windows can see,
+ * starting on a tile boundary (key0 is one). */
+static inline void FN(key_range)(const pyattn_problem *p, const pyattn_block *blk,
+                                 int64_t *begin, int64_t *end)
 {
-    const int64_t causal_end = blk->row0 + blk->nrows;
-    return p->causal && causal_end < blk->key1 ? causal_end : blk->key1;
+    const int64_t lo = FN(row_lo)(p, blk, blk->row0);
+    const int64_t hi = FN(row_hi)(p, blk, blk->row0 + blk->nrows - 1);
+    *begin = lo > blk->key0 ? lo / BLOCK_N * BLOCK_N : blk->key0;
+    *end = hi < blk->key1 ? hi : blk->key1;
 }
 
 /*
@@ -378,33 +464,39 @@ static inline int64_t FN(key_end)(const pyattn_problem *p, const pyattn_block *b
  * elements are not contiguous), each score is one dot product, and P V is
  * accumulated key by key.  Same masking and online softmax as the tiled path.
  */
-static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STORE *v,
                               const void *mask, const pyattn_block *blk, REAL *qs,
                               REAL *kbuf, REAL *vbuf, REAL *sc, REAL *acc, REAL *mrow,
                               REAL *lrow)
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t row0 = blk->row0, nrows = blk->nrows;
-    const int64_t kv_end = FN(key_end)(p, blk);
-    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
+    int64_t kv_begin, kv_end;
+    FN(key_range)(p, blk, &kv_begin, &kv_end);
+    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, LANES);
-        const REAL *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
+        /* Rows are read in place when their elements are contiguous, else
+         * gathered into the (otherwise unused) panels first. */
+        const STORE *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
         int64_t k_stride = p->k_row, v_stride = p->v_row;
         if (p->k_col != 1) {
+            STORE *kb = (STORE *)kbuf;
             for (int64_t c = 0; c < nb; c++)
-                for (int64_t e = 0; e < E; e++) kbuf[c * E + e] = kr[c * p->k_row + e * p->k_col];
-            kr = kbuf, k_stride = E;
+                for (int64_t e = 0; e < E; e++) kb[c * E + e] = kr[c * p->k_row + e * p->k_col];
+            kr = kb, k_stride = E;
         }
         if (p->v_col != 1) {
+            STORE *vb = (STORE *)vbuf;
             for (int64_t c = 0; c < nb; c++)
-                for (int64_t x = 0; x < Ev; x++) vbuf[c * Ev + x] = vr[c * p->v_row + x * p->v_col];
-            vr = vbuf, v_stride = Ev;
+                for (int64_t x = 0; x < Ev; x++) vb[c * Ev + x] = vr[c * p->v_row + x * p->v_col];
+            vr = vb, v_stride = Ev;
         }
         for (int64_t r = 0; r < nrows; r++) {
             REAL *s = sc + r * BLOCK_N;
             for (int64_t c = 0; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
-            FN(mask_row)(p, mask, s, row0 + r, j0, nb, cols_pad);
+            if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
+                FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
             FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
         }
         for (int64_t c = 0; c < nb; c++)
@@ -413,16 +505,27 @@ static void FN(attend_direct)(const pyattn_problem *p, const REAL *k, const REAL
     }
 }
 
-/* Scores of one key tile for the block's rows r0..nrows, in base-2 units and
- * masked, left in w->scores; *vp points at the tile's packed V.  r0 skips the
- * MR row groups that causality hides from the whole tile.  Returns r0. */
-static int64_t FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REAL *v,
-                               const void *mask, const pyattn_block *blk, int64_t rows_pad,
-                               const FN(workspace) *w, int64_t j0, int64_t nb,
-                               const REAL **vp)
+/* Scores of one key tile for the block's rows [*r_begin, *r_end), finished
+ * (see finish_row) in w->scores; *vp points at the tile's packed V.  The rows
+ * are whole MR groups: groups whose windows miss the tile are left out
+ * (causality hides the tile from early rows, a sliding window from late ones).
+ * Returns 0 when no row sees the tile. */
+static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE *v,
+                           const void *mask, const pyattn_block *blk, int64_t rows_pad,
+                           const FN(workspace) *w, int64_t j0, int64_t nb, const REAL **vp,
+                           int64_t *r_begin, int64_t *r_end)
 {
     const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR), cols_pad = FN(round_up)(nb, NR);
-    const int64_t row0 = blk->row0;
+    const int64_t row0 = blk->row0, nrows = blk->nrows;
+    /* Rows r see the tile iff row_hi(r) > j0 and row_lo(r) < j0 + nb. */
+    int64_t first = 0, last = nrows;
+    if (p->window_right >= 0) first = j0 - blk->diag - p->window_right - row0;
+    if (p->window_left >= 0) last = j0 + nb - blk->diag + p->window_left - row0;
+    first = first > 0 ? first / MR * MR : 0;
+    last = last < nrows ? FN(round_up)(last, MR) : rows_pad;
+    if (last <= first) return 0;
+    *r_begin = first, *r_end = last;
+
     const REAL *kt = w->kt_panel;
     *vp = w->v_panel;
     if (w->whole_head) {
@@ -430,22 +533,17 @@ static int64_t FN(tile_scores)(const pyattn_problem *p, const REAL *k, const REA
     } else {
         FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
     }
-    /* Causal: rows before j0 see none of this tile; skip their MR groups. */
-    const int64_t r0 = p->causal && j0 > row0 ? (j0 - row0) / MR * MR : 0;
-
     /* S = (scale Q) K^T for the tile. */
-    FN(tile_gemm)(rows_pad - r0, cols_pad, E, w->q_block + r0 * E, E, kt, BLOCK_N,
-                  w->scores + r0 * BLOCK_N, BLOCK_N, 0);
-    for (int64_t r = r0; r < blk->nrows; r++) {
-        const int needs_causal = p->causal && j0 + nb - 1 > row0 + r;
-        if (p->mask_kind != PYATTN_MASK_NONE || needs_causal || nb != cols_pad)
-            FN(mask_row)(p, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
-    }
-    return r0;
+    FN(tile_gemm)(last - first, cols_pad, E, w->q_block + first * E, E, kt, BLOCK_N,
+                  w->scores + first * BLOCK_N, BLOCK_N, 0);
+    for (int64_t r = first; r < last && r < nrows; r++)
+        if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
+            FN(finish_row)(p, blk, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
+    return 1;
 }
 
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
-static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STORE *v,
                              const void *mask, const pyattn_block *blk, int64_t rows_pad,
                              pyattn_scratch_header *tag, const FN(workspace) *w)
 {
@@ -456,18 +554,20 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
                           w->kt_panel + j0 * E, w->v_panel + j0 * evp);
         tag->k = k, tag->v = v;
     }
-    const int64_t kv_end = FN(key_end)(p, blk);
-    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
+    int64_t kv_begin, kv_end;
+    FN(key_range)(p, blk, &kv_begin, &kv_end);
+    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const REAL *vp;
-        const int64_t r0 = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp);
+        int64_t r0, r1;
+        if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
         REAL *sc = w->scores, *acc = w->acc;
-        for (int64_t r = r0; r < blk->nrows; r++)
+        for (int64_t r = r0; r < r1 && r < blk->nrows; r++)
             FN(softmax_step)(sc + r * BLOCK_N, FN(round_up)(nb, NR), w->row_max + r,
                              w->row_sum + r, acc + r * evp, evp);
 
         /* O += P V (padding rows hold P = 0 from their zero Q rows). */
-        FN(tile_gemm)(rows_pad - r0, evp, nb, sc + r0 * BLOCK_N, BLOCK_N, vp, evp,
+        FN(tile_gemm)(r1 - r0, evp, nb, sc + r0 * BLOCK_N, BLOCK_N, vp, evp,
                       acc + r0 * evp, evp, 1);
     }
 }
@@ -477,17 +577,19 @@ static void FN(attend_tiled)(const pyattn_problem *p, const REAL *k, const REAL 
  * by tile and added, times w_factor, into the zeroed blk->weights (factor 1
  * writes one head; 1/H for every head in turn averages them).  Keys a row
  * never sees keep their 0, and so do rows with no key at all (l == 0). */
-static void FN(add_weights)(const pyattn_problem *p, const REAL *k, const REAL *v,
+static void FN(add_weights)(const pyattn_problem *p, const STORE *k, const STORE *v,
                             const void *mask, const pyattn_block *blk, int64_t rows_pad,
                             const FN(workspace) *w)
 {
     REAL *weights = blk->weights;
-    const int64_t kv_end = FN(key_end)(p, blk);
-    for (int64_t j0 = blk->key0; j0 < kv_end; j0 += BLOCK_N) {
+    int64_t kv_begin, kv_end;
+    FN(key_range)(p, blk, &kv_begin, &kv_end);
+    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const REAL *vp;
-        const int64_t r0 = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp);
-        for (int64_t r = r0; r < blk->nrows; r++) {
+        int64_t r0, r1;
+        if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
+        for (int64_t r = r0; r < r1 && r < blk->nrows; r++) {
             if (w->row_sum[r] == 0) continue;
             REAL *s = w->scores + r * BLOCK_N;
             const VEC shift = FN(vsplat)(w->row_max[r]);
@@ -500,13 +602,30 @@ static void FN(add_weights)(const pyattn_problem *p, const REAL *k, const REAL *
     }
 }
 
+/* An attention sink: one more logit (base 2) in the softmax's denominator
+ * with no value row, so the row's weights sum to less than 1.  Same state
+ * update as softmax_step with a one-key tile that adds nothing to o_row. */
+static void FN(add_sink)(REAL sink, REAL *m, REAL *l, REAL *o_row, int64_t evp)
+{
+    if (sink > *m) {
+        /* The old state weighs 2^(m - sink): 0 for an empty past. */
+        const REAL alpha = *m == -(REAL)INFINITY ? 0 : FN(vexp2)(FN(vsplat)(*m - sink))[0];
+        const VEC va = FN(vsplat)(alpha);
+        for (int64_t c = 0; c < evp; c += LANES) FN(vstore)(o_row + c, FN(vload)(o_row + c) * va);
+        *l = *l * alpha + 1;
+        *m = sink;
+    } else {
+        *l += FN(vexp2)(FN(vsplat)(sink - *m))[0];
+    }
+}
+
 static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                        const void *v_, const void *mask, void *out_,
                        const pyattn_block *blk, void *scratch)
 {
     const int64_t row0 = blk->row0, nrows = blk->nrows;
-    const REAL *q = q_, *k = k_, *v = v_;
-    REAL *out = out_;
+    const STORE *q = q_, *k = k_, *v = v_;
+    STORE *out = out_;
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
     const REAL scale = (REAL)(p->scale * LOG2E); /* base-2 softmax, see vexp2 */
@@ -516,8 +635,8 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     /* Pack the scaled Q block; padding rows are zero and never written out. */
     for (int64_t r = 0; r < rows_pad; r++) {
         if (r < nrows) {
-            const REAL *src = q + (row0 + r) * p->q_row;
-            for (int64_t e = 0; e < E; e++) qs[r * E + e] = src[e * p->q_col] * scale;
+            const STORE *src = q + (row0 + r) * p->q_row;
+            for (int64_t e = 0; e < E; e++) qs[r * E + e] = TO_REAL(src[e * p->q_col]) * scale;
         } else {
             for (int64_t e = 0; e < E; e++) qs[r * E + e] = 0;
         }
@@ -534,15 +653,20 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                           w.row_max, w.row_sum);
     } else {
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
-        if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
     }
+    if (blk->key0 == 0 && blk->sink > -INFINITY) /* counted once, with the first keys */
+        for (int64_t r = 0; r < nrows; r++)
+            FN(add_sink)((REAL)(blk->sink * LOG2E), w.row_max + r, w.row_sum + r,
+                         w.acc + r * evp, evp);
+    if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {
-        REAL *dst = out + (row0 + r) * p->o_row;
+        STORE *dst = out + (row0 + r) * p->o_row;
         const REAL l = w.row_sum[r];
         const REAL inv = l == 0 ? 0 : 1 / l;
-        for (int64_t x = 0; x < Ev; x++) dst[x * p->o_col] = l == 0 ? 0 : w.acc[r * evp + x] * inv;
+        for (int64_t x = 0; x < Ev; x++)
+            dst[x * p->o_col] = FROM_REAL(l == 0 ? 0 : w.acc[r * evp + x] * inv);
         /* logsumexp of the scaled, masked scores, in natural log. */
         if (blk->lse)
             ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY
@@ -550,6 +674,12 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     }
 }
 
+#undef STORE
+#undef STORE_KIND
+#undef STORE_KIND_F16
+#undef STORE_KIND_BF16
+#undef TO_REAL
+#undef FROM_REAL
 #undef PANEL_BUDGET
 #undef LAZY_RESCALE
 #undef LANES

@@ -1,7 +1,7 @@
 /* AVX2 + FMA kernels: 32-byte vectors.  The target pragma scopes the ISA to
  * this file, so the rest of the binary still runs on any x86-64 CPU. */
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define ISA avx2
 #define VBYTES 32
 /* block sizes        MR  NV  BLOCK_M  BLOCK_N */

@@ -1,6 +1,6 @@
 /* AVX-512 kernels: 64-byte vectors (Skylake-X, Ice Lake, Zen 4/5, ...). */
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c")
 #define ISA avx512
 #define VBYTES 64
 /* block sizes        MR  NV  BLOCK_M  BLOCK_N */

@@ -33,14 +33,17 @@ typedef struct pyattn_problem {
     int64_t o_row, o_col;            /* strides of the output (L x Ev) */
     int64_t mask_row, mask_col;      /* strides of the mask (L x S); 0 = broadcast */
     int mask_kind;                   /* enum pyattn_mask_kind */
-    int causal;                      /* 1: query i sees keys j <= i (top-left) */
+    int64_t window_left, window_right; /* row i sees keys j with i + diag - window_left
+                                        * <= j <= i + diag + window_right (-1: no
+                                        * bound); causal is window_right = 0 */
     double scale;                    /* multiplies Q K^T before the mask */
+    double softcap;                  /* > 0: scores become softcap * tanh(score / softcap) */
     int64_t w_row;                   /* row stride of blk->weights, elements */
     double w_factor;                 /* weights are added times this (1/H: mean) */
 } pyattn_problem;
 
 /* One work item: query rows [row0, row0 + nrows) of one (batch, head), read
- * against keys [key0, key1).  nrows is at most the table's block_rows and key0
+ * against keys [key0, key1), with that (batch, head)'s score modifiers.  nrows is at most the table's block_rows and key0
  * a multiple of 1024.  lse, when not NULL, receives each row's logsumexp of its
  * scaled and masked scores (natural log; -inf when no key takes part), nrows
  * contiguous values of the kernel's dtype: with it, outputs over disjoint key
@@ -52,6 +55,9 @@ typedef struct pyattn_block {
     int64_t key0, key1;
     void *lse;
     void *weights;
+    int64_t diag;        /* row i's diagonal is key i + diag: 0 top-left, S - L lower-right */
+    double alibi_slope;  /* 0, or the ALiBi bias -slope * |i + diag - j| is added */
+    double sink;         /* -inf, or a logit added to the softmax's denominator */
 } pyattn_block;
 
 /* Attend one block.  q, k, v, mask and out point at the (batch, head) origin;
@@ -79,10 +85,15 @@ typedef struct pyattn_dtype_kernel {
     int64_t block_rows;              /* query rows per work item */
 } pyattn_dtype_kernel;
 
+/* Per storage dtype of q, k, v and out.  float16 and bfloat16 compute in
+ * float: their mask, logsumexp and weights are float.  An entry whose attend
+ * is NULL was not compiled (float16 needs the compiler's _Float16). */
 typedef struct pyattn_kernels {
     const char *name;                /* "baseline", ... */
     pyattn_dtype_kernel f32;
     pyattn_dtype_kernel f64;
+    pyattn_dtype_kernel f16;
+    pyattn_dtype_kernel bf16;
 } pyattn_kernels;
 
 /* The implementations; avx2 and avx512 exist on x86 builds only. */

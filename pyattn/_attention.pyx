@@ -10,6 +10,7 @@ typed pointers).
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
+from libc.math cimport INFINITY
 from libc.string cimport memset
 
 cdef extern from "pyattn_kernels.h" nogil:
@@ -22,14 +23,18 @@ cdef extern from "pyattn_kernels.h" nogil:
         int64_t q_row, q_col, k_row, k_col, v_row, v_col
         int64_t o_row, o_col, mask_row, mask_col
         int mask_kind
-        int causal
+        int64_t window_left, window_right
         double scale
+        double softcap
         int64_t w_row
         double w_factor
     ctypedef struct pyattn_block:
         int64_t row0, nrows, key0, key1
         void *lse
         void *weights
+        int64_t diag
+        double alibi_slope
+        double sink
     ctypedef void (*pyattn_attend_fn)(
         const pyattn_problem *p, const void *q, const void *k, const void *v,
         const void *mask, void *out, const pyattn_block *blk,
@@ -45,6 +50,8 @@ cdef extern from "pyattn_kernels.h" nogil:
         const char *name
         pyattn_dtype_kernel f32
         pyattn_dtype_kernel f64
+        pyattn_dtype_kernel f16
+        pyattn_dtype_kernel bf16
     const pyattn_kernels *pyattn_kernels_by_name(const char *name)
     int pyattn_cpu_supports(const char *name)
     int pyattn_openmp_enabled()
@@ -78,16 +85,38 @@ def cpu_supports(str name):
     return bool(pyattn_cpu_supports(name.encode()))
 
 
-cdef const pyattn_dtype_kernel *_dtype_kernel(str name, int itemsize) except NULL:
+# Storage dtypes of q, k, v and out; float16 and bfloat16 compute in float32,
+# which is then the dtype of the mask, the logsumexp and the weights.
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+COMPUTE_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 4, "bfloat16": 4}
+
+
+cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype) except NULL:
     cdef const pyattn_kernels *table = pyattn_kernels_by_name(name.encode())
+    cdef const pyattn_dtype_kernel *dk
     if table == NULL:
         raise ValueError(f"no kernels called {name!r} in this build")
-    return &table.f32 if itemsize == 4 else &table.f64
+    if dtype not in DTYPES:
+        raise TypeError(f"no kernels for dtype {dtype}; they exist for {', '.join(DTYPES)}")
+    dk = (&table.f32 if dtype == "float32" else &table.f64 if dtype == "float64"
+          else &table.f16 if dtype == "float16" else &table.bf16)
+    if dk.attend == NULL:
+        raise TypeError(f"this build has no {dtype} kernels (its compiler lacks _Float16)")
+    return dk
 
 
-def block_rows(str kernel, int itemsize):
-    """Query rows per work item for that kernel and dtype size."""
-    return _dtype_kernel(kernel, itemsize).block_rows
+def has_dtype(str kernel, str dtype):
+    """Whether the kernels called `kernel` handle `dtype` in this build."""
+    try:
+        _dtype_kernel(kernel, dtype)
+    except TypeError:
+        return False
+    return True
+
+
+def block_rows(str kernel, str dtype):
+    """Query rows per work item for that kernel and dtype."""
+    return _dtype_kernel(kernel, dtype).block_rows
 
 
 def kernel_exp2(str kernel, x, y):
@@ -97,7 +126,7 @@ def kernel_exp2(str kernel, x, y):
     cdef unsigned char[::1] yb = y.view("u1")
     if x.shape != y.shape or x.dtype != y.dtype or x.ndim != 1 or x.size == 0:
         raise ValueError("x and y must be non-empty 1-D arrays of one shape and dtype")
-    _dtype_kernel(kernel, x.itemsize).exp2(&xb[0], &yb[0], x.size)
+    _dtype_kernel(kernel, x.dtype.name).exp2(&xb[0], &yb[0], x.size)
 
 
 cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t chunk,
@@ -109,16 +138,36 @@ cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t 
     blk.key1 = S if key_chunk == 0 else min(S, blk.key0 + key_chunk)
     blk.lse = NULL
     blk.weights = NULL
+    blk.diag = 0
+    blk.alibi_slope = 0
+    blk.sink = -INFINITY
     return blk
 
 
-def attend(str kernel, int itemsize, tuple pointers,
+cdef void _padding_rows(char *out, char *lse, int64_t r0, int64_t r1, const pyattn_problem *p,
+                        int itemsize, int lse_itemsize) noexcept nogil:
+    """Rows [r0, r1) past a sequence's length: zeros, and logsumexp -inf."""
+    cdef int64_t r, x
+    for r in range(r0, r1):
+        for x in range(p.Ev):
+            memset(out + (r * p.o_row + x * p.o_col) * itemsize, 0, itemsize)
+        if lse != NULL:
+            if lse_itemsize == 4:
+                (<float *>lse)[r] = -INFINITY
+            else:
+                (<double *>lse)[r] = -INFINITY
+
+
+def attend(str kernel, str dtype, tuple pointers,
            const int64_t[:, ::1] batch_offsets, tuple head_strides,
            int64_t num_heads, int64_t kv_group, tuple sizes,
-           tuple inner_strides, int mask_kind, bint causal, double scale,
+           tuple inner_strides, int mask_kind, tuple window, double scale,
            int num_threads, int64_t key_chunk=0, int64_t out_split_stride=0,
            uintptr_t lse_address=0, uintptr_t weights_address=0,
-           int64_t weights_batch_stride=0, bint average_heads=False):
+           int64_t weights_batch_stride=0, bint average_heads=False,
+           double softcap=0, const int64_t[::1] diag=None, const double[::1] alibi=None,
+           const double[::1] sinks=None, const int64_t[::1] q_lengths=None,
+           const int64_t[::1] kv_lengths=None):
     """Run the kernel on every (batch, head, query block, key chunk).
 
     pointers       data addresses of (q, k, v, mask, out); mask may be 0
@@ -128,26 +177,36 @@ def attend(str kernel, int itemsize, tuple pointers,
     sizes          (L, S, E, Ev)
     inner_strides  element strides (q_row, q_col, k_row, k_col, v_row, v_col,
                    o_row, o_col, mask_row, mask_col)
+    window         (left, right): row i sees keys i + diag - left .. i + diag + right;
+                   -1 leaves a side open; causal is (-1, 0)
     key_chunk      0: every item reads all S keys.  Otherwise keys are split
                    into chunks of this many (a multiple of 1024); chunk c
                    writes its partial output at out + c * out_split_stride
                    bytes and, at lse_address, the rows' logsumexp as a
-                   contiguous (chunks, B, H, L) array of the dtype.
+                   contiguous (chunks, B, H, L) array of the compute dtype.
     weights_address  0, or a zeroed contiguous array that receives the
                    softmax probabilities: (B, H, L, S), or (B, L, S) with
                    average_heads (the mean over heads).  Needs key_chunk 0.
     weights_batch_stride  its batch stride in bytes.
+    softcap        > 0: scores become softcap * tanh(score / softcap)
+    diag           per batch: row i's diagonal key is i + diag[b] (None: 0)
+    alibi, sinks   per head: ALiBi slope, attention-sink logit (None: none)
+    q_lengths, kv_lengths  per batch: valid query rows and keys (None: all);
+                   rows past q_lengths[b] are zeros (logsumexp -inf)
 
     Returns the number of threads in the OpenMP team that ran the work.
     """
-    cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, itemsize)
+    cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, dtype)
+    cdef int itemsize = 2 if dtype in ("float16", "bfloat16") else COMPUTE_ITEMSIZE[dtype]
+    cdef int real_size = COMPUTE_ITEMSIZE[dtype]  # of the logsumexp and the weights
     cdef pyattn_problem prob
     prob.L, prob.S, prob.E, prob.Ev = sizes
     (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,
      prob.o_row, prob.o_col, prob.mask_row, prob.mask_col) = inner_strides
     prob.mask_kind = mask_kind
-    prob.causal = causal
+    prob.window_left, prob.window_right = window
     prob.scale = scale
+    prob.softcap = softcap
     prob.w_row = prob.S
     prob.w_factor = 1.0 / num_heads if average_heads else 1.0
 
@@ -161,11 +220,19 @@ def attend(str kernel, int itemsize, tuple pointers,
     cdef int64_t o_hs = head_strides[4]
 
     cdef char *weights = <char *>weights_address
+    cdef const int64_t *diag_p = &diag[0] if diag is not None else NULL
+    cdef const double *alibi_p = &alibi[0] if alibi is not None else NULL
+    cdef const double *sinks_p = &sinks[0] if sinks is not None else NULL
+    cdef const int64_t *q_len_p = &q_lengths[0] if q_lengths is not None else NULL
+    cdef const int64_t *kv_len_p = &kv_lengths[0] if kv_lengths is not None else NULL
+    cdef int64_t valid_rows
+    cdef char *o_item
+    cdef char *lse_item
     # The mean over heads is summed by one thread, in head order: an item then
     # covers every head of its query block.
     cdef int64_t heads_per_item = num_heads if average_heads else 1
     cdef int64_t head_items = num_heads // heads_per_item
-    cdef int64_t weights_head_stride = 0 if average_heads else prob.L * prob.S * itemsize
+    cdef int64_t weights_head_stride = 0 if average_heads else prob.L * prob.S * real_size
 
     cdef int64_t block = dk.block_rows
     cdef int64_t n_qblocks = (prob.L + block - 1) // block
@@ -205,19 +272,36 @@ def attend(str kernel, int itemsize, tuple pointers,
             for h in range(hi * heads_per_item, (hi + 1) * heads_per_item):
                 # Assigned whole, so that Cython makes it thread-private.
                 blk = _block(qb * block, block, prob.L, chunk, key_chunk, prob.S)
+                o_item = o + chunk * out_split_stride + batch_offsets[4, b] + h * o_hs
+                lse_item = NULL
                 if lse != NULL:
-                    blk.lse = lse + (((chunk * n_batch + b) * num_heads + h) * prob.L
-                                     + blk.row0) * itemsize
+                    lse_item = lse + ((chunk * n_batch + b) * num_heads + h) * prob.L * real_size
+                    blk.lse = lse_item + blk.row0 * real_size
                 if weights != NULL:
                     blk.weights = weights + b * weights_batch_stride + h * weights_head_stride
+                if diag_p != NULL:
+                    blk.diag = diag_p[b]
+                if alibi_p != NULL:
+                    blk.alibi_slope = alibi_p[h]
+                if sinks_p != NULL:
+                    blk.sink = sinks_p[h]
+                if kv_len_p != NULL:
+                    blk.key1 = min(blk.key1, kv_len_p[b])
+                valid_rows = blk.nrows
+                if q_len_p != NULL:
+                    valid_rows = max(0, min(blk.nrows, q_len_p[b] - blk.row0))
+                    _padding_rows(o_item, lse_item, blk.row0 + valid_rows,
+                                  blk.row0 + blk.nrows, &prob, itemsize, real_size)
+                    blk.nrows = valid_rows
+                if valid_rows == 0:
+                    continue
                 dk.attend(
                     &prob,
                     q + batch_offsets[0, b] + h * q_hs,
                     k + batch_offsets[1, b] + (h // kv_group) * k_hs,
                     v + batch_offsets[2, b] + (h // kv_group) * v_hs,
                     (m + batch_offsets[3, b] + h * m_hs) if m != NULL else NULL,
-                    o + chunk * out_split_stride + batch_offsets[4, b] + h * o_hs,
-                    &blk, scratch + tid * scratch_bytes)
+                    o_item, &blk, scratch + tid * scratch_bytes)
     cdef int used = 0
     for tid in range(num_threads):
         used = max(used, team[tid])

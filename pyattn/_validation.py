@@ -12,8 +12,20 @@ from typing import Optional, Tuple
 import numpy as np
 
 _TooHardError = getattr(np, "exceptions", np).TooHardError
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_SUPPORTED_NAMES = "float32 or float64"
+try:  # bfloat16 is NumPy's through ml_dtypes, an optional dependency
+    from ml_dtypes import bfloat16 as _bfloat16
+    _HALVES = (np.dtype(np.float16), np.dtype(_bfloat16))
+except ImportError:
+    _HALVES = (np.dtype(np.float16),)
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # computed in their own precision
+SUPPORTED_DTYPES = FLOAT_DTYPES + _HALVES  # half types are stored as such, computed in float32
+_SUPPORTED_NAMES = "float32, float64, float16 or bfloat16 (with ml_dtypes)"
+
+
+def compute_dtype(dtype):
+    """The dtype a storage dtype is computed in (and its mask, logsumexp and
+    weights are given in): float32 for the half types."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
 
 
@@ -111,6 +123,10 @@ class AttentionProblem:
     @property
     def dtype(self):
         return self.q.dtype
+
+    @property
+    def compute_dtype(self):
+        return compute_dtype(self.q.dtype)
 
     @property
     def scores_shape(self):
@@ -219,12 +235,117 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     scores_shape = batch + (num_heads, L, S)
     mask = None
     if attn_mask is not None:
-        mask = _check_mask(attn_mask, q.dtype, scores_shape, ndim)
+        mask = _check_mask(attn_mask, compute_dtype(q.dtype), scores_shape, ndim)
 
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, is_causal=is_causal,
         scale=check_scale(scale, q.shape[-1]), kv_group=kv_group, batch=batch,
         num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
+    )
+
+
+@dataclass
+class ScoreOptions:
+    """The optional score modifiers of a call, in the kernel's terms."""
+
+    window: Tuple[int, int]          # (left, right) keys around the diagonal; -1: open
+    diag: np.ndarray                 # int64 per flat batch: row i's diagonal key is i + diag
+    alibi: Optional[np.ndarray]      # float64 per head: ALiBi slopes
+    softcap: float                   # 0: none
+    sinks: Optional[np.ndarray]      # float64 per head: sink logits
+    q_lengths: Optional[np.ndarray]  # int64 per flat batch
+    kv_lengths: Optional[np.ndarray]
+
+    @property
+    def plain(self):
+        """Nothing beyond mask and causality: the merge of split keys needs no care."""
+        return (self.alibi is None and self.softcap == 0 and self.sinks is None
+                and self.q_lengths is None and self.kv_lengths is None)
+
+
+ALIGNMENTS = ("top_left", "lower_right")
+
+
+def _window_side(value, name):
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+    return int(value)
+
+
+def _check_window(window):
+    if window is None:
+        return -1, -1
+    if isinstance(window, numbers.Integral) and not isinstance(window, bool):
+        window = (window, window)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be an int or a (left, right) pair of ints or None; "
+                         f"got {window!r}")
+    return _window_side(window[0], "window's left size"), _window_side(window[1], "window's right size")
+
+
+def _per_head(values, name, num_heads):
+    if values is None:
+        return None
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.shape != (num_heads,):
+        raise ValueError(f"{name} must have shape (Hq,) = ({num_heads},), one value per query "
+                         f"head; got shape {arr.shape}")
+    allow_neginf = name == "sinks"  # a sink of -inf weighs nothing: no sink
+    if (np.isnan(arr) | (np.isposinf(arr) if allow_neginf else np.isinf(arr))).any():
+        also = " or -inf" if allow_neginf else ""
+        raise ValueError(f"{name} must be finite{also}; got {arr}")
+    return arr
+
+
+def _per_batch_lengths(lengths, name, batch, limit, limit_name):
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+    try:
+        arr = np.broadcast_to(arr, batch)
+    except ValueError:
+        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to the batch "
+                         f"dimensions {batch}") from None
+    if arr.size and (arr.min() < 0 or arr.max() > limit):
+        raise ValueError(f"{name} must lie in [0, {limit_name}] = [0, {limit}]; got values "
+                         f"from {arr.min()} to {arr.max()}")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+
+def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, softcap=None,
+                    sinks=None, q_lengths=None, kv_lengths=None):
+    """Validate the score modifiers of a call whose problem is `prob`."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {alignment!r}")
+    left, right = _check_window(window)
+    if prob.is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    L, S = prob.q.shape[-2], prob.k.shape[-2]
+    q_len = _per_batch_lengths(q_lengths, "q_lengths", prob.batch, L, "L")
+    kv_len = _per_batch_lengths(kv_lengths, "kv_lengths", prob.batch, S, "S")
+    n_batch = int(np.prod(prob.batch, dtype=np.int64))
+    diag = np.zeros(n_batch, dtype=np.int64)
+    if alignment == "lower_right":  # each sequence's last query sits on its last key
+        diag = (S if kv_len is None else kv_len) - (L if q_len is None else q_len) + diag
+    if softcap is None:
+        softcap = 0.0
+    else:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be positive and finite, got {softcap}")
+    return ScoreOptions(
+        window=(left, right), diag=np.ascontiguousarray(diag, dtype=np.int64),
+        alibi=_per_head(alibi_slopes, "alibi_slopes", prob.num_heads), softcap=softcap,
+        sinks=_per_head(sinks, "sinks", prob.num_heads), q_lengths=q_len, kv_lengths=kv_len,
     )
 
 
@@ -237,16 +358,17 @@ def _overlaps(a, b):
         return True  # cannot prove otherwise: refuse rather than risk it
 
 
-def prepare_out(out, problem, inputs):
-    """The array to write the result into: `out` after checks, or a new one."""
+def prepare_out(out, shape, dtype, inputs):
+    """The array to write a result of `shape` and `dtype` into: `out` after
+    checks, or a new one.  `inputs` names the arrays it must not overlap."""
     if out is None:
-        return np.empty(problem.out_shape, dtype=problem.dtype)
+        return np.empty(shape, dtype=dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.dtype != problem.dtype:
-        raise TypeError(f"out has dtype {out.dtype}; the result has dtype {problem.dtype}")
-    if out.shape != problem.out_shape:
-        raise ValueError(f"out has shape {out.shape}; the result has shape {problem.out_shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}; the result has dtype {dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out has shape {out.shape}; the result has shape {tuple(shape)}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     for name, arr in inputs.items():

@@ -13,8 +13,8 @@ length (needs matplotlib: ``pip install "pyattn[bench]"``).
 
 Structure, kept simple so more implementations can be added as columns:
 ``CASES`` maps a name to a :class:`Case`, ``SUITES`` names lists of cases,
-``IMPLEMENTATIONS`` maps a name to a callable ``fn(q, k, v, causal, threads)
--> output``; pyattn and the reference are its two entries, pyattn is the one
+``IMPLEMENTATIONS`` maps a name to ``prepare(case, q, k, v, threads) -> call``
+(the untimed setup, returning the timed call); pyattn and the reference are its two entries, pyattn is the one
 the throughput columns describe and the reference the one every result is
 checked against.  ``PEERS`` are the optional other libraries (:class:`Peer`):
 each is measured only when it imports, otherwise reported as absent, and each
@@ -57,20 +57,47 @@ class Case:
     D: int
     dtype: str = "float32"
     causal: bool = False
+    kv_heads: int = 0      # key/value heads (GQA) when not H
+    window: int = 0        # > 0: with causal, each query sees its last window + 1 keys
+    cache: bool = False    # pyattn reads k, v from a KVCache through decode_attention
+
+    @property
+    def Hkv(self):
+        return self.kv_heads or self.H
 
     @property
     def shape(self):
-        return f"{self.B} {self.H} {self.L} {self.S} {self.D}"
+        heads = f"{self.H}/{self.Hkv}" if self.Hkv != self.H else f"{self.H}"
+        return f"{self.B} {heads} {self.L} {self.S} {self.D}"
+
+    @property
+    def sdpa_kwargs(self):
+        """The case's options as scaled_dot_product_attention keywords; a
+        cache case is the same call aligned lower-right, as decode_attention."""
+        kw = {"is_causal": self.causal}
+        if self.Hkv != self.H:
+            kw["enable_gqa"] = True
+        if self.window:
+            kw["window"] = (self.window, 0)
+        if self.cache:
+            kw.update(is_causal=True, alignment="lower_right")
+        return kw
 
     @property
     def unmasked_pairs(self):
-        """(query, key) pairs that take part: L*S, or for is_causal (torch's
-        top-left aligned lower triangle) sum over rows i of min(i + 1, S)."""
+        """(query, key) pairs that take part: L*S; for is_causal (torch's
+        top-left aligned lower triangle) the sum over rows i of min(i + 1, S),
+        and with a window of min(i + 1, S, window + 1); a cache case sees S."""
         L, S = self.L, self.S
+        if self.cache:
+            return L * S - L * (L - 1) // 2
         if not self.causal:
             return L * S
+        reach = S if not self.window else min(S, self.window + 1)
+        full_rows = max(0, L - reach)  # rows that see `reach` keys (when L <= S)
         if L <= S:
-            return L * (L + 1) // 2
+            ramp = min(L, reach)
+            return ramp * (ramp + 1) // 2 + full_rows * reach
         return S * (S + 1) // 2 + (L - S) * S
 
     @property
@@ -79,18 +106,27 @@ class Case:
         return 4 * self.B * self.H * self.D * self.unmasked_pairs
 
     @property
+    def np_dtype(self):
+        if self.dtype == "bfloat16":
+            from ml_dtypes import bfloat16
+            return np.dtype(bfloat16)
+        return np.dtype(self.dtype)
+
+    @property
     def nbytes(self):
         """Bytes of q, k, v and out, each read or written once."""
-        itemsize = np.dtype(self.dtype).itemsize
-        return itemsize * self.B * self.H * self.D * (2 * self.L + 2 * self.S)
+        itemsize = self.np_dtype.itemsize
+        return itemsize * self.B * self.D * (2 * self.H * self.L + 2 * self.Hkv * self.S)
 
     def make_inputs(self, seed=0):
         rng = np.random.default_rng(seed)
-        dtype = np.dtype(self.dtype)
-        q = rng.standard_normal((self.B, self.H, self.L, self.D), dtype=dtype)
-        k = rng.standard_normal((self.B, self.H, self.S, self.D), dtype=dtype)
-        v = rng.standard_normal((self.B, self.H, self.S, self.D), dtype=dtype)
-        return q, k, v
+        q = rng.standard_normal((self.B, self.H, self.L, self.D), dtype=np.float32)
+        k = rng.standard_normal((self.B, self.Hkv, self.S, self.D), dtype=np.float32)
+        v = rng.standard_normal((self.B, self.Hkv, self.S, self.D), dtype=np.float32)
+        dtype = self.np_dtype
+        if dtype == np.float64:
+            q, k, v = (rng.standard_normal(x.shape) for x in (q, k, v))
+        return tuple(x.astype(dtype, copy=False) for x in (q, k, v))
 
 
 CASES = {
@@ -110,6 +146,14 @@ CASES = {
         Case("prefill-2k-d128", B=1, H=8, L=2048, S=2048, D=128),
         Case("prefill-4k-d128", B=1, H=8, L=4096, S=4096, D=128),
         Case("vit", B=4, H=12, L=197, S=197, D=64),
+        # the inference suite: decoding from a KVCache, GQA, half storage, windows
+        Case("decode-cache", B=1, H=32, L=1, S=4096, D=128, cache=True),
+        Case("decode-cache-f16", B=1, H=32, L=1, S=4096, D=128, cache=True, dtype="float16"),
+        Case("decode-cache-bf16", B=1, H=32, L=1, S=4096, D=128, cache=True, dtype="bfloat16"),
+        Case("decode-gqa-8k", B=1, H=32, kv_heads=8, L=1, S=8192, D=128, cache=True),
+        Case("decode-mha8-8k", B=1, H=8, L=1, S=8192, D=128, cache=True),
+        Case("causal-16k", B=1, H=8, L=16384, S=16384, D=64, causal=True),
+        Case("window256-16k", B=1, H=8, L=16384, S=16384, D=64, causal=True, window=256),
     ]
 }
 
@@ -118,6 +162,8 @@ SUITES = {
     "full": ("prefill-512-d64", "prefill-1k-d64", "prefill", "prefill-4k-d64",
              "prefill-1k-d128", "prefill-2k-d128", "prefill-4k-d128",
              "causal", "bert", "vit", "decode", "prefill-f64"),
+    "inference": ("decode-cache", "decode-cache-f16", "decode-cache-bf16", "decode-gqa-8k",
+                  "decode-mha8-8k", "causal-16k", "window256-16k"),
 }
 DEFAULT_SUITE = "quick"
 
@@ -128,24 +174,38 @@ PLOT_SWEEP = ("prefill-512-d64", "prefill-1k-d64", "prefill", "prefill-4k-d64")
 MEMORY_CASE = Case("memory", B=1, H=8, L=16384, S=16384, D=64)
 
 # how close pyattn must be to the reference (np.allclose)
-TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-9, atol=1e-11)}
+TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-9, atol=1e-11),
+             # one rounding of the output apart (both compute in float32)
+             "float16": dict(rtol=2e-3, atol=2e-3), "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2)}
 
 
 # how close a peer must be to the reference: looser than for pyattn (other
 # summation orders), still far below what a wrong layout, scale or mask gives
-PEER_TOLERANCE = {"float32": dict(rtol=1e-3, atol=1e-4), "float64": dict(rtol=1e-7, atol=1e-9)}
+PEER_TOLERANCE = {"float32": dict(rtol=1e-3, atol=1e-4), "float64": dict(rtol=1e-7, atol=1e-9),
+                  "float16": dict(rtol=4e-3, atol=4e-3), "bfloat16": dict(rtol=3.2e-2, atol=3.2e-2)}
+REFERENCE_MAX_SCORES = 1 << 31  # bytes: the reference declines cases whose scores need more
 
 
 # ------------------------------------------------------- the implementations
-def _pyattn(q, k, v, causal, threads):
-    return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, num_threads=threads)
+def _pyattn(case, q, k, v, threads):
+    """A call of pyattn on the case; a cache case fills a KVCache first."""
+    if case.cache:
+        cache = pyattn.KVCache(case.B, case.Hkv, case.D, dtype=q.dtype)
+        cache.append(k, v)
+        return lambda: pyattn.decode_attention(q, cache, num_threads=threads)
+    kwargs = case.sdpa_kwargs
+    return lambda: pyattn.scaled_dot_product_attention(q, k, v, num_threads=threads, **kwargs)
 
 
-def _reference(q, k, v, causal, threads):
+def _reference(case, q, k, v, threads):
+    scores = case.B * case.H * case.L * case.S * 4
+    if scores > REFERENCE_MAX_SCORES:
+        raise NotApplicable(f"its score matrix would need {scores / 2**30:.0f} GiB")
     # num_threads is only validated by the reference; NumPy's BLAS decides
     # (main() limits the BLAS pool to --threads when threadpoolctl is present)
-    return pyattn.reference.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                         num_threads=threads)
+    kwargs = case.sdpa_kwargs
+    return lambda: pyattn.reference.scaled_dot_product_attention(q, k, v, num_threads=threads,
+                                                                 **kwargs)
 
 
 IMPLEMENTATIONS = {"pyattn": _pyattn, "reference": _reference}
@@ -199,14 +259,24 @@ class TorchPeer(Peer):
     @contextlib.contextmanager
     def prepared(self, case, q, k, v, threads):
         torch = self.torch
-        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # views, no copy
+        if case.window:
+            raise NotApplicable("no sliding window in torch's SDPA (only a materialised mask)")
+        if case.dtype == "bfloat16":  # NumPy's bfloat16 (ml_dtypes) reaches torch by its bits
+            tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in (q, k, v))
+        else:
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # views, no copy
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        causal = case.causal
+        kwargs = {"is_causal": case.causal, "enable_gqa": case.Hkv != case.H}
+        if case.cache and case.L > 1:
+            from torch.nn.attention.bias import causal_lower_right
+            kwargs.update(is_causal=False, attn_mask=causal_lower_right(case.L, case.S))
+        elif case.cache:  # one query at the end sees every key
+            kwargs["is_causal"] = False
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                yield (lambda: sdpa(tq, tk, tv, is_causal=causal)), (lambda out: out.numpy())
+                yield (lambda: sdpa(tq, tk, tv, **kwargs)), (lambda out: out.float().numpy())
         finally:
             torch.set_num_threads(before)
 
@@ -239,7 +309,7 @@ class OnnxRuntimePeer(Peer):
         helper, TensorProto = self.onnx.helper, self.onnx.TensorProto
         B, H, L, S, D = case.B, case.H, case.L, case.S, case.D
         attrs = {"num_heads": H}
-        if case.causal:
+        if case.causal and not case.cache:
             attrs["unidirectional"] = 1
         node = helper.make_node("MultiHeadAttention", ["query", "key", "value"], ["output"],
                                 domain="com.microsoft", **attrs)
@@ -255,6 +325,10 @@ class OnnxRuntimePeer(Peer):
     def prepared(self, case, q, k, v, threads):
         if case.dtype != "float32":
             raise NotApplicable(f"{case.dtype}: MultiHeadAttention's CPU kernel takes float32 only")
+        if case.Hkv != case.H or case.window:
+            raise NotApplicable("GQA and windows are GroupQueryAttention's, not MultiHeadAttention's")
+        if case.cache and case.L > 1:
+            raise NotApplicable("several new queries against a cache need a lower-right mask")
         if case.causal and case.L != case.S:
             # unidirectional masks bottom-right aligned when L < S; is_causal is top-left
             raise NotApplicable("causal with L != S: unidirectional is aligned differently")
@@ -308,16 +382,17 @@ def time_calls(fn, repeat):
 
 
 @contextlib.contextmanager
-def _plain(fn, case, q, k, v, threads):
-    """IMPLEMENTATIONS entries as Peer.prepared: nothing to prepare."""
-    yield (lambda: fn(q, k, v, case.causal, threads)), None
+def _plain(prepare, case, q, k, v, threads):
+    """IMPLEMENTATIONS entries as Peer.prepared."""
+    yield prepare(case, q, k, v, threads), None
 
 
 def _compare(got, want, tolerance):
     """(max |got - want|, allclose) for a result against the reference."""
     if got.shape != want.shape:
         return float("inf"), False
-    err = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
+    got, want = got.astype(np.float64), want.astype(np.float64)  # also bfloat16
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
     return err, bool(np.allclose(got, want, **tolerance))
 
 
@@ -608,7 +683,7 @@ def _memory_worker():
     q, k, v = case.make_inputs()
     before_call = maxrss_bytes()
     t0 = time.perf_counter()
-    out = _pyattn(q, k, v, case.causal, threads)
+    out = _pyattn(case, q, k, v, threads)()
     seconds = time.perf_counter() - t0
     peak = maxrss_bytes()
     print(json.dumps({

@@ -25,7 +25,7 @@ def _reference_attention(q, k, v, mask, is_causal, *, out, num_threads, weights)
     if weights is not None:
         raise ValueError("the baseline has no weights path")
     out[...] = pyattn.reference.scaled_dot_product_attention(q, k, v, mask, is_causal)
-    return out, None
+    return out, None, None
 
 
 class _ReferenceMHA(MultiHeadAttention):

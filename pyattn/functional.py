@@ -1,10 +1,13 @@
 """pyattn's functional API: scaled dot-product attention on NumPy arrays."""
+import dataclasses
+
 import numpy as np
 
 from . import _attention, _dispatch
-from ._validation import check_num_threads, prepare_attention, prepare_out, typed_access_ok
+from ._validation import (as_float_array, check_flag, check_num_threads, compute_dtype,
+                          prepare_attention, prepare_options, prepare_out, typed_access_ok)
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["merge_attention", "scaled_dot_product_attention"]
 
 
 def _element_strides(arr):
@@ -30,7 +33,9 @@ def _address(arr):
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
                                  scale=None, enable_gqa=False, *, out=None,
-                                 num_threads=None):
+                                 num_threads=None, alignment="top_left", window=None,
+                                 alibi_slopes=None, softcap=None, sinks=None,
+                                 q_lengths=None, kv_lengths=None, return_lse=False):
     """softmax(query @ key^T * scale + mask) @ value, like PyTorch's
     ``torch.nn.functional.scaled_dot_product_attention`` (without dropout).
 
@@ -39,13 +44,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     query : array_like, (..., Hq, L, E) or (L, E)
     key : array_like, (..., Hkv, S, E)
     value : array_like, (..., Hkv, S, Ev)
-        float32 or float64, one dtype for all three; any strides.  Leading
-        batch dimensions broadcast against each other.
+        float32 or float64, or float16 / bfloat16 (stored as such, computed
+        in float32); one dtype for all three; any strides.  Leading batch
+        dimensions broadcast against each other.
     attn_mask : array_like, optional
         Broadcastable to (..., Hq, L, S).  bool: True means the key takes
         part; float: added to the scaled scores (use -inf to exclude).
     is_causal : bool
-        Query i sees keys j <= i (top-left aligned, as PyTorch).  Combines
+        Query i sees keys up to its diagonal (see ``alignment``).  Combines
         with ``attn_mask``.
     scale : float, optional
         Multiplies ``query @ key^T``; defaults to ``1 / sqrt(E)``.
@@ -58,45 +64,124 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     num_threads : int, optional
         None: OpenMP's default (``OMP_NUM_THREADS``, threadpoolctl).  n > 0:
         exactly n threads.  -1: all CPUs, -2: all but one, ...
+    alignment : "top_left" or "lower_right"
+        Where query i's diagonal key lies, for ``is_causal``, ``window`` and
+        ALiBi: key i (PyTorch's ``is_causal``), or key i + S - L (PyTorch's
+        ``causal_lower_right``; per sequence with lengths).
+    window : int or (left, right), optional
+        Local attention: query i sees keys d - left .. d + right around its
+        diagonal key d (None on a side: unbounded; an int w: (w, w)).  Key
+        tiles outside every row's window are skipped.
+    alibi_slopes : array_like (Hq,), optional
+        Adds -slope[h] * |d - j| to the scores of head h.
+    softcap : float, optional
+        Scores become softcap * tanh(score / softcap), before bias and mask.
+    sinks : array_like (Hq,), optional
+        One logit per head added to the softmax's denominator (an attention
+        sink, as gpt-oss): the weights of a row then sum to less than 1.
+    q_lengths, kv_lengths : array_like of ints, broadcastable to the batch
+        dimensions, optional
+        Valid queries and keys per sequence of a padded batch; the rest costs
+        nothing, padded query rows are zeros.
+    return_lse : bool
+        Also return the logsumexp of each row's scores (natural log, sink
+        included; -inf for a row with no key), the input for merge_attention.
 
     Returns
     -------
     ndarray, (..., Hq, L, Ev), the inputs' dtype.  A query row for which no
-    key takes part is zeros.
+    key takes part is zeros.  With return_lse: (output, lse (..., Hq, L)).
     """
-    return attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-                     out=out, num_threads=num_threads)[0]
+    result, _, lse = attention(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, out=out,
+        num_threads=num_threads, return_lse=return_lse, alignment=alignment, window=window,
+        alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, q_lengths=q_lengths,
+        kv_lengths=kv_lengths)
+    return (result, lse) if return_lse else result
 
 
 def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-              enable_gqa=False, *, out=None, num_threads=None, weights=None):
+              enable_gqa=False, *, out=None, num_threads=None, weights=None,
+              return_lse=False, **modifiers):
     """scaled_dot_product_attention, optionally with its softmax probabilities:
     `weights` None, "heads" (..., H, L, S) or "mean" (..., L, S), the average
-    over heads.  Returns (output, weights or None)."""
+    over heads.  `modifiers` are prepare_options' keywords.  Returns (output,
+    weights or None, lse or None)."""
     prob = prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    opts = prepare_options(prob, **modifiers)
+    return_lse = check_flag(return_lse, "return_lse")
     nthreads = check_num_threads(num_threads, _attention.max_threads)
     inputs = {"query": query, "key": key, "value": value, "attn_mask": attn_mask}
-    result = prepare_out(out, prob, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
-    probs = None
+    result = prepare_out(out, prob.out_shape, prob.dtype, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
+    L, S = prob.q.shape[-2], prob.k.shape[-2]
+    probs = lse = None
     if weights is not None:
-        L, S = prob.q.shape[-2], prob.k.shape[-2]
         heads = (prob.num_heads,) if weights == "heads" else ()
-        probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.dtype)
-    if result.size and prob.k.shape[-2] == 0:  # no keys: every row is "fully masked"
-        result[...] = 0
-    elif result.size:
+        probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.compute_dtype)
+    if return_lse:
+        lse = np.empty(prob.work_shape[:-1], dtype=prob.compute_dtype)
+    if result.size and S > 0:
         lifted = result[(np.newaxis,) * (len(prob.work_shape) - result.ndim)]  # a view
-        run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean")
+        if probs is None and _heads_as_rows(prob, opts):
+            prob, lifted, lse_view = _group_query_heads(prob, lifted, lse)
+            run_kernel(prob, lifted, nthreads, opts=opts, lse=lse_view)
+        else:
+            run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean",
+                       opts=opts, lse=lse)
+    elif result.size:  # no keys: every row is "fully masked"
+        result[...] = 0
+        if lse is not None:
+            lse[...] = -np.inf if opts.sinks is None else opts.sinks[:, None]
+            if opts.q_lengths is not None:
+                padded = np.arange(L) >= opts.q_lengths.reshape(prob.batch + (1, 1))
+                lse[np.broadcast_to(padded, lse.shape)] = -np.inf
     if probs is not None:  # back to the caller's batch dims
         probs = probs.reshape(result.shape[:-3 if weights == "mean" else -2] + probs.shape[-2:])
-    return result, probs
+    if lse is not None:
+        lse = lse.reshape(result.shape[:-1])
+    return result, probs, lse
 
 
-def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False):
-    """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem.
-    `weights`, when given, is a zeroed C-contiguous array that receives the
-    softmax probabilities: (*batch, H, L, S), or (*batch, L, S) averaged over
-    heads with `average_heads`.  Returns the number of threads used."""
+def _heads_as_rows(prob, opts):
+    """Whether a grouped-query call with one query row can run its query heads
+    as the rows of one problem per key/value head: each key/value head is then
+    read once for its whole group.  Only when nothing depends on the head or
+    on the row's position (the rows would be heads, all at position 0)."""
+    S = prob.k.shape[-2]
+    left, right = opts.window
+    return (prob.kv_group > 1 and prob.q.shape[-2] == 1 and prob.mask is None
+            and opts.alibi is None and opts.sinks is None and opts.q_lengths is None
+            and left < 0 and (right < 0 or bool((opts.diag + right >= S - 1).all())))
+
+
+def _group_query_heads(prob, work_out, lse):
+    """(problem, output, lse) views with the g query heads of each key/value
+    head as g rows: (..., Hkv * g, 1, E) -> (..., Hkv, g, E)."""
+    g = prob.kv_group
+
+    def as_rows(a):  # (..., H, 1, W) -> (..., H / g, g, W)
+        head = a.ndim - 3
+        hs = a.strides[head]
+        return np.lib.stride_tricks.as_strided(
+            a, a.shape[:head] + (a.shape[head] // g, g) + a.shape[head + 2:],
+            a.strides[:head] + (hs * g, hs) + a.strides[head + 2:])
+
+    q = as_rows(prob.q)
+    grouped = dataclasses.replace(prob, q=q, num_heads=prob.num_heads // g, kv_group=1,
+                                  work_shape=prob.batch + (prob.num_heads // g, g, prob.work_shape[-1]))
+    return grouped, as_rows(work_out), None if lse is None else as_rows(lse[..., np.newaxis])[..., 0]
+
+
+def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts=None,
+               lse=None):
+    """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem
+    and its ScoreOptions `opts` (None: none).  `weights`, when given, is a
+    zeroed C-contiguous array that receives the softmax probabilities:
+    (*batch, H, L, S), or (*batch, L, S) averaged over heads with
+    `average_heads`; `lse`, a C-contiguous (*batch, H, L) array for the rows'
+    logsumexp.  Returns the number of threads used."""
+    if opts is None:
+        opts = prepare_options(prob)
     dest = work_out  # an `out` C cannot write as typed elements gets a stand-in
     if not typed_access_ok(dest):
         dest = np.empty(work_out.shape, dtype=work_out.dtype)
@@ -113,13 +198,13 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False):
     batch = prob.batch
     n_batch = int(np.prod(batch, dtype=np.int64))
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.itemsize))
+    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.dtype.name))
     key_chunk = 0 if weights is not None else split_keys(n_batch * prob.num_heads * n_qblocks, S)
-    partial = lse = None
+    partial, chunk_lse = None, lse
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
         partial = np.empty((n_chunks,) + dest.shape, dtype=dest.dtype)
-        lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=dest.dtype)
+        chunk_lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=prob.compute_dtype)
         arrays[4] = partial[0]
         os_ = _element_strides(partial[0])
 
@@ -132,21 +217,22 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False):
         return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
 
     used = _attention.attend(
-        _dispatch.KERNEL, q.itemsize,
+        _dispatch.KERNEL, q.dtype.name,
         tuple(0 if a is None else _address(a) for a in arrays),
         offsets,
         tuple(head_stride(a) for a in arrays),
         prob.num_heads, prob.kv_group, (L, S, E, Ev),
         (qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1], ms[-2], ms[-1]),
-        mask_kind, prob.is_causal, prob.scale, nthreads,
+        mask_kind, opts.window, prob.scale, nthreads,
         key_chunk, 0 if partial is None else partial.strides[0],
-        0 if lse is None else _address(lse),
+        0 if chunk_lse is None else _address(chunk_lse),
         0 if weights is None else _address(weights),
         0 if weights is None else weights[(0,) * len(batch)].nbytes,
-        average_heads,
+        average_heads, opts.softcap, opts.diag, opts.alibi, opts.sinks, opts.q_lengths,
+        opts.kv_lengths,
     )
     if partial is not None:
-        merge_partials(partial, lse, out=dest)
+        merge_partials(partial, chunk_lse, out=dest, lse_out=lse)
     if dest is not work_out:
         work_out[...] = dest
     return used
@@ -169,10 +255,11 @@ def split_keys(n_items, S):
     return -(-chunk // SPLIT_MIN_KEYS) * SPLIT_MIN_KEYS
 
 
-def merge_partials(outputs, lses, out=None):
+def merge_partials(outputs, lses, out=None, lse_out=None):
     """Combine attention over disjoint key ranges into attention over all of
     them: outputs (n, ..., L, Ev) each normalised over its keys, lses (n, ...,
-    L) their logsumexps.  Rows with no key anywhere (all lse -inf) are zeros."""
+    L) their logsumexps.  Rows with no key anywhere (all lse -inf) are zeros.
+    Returns (output, lse), written into `out` and `lse_out` when given."""
     top = lses.max(axis=0)
     top = np.where(np.isneginf(top), 0, top)  # all -inf: weights 0, not NaN
     weights = np.exp(lses - top)
@@ -180,7 +267,48 @@ def merge_partials(outputs, lses, out=None):
     merged = np.einsum("n...l,n...le->...le", weights, outputs)
     merged = np.divide(merged, total[..., None], out=np.zeros_like(merged),
                        where=total[..., None] != 0)
-    if out is None:
-        return merged
-    out[...] = merged
-    return out
+    with np.errstate(divide="ignore"):
+        lse = (top + np.log(total)).astype(lses.dtype, copy=False)
+    if out is not None:
+        out[...] = merged
+        merged = out
+    if lse_out is not None:
+        lse_out[...] = lse
+        lse = lse_out
+    return merged, lse
+
+
+def merge_attention(outputs, lses, *, out=None):
+    """Attention over several disjoint sets of keys, merged into attention
+    over their union, exactly: the basis of split-KV decoding and of sharding
+    one sequence's keys across processes or machines.
+
+    Parameters
+    ----------
+    outputs : sequence of arrays (..., L, Ev), or one array (n, ..., L, Ev)
+        Each part's attention output, normalised over its own keys.
+    lses : sequence of arrays (..., L), or one array (n, ..., L)
+        Each part's logsumexp, from ``return_lse=True`` (-inf: no key).
+    out : ndarray, optional
+        Receives the merged output.
+
+    Returns
+    -------
+    (output (..., L, Ev) in the outputs' dtype, lse (..., L) in the lses').  Parts in any
+    order give the same result up to rounding.
+    """
+    outs = as_float_array(np.stack(outputs) if isinstance(outputs, (list, tuple)) else outputs,
+                          "outputs", min_ndim=3, layout="(n, ..., L, Ev)")
+    ls = as_float_array(np.stack(lses) if isinstance(lses, (list, tuple)) else lses,
+                        "lses", min_ndim=2, layout="(n, ..., L)")
+    if ls.dtype != compute_dtype(outs.dtype):
+        raise TypeError(f"lses must have dtype {compute_dtype(outs.dtype)} (as return_lse gives "
+                        f"for {outs.dtype} outputs); got {ls.dtype}")
+    if outs.shape[:-1] != ls.shape:
+        raise ValueError(f"lses must have the outputs' shape without the last axis; got "
+                         f"outputs {outs.shape} and lses {ls.shape}")
+    if outs.shape[0] == 0:
+        raise ValueError("merge_attention needs at least one part; got 0")
+    if out is not None:
+        out = prepare_out(out, outs.shape[1:], outs.dtype, {"outputs": outs, "lses": ls})
+    return merge_partials(outs, ls, out=out)

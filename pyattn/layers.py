@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._validation import SUPPORTED_DTYPES, as_float_array
+from ._validation import FLOAT_DTYPES, as_float_array
 from .functional import attention
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
@@ -29,7 +29,7 @@ def _generator(rng):
 
 def _layer_dtype(dtype):
     dt = np.dtype(dtype)
-    if dt not in SUPPORTED_DTYPES:
+    if dt not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt
 
@@ -121,8 +121,8 @@ class SelfAttention:
         b = None if self.b_q is None else np.concatenate([self.b_q, self.b_k, self.b_v])
         qkv = _linear(x, w.T, b)
         q, k, v = np.split(qkv, [self.kdim, 2 * self.kdim], axis=-1)
-        out, weights = attention(q, k, v, attn_mask, is_causal, num_threads=num_threads,
-                                 weights="heads" if return_weights else None)
+        out, weights, _ = attention(q, k, v, attn_mask, is_causal, num_threads=num_threads,
+                                    weights="heads" if return_weights else None)
         return (out, weights) if return_weights else out
 
 
@@ -270,7 +270,7 @@ class MultiHeadAttention:
         # The heads' outputs land in the query's own layout, heads side by side:
         # concatenating them is free and out_proj reads them with one GEMM.
         context = np.empty(query.shape, dtype=self.dtype)
-        _, weights = self._attention(q, k, v, mask, is_causal, out=heads(batch_major(context)),
+        _, weights, _ = self._attention(q, k, v, mask, is_causal, out=heads(batch_major(context)),
                                num_threads=num_threads,
                                weights=None if not need_weights
                                else "mean" if average_attn_weights else "heads")

@@ -4,48 +4,92 @@ written as the classic four steps; it materialises the full (..., L, S) score
 matrix, which is exactly what the compiled kernel avoids."""
 import numpy as np
 
-from ._validation import check_num_threads, cpu_count, prepare_attention, prepare_out
+from ._validation import (check_flag, check_num_threads, cpu_count, prepare_attention,
+                          prepare_options, prepare_out)
 
 __all__ = ["scaled_dot_product_attention", "softmax"]
 
 
-def softmax(scores, axis=-1):
-    """Softmax along `axis`; a row that is all -inf gives zeros, not NaN."""
-    row_max = scores.max(axis=axis, keepdims=True, initial=-np.inf)  # S = 0 too
-    row_max = np.where(row_max == -np.inf, 0, row_max)  # all masked: shift by 0
-    e = np.exp(scores - row_max)
-    total = e.sum(axis=axis, keepdims=True)
-    return np.divide(e, total, out=np.zeros_like(e), where=total != 0)
+def softmax(scores, axis=-1, sink=None):
+    """Softmax along `axis`; a row that is all -inf gives zeros, not NaN.
+    `sink`, broadcastable to the scores without `axis`, is one more logit in
+    the denominator (an attention sink)."""
+    return _softmax_lse(np.moveaxis(scores, axis, -1), sink)[0].swapaxes(axis, -1) \
+        if axis not in (-1, scores.ndim - 1) else _softmax_lse(scores, sink)[0]
+
+
+def _softmax_lse(scores, sink=None):
+    """(softmax over the last axis, its logsumexp) with an optional sink logit."""
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)  # S = 0 too
+    if sink is not None:
+        row_max = np.maximum(row_max, sink[..., None])
+    shift = np.where(row_max == -np.inf, 0, row_max)  # all masked: shift by 0
+    e = np.exp(scores - shift)
+    total = e.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink[..., None] - shift)
+    weights = np.divide(e, total, out=np.zeros_like(e), where=total != 0)
+    with np.errstate(divide="ignore"):
+        lse = (shift + np.log(total))[..., 0]
+    return weights, lse
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False,
-                                 scale=None, enable_gqa=False, *, out=None,
-                                 num_threads=None):
+                                 scale=None, enable_gqa=False, *, out=None, num_threads=None,
+                                 alignment="top_left", window=None, alibi_slopes=None,
+                                 softcap=None, sinks=None, q_lengths=None, kv_lengths=None,
+                                 return_lse=False):
     prob = prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    opts = prepare_options(prob, alignment, window, alibi_slopes, softcap, sinks, q_lengths,
+                           kv_lengths)
+    return_lse = check_flag(return_lse, "return_lse")
     check_num_threads(num_threads, cpu_count)  # validated for parity; NumPy's BLAS decides
     inputs = {"query": query, "key": key, "value": value, "attn_mask": attn_mask}
-    result = prepare_out(out, prob, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
+    result = prepare_out(out, prob.out_shape, prob.dtype, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
 
-    q, k, v = prob.q, prob.k, prob.v
+    # half types are computed in float32, like the kernel does
+    q, k, v = (a.astype(prob.compute_dtype, copy=False) for a in (prob.q, prob.k, prob.v))
     if prob.kv_group > 1:  # GQA: query head h reads key/value head h // group
         k = np.repeat(k, prob.num_heads // k.shape[-3], axis=-3)
         v = np.repeat(v, prob.num_heads // v.shape[-3], axis=-3)
+    L, S = q.shape[-2], k.shape[-2]
+    per_batch = prob.batch + (1, 1, 1)  # per-sequence values against (H, L, S)
 
     # 1. scores: every query against every key
     scores = q @ np.swapaxes(k, -1, -2)
-    # 2. scaling
+    # 2. scaling, then the optional modifiers in the kernel's order
     scores = scores * prob.scale
+    if opts.softcap:
+        scores = opts.softcap * np.tanh(scores / opts.softcap)
+    # key j's offset from row i's diagonal key i + diag
+    offset = np.arange(S) - np.arange(L)[:, None] - opts.diag.reshape(per_batch)
+    if opts.alibi is not None:
+        scores = scores - opts.alibi[:, None, None].astype(scores.dtype) * np.abs(offset)
     if prob.mask is not None:
         if prob.mask.dtype == np.bool_:
             scores = np.where(prob.mask, scores, -np.inf)
         else:
             scores = scores + prob.mask
-    if prob.is_causal:
-        L, S = scores.shape[-2:]
-        scores = np.where(np.tri(L, S, dtype=bool), scores, -np.inf)
-    # 3. softmax over the keys
-    weights = softmax(scores)
+    left, right = opts.window  # causality is right = 0
+    visible = np.ones(offset.shape, dtype=bool)
+    if left >= 0:
+        visible &= offset >= -left
+    if right >= 0:
+        visible &= offset <= right
+    if opts.kv_lengths is not None:
+        visible &= np.arange(S) < opts.kv_lengths.reshape(per_batch)
+    scores = np.where(visible, scores, -np.inf)
+    # 3. softmax over the keys (and the sink, if any)
+    sink = None if opts.sinks is None else opts.sinks[:, None].astype(scores.dtype)
+    weights, lse = _softmax_lse(scores, sink)
     # 4. weighted sum of the values
     attended = weights @ v
+    if opts.q_lengths is not None:  # rows past a sequence's queries: zeros
+        padded = np.arange(L)[:, None] >= opts.q_lengths.reshape(per_batch)
+        attended = np.where(padded, 0, attended)
+        lse = np.where(padded[..., 0], -np.inf, lse)
     result[...] = np.broadcast_to(attended, prob.work_shape).reshape(prob.out_shape)
-    return result
+    if not return_lse:
+        return result
+    lse = np.broadcast_to(lse, prob.work_shape[:-1]).reshape(prob.out_shape[:-1])
+    return result, lse.astype(prob.compute_dtype)

@@ -111,7 +111,7 @@ def test_block_boundaries(kernel, dtype, causal, rng, helpers):
     kernel: BLOCK_N keys per tile and the kernel's own BLOCK_M query rows.
     Blocks of fewer rows than a micro-tile take a separate (direct) path, so
     every small remainder after a full block is included too."""
-    bm = _attention.block_rows(kernel, np.dtype(dtype).itemsize)
+    bm = _attention.block_rows(kernel, np.dtype(dtype).name)
     rows = sorted(set(EDGE_SIZES + list(range(1, 10)) + [bm - 1, bm, 2 * bm + 1]
                       + [bm + r for r in range(1, 10)]))
     keys = [1, 3, 63, 64, 65, 127, 128, 129, 255, 256, 257]
@@ -259,7 +259,7 @@ def test_long_wide_heads(kernel, dtype, E, S, rng, helpers):
     what a kernel keeps packed per thread (it then packs tile by tile); two
     query heads share each key/value head, and the query blocks end with a
     few rows."""
-    bm = _attention.block_rows(kernel, np.dtype(dtype).itemsize)
+    bm = _attention.block_rows(kernel, np.dtype(dtype).name)
     L = bm + 2
     q, k, v = helpers.qkv(rng, (2, L, E), (1, S, E), (1, S, E), dtype)
     for kwargs in ({}, {"is_causal": True}):
@@ -542,7 +542,7 @@ LAYOUTS = {"strided": _strided, "negative": _negative, "transposed": _transposed
 def test_layouts_give_the_contiguous_result(kernel, layout, dtype, rows, rng, helpers):
     """Layouts of every input, for a few query rows (the direct path) and for
     a full block plus a few (tiled and direct paths)."""
-    bm = _attention.block_rows(kernel, np.dtype(dtype).itemsize)
+    bm = _attention.block_rows(kernel, np.dtype(dtype).name)
     L = 2 if rows == "few" else bm + 3
     q, k, v = helpers.qkv(rng, (2, 3, L, 12), (2, 3, 70, 12), (2, 3, 70, 9), dtype)
     fmask = helpers.randn(rng, (3, L, 70), dtype)

@@ -51,7 +51,7 @@ def test_split_path_fully_masked_rows_are_zero(rng):
 
 
 @pytest.mark.parametrize("cuts", [[1], [5, 6], [1, 2, 3, 50], [30, 31]])
-def test_merge_partials_of_arbitrary_key_splits_is_exact(cuts, rng):
+def test_merge_attention_of_arbitrary_key_splits_is_exact(cuts, rng):
     """Attention over key slices, merged by their logsumexps, is attention over
     all keys; a slice with every key masked carries lse = -inf."""
     L, S = 7, 64
@@ -60,14 +60,14 @@ def test_merge_partials_of_arbitrary_key_splits_is_exact(cuts, rng):
     mask[:, 40:] = False
     outs, lses = [], []
     for lo, hi in zip([0] + cuts, cuts + [S]):
-        outs.append(ref.scaled_dot_product_attention(q, k[:, lo:hi], v[:, lo:hi],
-                                                     attn_mask=mask[:, lo:hi]))
-        scores = np.where(mask[:, lo:hi], q @ k[:, lo:hi].swapaxes(-1, -2) / np.sqrt(8),
-                          -np.inf)
-        top = scores.max(-1, keepdims=True)
-        top = np.where(np.isneginf(top), 0, top)
-        with np.errstate(divide="ignore"):
-            lses.append(np.log(np.exp(scores - top).sum(-1)) + top[..., 0])
-    merged = functional.merge_partials(np.stack(outs), np.stack(lses))
-    want = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o, lse = ref.scaled_dot_product_attention(q, k[:, lo:hi], v[:, lo:hi],
+                                                  attn_mask=mask[:, lo:hi], return_lse=True)
+        outs.append(o)
+        lses.append(lse)
+    merged, merged_lse = pyattn.merge_attention(outs, lses)
+    want, want_lse = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
     np.testing.assert_allclose(merged, want, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(merged_lse, want_lse, rtol=1e-12)
+    # the lse itself, written out: log sum_j exp(score_j) over the keys taking part
+    scores = np.where(mask, q @ k.swapaxes(-1, -2) / np.sqrt(8), -np.inf)
+    np.testing.assert_allclose(want_lse, np.log(np.exp(scores).sum(-1)), rtol=1e-12)

@@ -1,0 +1,156 @@
+"""A key/value cache for autoregressive decoding, and attention against it."""
+import numbers
+
+import numpy as np
+
+from ._validation import SUPPORTED_DTYPES, as_float_array
+from .functional import scaled_dot_product_attention
+
+__all__ = ["KVCache", "decode_attention"]
+
+INITIAL_CAPACITY = 256  # positions; storage then doubles (amortised O(1) appends)
+
+
+def _size(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class KVCache:
+    """Keys and values of `batch` sequences, appended position by position.
+
+    Storage is (batch, num_kv_heads, capacity, head_dim) per tensor, so every
+    head's keys are contiguous rows; it grows by doubling (a full copy only
+    then, amortised O(1) per position) up to ``max_len`` when given.  Each
+    sequence has its own length.
+
+    Parameters
+    ----------
+    batch, num_kv_heads, head_dim : int
+    max_len : int, optional
+        Refuse to grow beyond this many positions (and never allocate more).
+    dtype : float32 or float64
+    value_dim : int, optional
+        Width of the values (default head_dim).
+    """
+
+    def __init__(self, batch, num_kv_heads, head_dim, max_len=None, dtype=np.float32,
+                 value_dim=None):
+        self.batch = _size(batch, "batch")
+        self.num_kv_heads = _size(num_kv_heads, "num_kv_heads")
+        self.head_dim = _size(head_dim, "head_dim")
+        self.value_dim = self.head_dim if value_dim is None else _size(value_dim, "value_dim")
+        self.max_len = None if max_len is None else _size(max_len, "max_len")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {self.dtype}")
+        self.lengths = np.zeros(self.batch, dtype=np.int64)
+        self._k = self._v = None
+        self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY))
+
+    def _allocate(self, capacity):
+        shape = (self.batch, self.num_kv_heads, capacity)
+        k = np.empty(shape + (self.head_dim,), dtype=self.dtype)
+        v = np.empty(shape + (self.value_dim,), dtype=self.dtype)
+        if self._k is not None:  # keep what is there (up to the longest sequence)
+            n = int(self.lengths.max())
+            k[:, :, :n] = self._k[:, :, :n]
+            v[:, :, :n] = self._v[:, :, :n]
+        self._k, self._v = k, v
+
+    @property
+    def capacity(self):
+        return self._k.shape[2]
+
+    @property
+    def keys(self):
+        """View (batch, num_kv_heads, max(lengths), head_dim); sequence b's
+        valid keys are the first lengths[b]."""
+        return self._k[:, :, :int(self.lengths.max(initial=0))]
+
+    @property
+    def values(self):
+        """View (batch, num_kv_heads, max(lengths), value_dim), as keys."""
+        return self._v[:, :, :int(self.lengths.max(initial=0))]
+
+    def append(self, k_new, v_new, lengths=None):
+        """Append n positions to every sequence: k_new (batch, num_kv_heads, n,
+        head_dim), v_new (..., value_dim).  With `lengths` (batch,) ints <= n,
+        sequence b takes only its first lengths[b] new positions."""
+        k_new = as_float_array(k_new, "k_new", min_ndim=4, layout="(batch, num_kv_heads, n, head_dim)")
+        v_new = as_float_array(v_new, "v_new", min_ndim=4, layout="(batch, num_kv_heads, n, value_dim)")
+        want_k = (self.batch, self.num_kv_heads, k_new.shape[2], self.head_dim)
+        want_v = want_k[:3] + (self.value_dim,)
+        if k_new.shape != want_k or v_new.shape != want_v:
+            raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
+                             f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
+        n = k_new.shape[2]
+        if lengths is None:
+            counts = np.full(self.batch, n, dtype=np.int64)
+        else:
+            counts = np.asarray(lengths)
+            if counts.dtype.kind not in "iu" or counts.shape != (self.batch,):
+                raise ValueError(f"lengths must be {self.batch} ints, one per sequence; "
+                                 f"got {counts.dtype} of shape {counts.shape}")
+            if counts.size and (counts.min() < 0 or counts.max() > n):
+                raise ValueError(f"lengths must lie in [0, n] = [0, {n}]; got {counts}")
+            counts = counts.astype(np.int64)
+        new_lengths = self.lengths + counts
+        needed = int(new_lengths.max(initial=0))
+        if self.max_len is not None and needed > self.max_len:
+            raise ValueError(f"the cache holds at most max_len = {self.max_len} positions; "
+                             f"appending would make {needed}")
+        if needed > self.capacity:
+            grown = max(needed, 2 * self.capacity)
+            self._allocate(grown if self.max_len is None else min(grown, self.max_len))
+        for b in range(self.batch):
+            start, c = int(self.lengths[b]), int(counts[b])
+            self._k[b, :, start:start + c] = k_new[b, :, :c]
+            self._v[b, :, start:start + c] = v_new[b, :, :c]
+        self.lengths = new_lengths
+
+    def reset(self):
+        """Forget every position (the storage is kept)."""
+        self.lengths[:] = 0
+
+    def truncate(self, n):
+        """Keep at most the first n positions of every sequence (n an int, or
+        one int per sequence)."""
+        limit = np.asarray(n)
+        if limit.dtype.kind not in "iu" or (limit.ndim and limit.shape != (self.batch,)):
+            raise ValueError(f"n must be an int or {self.batch} ints; got {n!r}")
+        if (limit < 0).any():
+            raise ValueError(f"n must be non-negative; got {n!r}")
+        self.lengths = np.minimum(self.lengths, limit).astype(np.int64)
+
+    def __repr__(self):
+        return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, lengths={self.lengths.tolist()}, "
+                f"capacity={self.capacity}, dtype={self.dtype.name})")
+
+
+def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=None, **modifiers):
+    """Attend new queries to everything in `cache`, causally aligned to the
+    end of each sequence (lower-right): query i of L sees the keys up to
+    position lengths[b] - L + i, so append the new keys and values first.
+
+    query : (batch, num_heads, L, head_dim), num_heads a multiple of the
+        cache's num_kv_heads (GQA/MQA: each KV head is read once for all the
+        query heads that share it when L == 1).
+    q_lengths : (batch,) ints, optional
+        Sequences that appended fewer than L positions have their queries
+        first; the rest are padding (zeros out).
+    Other keywords (window, alibi_slopes, softcap, sinks, return_lse, out)
+    are those of scaled_dot_product_attention.
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a pyattn.KVCache, got {type(cache).__name__}")
+    q = as_float_array(query, "query", min_ndim=4, layout="(batch, num_heads, L, head_dim)")
+    if q.ndim != 4 or q.shape[0] != cache.batch or q.shape[-1] != cache.head_dim:
+        raise ValueError(f"query must have shape (batch={cache.batch}, num_heads, L, "
+                         f"head_dim={cache.head_dim}); got {q.shape}")
+    return scaled_dot_product_attention(
+        q, cache.keys, cache.values, is_causal=True, alignment="lower_right", scale=scale,
+        enable_gqa=True, kv_lengths=cache.lengths, q_lengths=q_lengths,
+        num_threads=num_threads, **modifiers)
