@@ -27,6 +27,23 @@ def compute_dtype(dtype):
     weights are given in): float32 for the half types."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
+MAX_POSITIONS = 2**31 - 1  # queries or keys per sequence; claimed sizes beyond are refused
+
+
+def physical_memory():
+    """Bytes of RAM in this machine (a large number when it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 50
+
+
+def check_fits(n_elements, itemsize, what):
+    """Refuse, before allocating, an array larger than the machine's memory."""
+    nbytes = int(n_elements) * itemsize
+    if nbytes > physical_memory():
+        raise ValueError(f"{what} would need {nbytes / 2**30:.4g} GiB, more than this "
+                         f"machine's {physical_memory() / 2**30:.4g} GiB of memory")
 
 
 def typed_access_ok(arr):
@@ -161,13 +178,23 @@ def _heads(hq, hk, hv, enable_gqa):
     return hq, hq // hkv
 
 
+def as_mask_array(mask, name):
+    """`mask` as an ndarray; ragged nested lists and the like raise ValueError."""
+    try:
+        return np.asarray(mask)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+
+
+def _compact(arr):
+    """The smallest array that broadcasts back to `arr` (drops zero strides)."""
+    return arr[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                     for st, n in zip(arr.strides, arr.shape))]
+
+
 def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
-    mask = np.asarray(attn_mask)
-    if mask.dtype == np.bool_:
-        pass
-    elif mask.dtype.kind == "f":
-        mask = mask.astype(dtype, copy=False)  # the user's size, before broadcasting
-    else:
+    mask = as_mask_array(attn_mask, "attn_mask")
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
         raise TypeError(
             f"attn_mask has dtype {mask.dtype}; it must be bool (True = take part) "
             f"or floating (added to the scores)"
@@ -178,12 +205,18 @@ def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
             f"(..., Hq, L, S) = {scores_shape}"
         )
     try:
-        return np.broadcast_to(kernel_readable(mask), scores_shape)  # a view, no copy
+        broadcast = np.broadcast_shapes(mask.shape, scores_shape)
     except ValueError:
+        broadcast = None
+    if broadcast != scores_shape:
         raise ValueError(
             f"attn_mask of shape {mask.shape} does not broadcast to the scores shape "
             f"(..., Hq, L, S) = {scores_shape}"
-        ) from None
+        )
+    if mask.dtype != np.bool_:  # cast what is stored, not what a broadcast view claims
+        mask = _compact(mask).astype(dtype, copy=False)
+    return np.broadcast_to(kernel_readable(mask), scores_shape)  # a view, no copy
+
 
 
 def check_flag(value, name):
@@ -230,9 +263,16 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         ) from None
 
     L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    if L > MAX_POSITIONS or S > MAX_POSITIONS:
+        raise ValueError(
+            f"query has L = {L} rows and key/value S = {S}; pyattn handles at most "
+            f"{MAX_POSITIONS} (2**31 - 1) of each"
+        )
     work_shape = batch + (num_heads, L, Ev)
     out_shape = work_shape[ndim - out_ndim:]
     scores_shape = batch + (num_heads, L, S)
+    check_fits(math.prod(out_shape), q.itemsize, f"the result, of shape {out_shape} (from query, "
+               f"key and value),")
     mask = None
     if attn_mask is not None:
         mask = _check_mask(attn_mask, compute_dtype(q.dtype), scores_shape, ndim)

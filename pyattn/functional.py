@@ -132,8 +132,8 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     opts = prepare_options(prob, **modifiers)
     return_lse = check_flag(return_lse, "return_lse")
     nthreads = check_num_threads(num_threads, _attention.max_threads)
-    inputs = {"query": query, "key": key, "value": value, "attn_mask": attn_mask}
-    result = prepare_out(out, prob.out_shape, prob.dtype, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
+    read = {"query": prob.q, "key": prob.k, "value": prob.v, "attn_mask": prob.mask}
+    result = prepare_out(out, prob.out_shape, prob.dtype, read)
     L, S = prob.q.shape[-2], prob.k.shape[-2]
     probs = lse = None
     if weights is not None:

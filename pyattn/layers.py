@@ -10,28 +10,40 @@ the attention kernel reads Q, K, V from the projection's output and writes
 its result where the output projection reads it.
 """
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import FLOAT_DTYPES, as_float_array
+from ._validation import FLOAT_DTYPES, as_float_array, as_mask_array, check_fits
 from .functional import attention
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
 
 
 def _generator(rng):
-    if rng is None or isinstance(rng, (int, np.integer)):
-        return np.random.default_rng(rng)
     if isinstance(rng, np.random.Generator):
         return rng
-    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)):
+        if rng is not None and rng < 0:
+            raise ValueError(f"rng must be a non-negative int seed, got {rng}")
+        return np.random.default_rng(rng)
+    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None, "
+                    f"got {type(rng).__name__}")
 
 
 def _layer_dtype(dtype):
-    dt = np.dtype(dtype)
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dtype is None or dt not in FLOAT_DTYPES:  # (np.dtype(None) would be float64)
+        raise TypeError(f"dtype must be float32 or float64, got {'None' if dtype is None else dt.name}")
     return dt
+
+
+def _check_parameters(shapes, dtype, what):
+    """Refuse parameters that cannot fit in memory before allocating them."""
+    check_fits(sum(math.prod(shape) for shape in shapes), dtype.itemsize, what)
 
 
 def _positive_int(value, name):
@@ -64,9 +76,11 @@ def _as_input(x, name, dtype, width, width_name):
     return arr
 
 
-def _linear(x, weight, bias, out=None):
+def _linear(x, weight, bias, name, out=None):
     """x @ weight.T + bias over the last axis, as one 2-D BLAS call where the
-    leading axes merge without a copy."""
+    leading axes merge without a copy.  `name` is x's, for errors."""
+    check_fits(math.prod(x.shape[:-1]) * weight.shape[0], x.itemsize,
+               f"the projection of {name} {x.shape}")
     flat = x.reshape(-1, x.shape[-1])
     y = np.matmul(flat, weight.T, out=None if out is None else out.reshape(-1, weight.shape[0]))
     if bias is not None:
@@ -99,6 +113,9 @@ class SelfAttention:
         self.dtype = _layer_dtype(dtype)
         rng = _generator(rng)
         shapes = {"q": self.kdim, "k": self.kdim, "v": self.vdim}
+        _check_parameters([(self.embed_dim, w) for w in shapes.values()], self.dtype,
+                          f"the weights for embed_dim={self.embed_dim}, kdim={self.kdim}, "
+                          f"vdim={self.vdim}")
         for name, width in shapes.items():
             w = _xavier_uniform(rng, (width, self.embed_dim), self.dtype).T.copy()
             setattr(self, f"w_{name}", w)
@@ -119,7 +136,7 @@ class SelfAttention:
         # One GEMM for the three maps: x @ [w_q | w_k | w_v].
         w = np.concatenate([self.w_q, self.w_k, self.w_v], axis=1)
         b = None if self.b_q is None else np.concatenate([self.b_q, self.b_k, self.b_v])
-        qkv = _linear(x, w.T, b)
+        qkv = _linear(x, w.T, b, "x")
         q, k, v = np.split(qkv, [self.kdim, 2 * self.kdim], axis=-1)
         out, weights, _ = attention(q, k, v, attn_mask, is_causal, num_threads=num_threads,
                                     weights="heads" if return_weights else None)
@@ -152,6 +169,9 @@ class MultiHeadAttention:
         self.dtype = dt = _layer_dtype(dtype)
         rng = _generator(rng)
         self._qkv_same_embed_dim = self.kdim == E and self.vdim == E
+        self._bias = bool(bias)
+        _check_parameters(self._parameter_shapes().values(), dt,
+                          f"the weights for embed_dim={E}, kdim={self.kdim}, vdim={self.vdim}")
         if self._qkv_same_embed_dim:
             self.in_proj_weight = _xavier_uniform(rng, (3 * E, E), dt)
             self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
@@ -184,10 +204,10 @@ class MultiHeadAttention:
         else:
             shapes.update(q_proj_weight=(E, E), k_proj_weight=(E, self.kdim),
                           v_proj_weight=(E, self.vdim))
-        if self.in_proj_bias is not None:
+        if self._bias:
             shapes["in_proj_bias"] = (3 * E,)
         shapes["out_proj.weight"] = (E, E)
-        if self.out_proj_bias is not None:
+        if self._bias:
             shapes["out_proj.bias"] = (E,)
         return shapes
 
@@ -200,6 +220,9 @@ class MultiHeadAttention:
         """Load parameters saved by state_dict() here or by torch (tensors are
         converted with numpy.asarray).  strict=False ignores missing and
         unexpected keys; shapes are always checked."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of parameter names to arrays, "
+                            f"got {type(state_dict).__name__}")
         shapes = self._parameter_shapes()
         missing = [k for k in shapes if k not in state_dict]
         unexpected = [k for k in state_dict if k not in shapes]
@@ -256,14 +279,14 @@ class MultiHeadAttention:
             return x.reshape(b, n, H, D).swapaxes(1, 2)
 
         if fused:  # one GEMM makes Q, K and V
-            qkv = batch_major(_linear(query, self.in_proj_weight, self.in_proj_bias))
+            qkv = batch_major(_linear(query, self.in_proj_weight, self.in_proj_bias, "query"))
             q, k, v = (heads(qkv[..., i * E:(i + 1) * E]) for i in range(3))
         else:
             w_q, w_k, w_v = self._input_projections()
             b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else np.split(self.in_proj_bias, 3)
-            q = heads(batch_major(_linear(query, w_q, b_q)))
-            k = heads(batch_major(_linear(key, w_k, b_k)))
-            v = heads(batch_major(_linear(value, w_v, b_v)))
+            q = heads(batch_major(_linear(query, w_q, b_q, "query")))
+            k = heads(batch_major(_linear(key, w_k, b_k, "key")))
+            v = heads(batch_major(_linear(value, w_v, b_v, "value")))
 
         B, L, S = q.shape[0], q.shape[2], k.shape[2]
         mask = self._sdpa_mask(key_padding_mask, attn_mask, B, L, S, batched)
@@ -274,7 +297,7 @@ class MultiHeadAttention:
                                num_threads=num_threads,
                                weights=None if not need_weights
                                else "mean" if average_attn_weights else "heads")
-        output = _linear(context, self.out_proj_weight, self.out_proj_bias)
+        output = _linear(context, self.out_proj_weight, self.out_proj_bias, "the heads' output")
         if weights is not None and not batched:
             weights = weights[0]
         return output, weights
@@ -329,15 +352,15 @@ class MultiHeadAttention:
             return None
         if all(m.dtype == np.bool_ for m in masks):
             return ~masks[0] if len(masks) == 1 else ~(masks[0] | masks[1])
-        additive = [np.where(m, -np.inf, 0).astype(self.dtype) if m.dtype == np.bool_ else m
-                    for m in masks]
+        additive = [np.where(m, -np.inf, 0).astype(self.dtype) if m.dtype == np.bool_
+                    else m.astype(self.dtype, copy=False) for m in masks]
         return additive[0] if len(additive) == 1 else additive[0] + additive[1]
 
     def _mask_array(self, mask, name):
-        arr = np.asarray(mask)
+        arr = as_mask_array(mask, name)
         if arr.dtype == np.bool_:
             return arr
         if arr.dtype.kind != "f":
             raise TypeError(f"{name} must be bool (True = masked out) or float (added to the "
                             f"scores); got dtype {arr.dtype}")
-        return arr.astype(self.dtype, copy=False)
+        return arr  # cast once its shape is known to be right

@@ -44,8 +44,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                            kv_lengths)
     return_lse = check_flag(return_lse, "return_lse")
     check_num_threads(num_threads, cpu_count)  # validated for parity; NumPy's BLAS decides
-    inputs = {"query": query, "key": key, "value": value, "attn_mask": attn_mask}
-    result = prepare_out(out, prob.out_shape, prob.dtype, {n: a for n, a in inputs.items() if isinstance(a, np.ndarray)})
+    read = {"query": prob.q, "key": prob.k, "value": prob.v, "attn_mask": prob.mask}
+    result = prepare_out(out, prob.out_shape, prob.dtype, read)
 
     # half types are computed in float32, like the kernel does
     q, k, v = (a.astype(prob.compute_dtype, copy=False) for a in (prob.q, prob.k, prob.v))
