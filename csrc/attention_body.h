@@ -451,14 +451,64 @@ static inline REAL FN(dot)(const REAL *a, const STORE *b, int64_t n)
     return d;
 }
 
-/* y[0:n] += alpha * x[0:n]. */
-static inline void FN(axpy)(REAL alpha, const STORE *x, REAL *y, int64_t n)
+/* One stage of a transposing reduction: lanes whose bit `1 << level` is
+ * clear get a's pairwise sums across that bit, the others b's. */
+static inline VEC FN(fold)(VEC a, VEC b, int level)
+{
+    static const UINT lanes[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    UVEC lane;
+    memcpy(&lane, lanes, sizeof lane);
+    const UVEC high = (UVEC)((lane & ((UINT)1 << level)) != 0);
+    return FN(vselect)(high, b, a) + FN(vswap)(FN(vselect)(high, a, b), level);
+}
+
+/* s[j] = dot(a, b + j * ldb) for the LANES rows j: one accumulator per row,
+ * then log2(LANES) fold stages sum all of them at once (instead of one
+ * horizontal sum per dot product). */
+static inline void FN(dots)(const REAL *a, const STORE *b, int64_t ldb, int64_t n, REAL *s)
 {
     const int64_t nv = n - n % LANES;
-    const VEC va = FN(vsplat)(alpha);
-    for (int64_t e = 0; e < nv; e += LANES)
-        FN(vstore)(y + e, FN(vload)(y + e) + va * FN(vload_store)(x + e));
-    for (int64_t e = nv; e < n; e++) y[e] += alpha * TO_REAL(x[e]);
+    VEC acc[LANES];
+    for (int j = 0; j < LANES; j++) { /* row by row: each row is read in order */
+        VEC sum = FN(vsplat)(0);
+        for (int64_t e = 0; e < nv; e += LANES) sum += FN(vload)(a + e) * FN(vload_store)(b + j * ldb + e);
+        acc[j] = sum;
+    }
+    /* Fully unrolled, so that acc stays in registers. */
+#pragma GCC unroll 4
+    for (int level = 0; (1 << level) < LANES; level++)
+#pragma GCC unroll 8
+        for (int i = 0; i < (LANES >> (level + 1)); i++)
+            acc[i] = FN(fold)(acc[2 * i], acc[2 * i + 1], level);
+    FN(vstore)(s, acc[0]);
+    for (int64_t e = nv; e < n; e++)
+        for (int j = 0; j < LANES; j++) s[j] += a[e] * TO_REAL(b[j * ldb + e]);
+}
+
+/* y[0:n] += sum over keys c < nb of p[c] * x[c * ldx + 0:n], with y's
+ * vectors held in registers across the keys (8 at a time). */
+static inline void FN(weighted_rows)(const REAL *p, const STORE *x, int64_t ldx, int64_t nb,
+                                     REAL *y, int64_t n)
+{
+    enum { BLOCK = 8 };
+    const int64_t nv = n - n % LANES;
+    int64_t x0 = 0;
+    for (; x0 + BLOCK * LANES <= nv; x0 += BLOCK * LANES) { /* constant trip counts: registers */
+        VEC acc[BLOCK];
+        for (int i = 0; i < BLOCK; i++) acc[i] = FN(vload)(y + x0 + i * LANES);
+        for (int64_t c = 0; c < nb; c++) {
+            const VEC pc = FN(vsplat)(p[c]);
+            for (int i = 0; i < BLOCK; i++) acc[i] += pc * FN(vload_store)(x + c * ldx + x0 + i * LANES);
+        }
+        for (int i = 0; i < BLOCK; i++) FN(vstore)(y + x0 + i * LANES, acc[i]);
+    }
+    for (; x0 < nv; x0 += LANES) {
+        VEC acc = FN(vload)(y + x0);
+        for (int64_t c = 0; c < nb; c++) acc += FN(vsplat)(p[c]) * FN(vload_store)(x + c * ldx + x0);
+        FN(vstore)(y + x0, acc);
+    }
+    for (int64_t e = nv; e < n; e++)
+        for (int64_t c = 0; c < nb; c++) y[e] += p[c] * TO_REAL(x[c * ldx + e]);
 }
 
 /* Keys the block reads: its key range cut to what its rows' windows can see,
@@ -508,14 +558,15 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
         }
         for (int64_t r = 0; r < nrows; r++) {
             REAL *s = sc + r * BLOCK_N;
-            for (int64_t c = 0; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
+            const int64_t full = nb - nb % LANES;
+            for (int64_t c = 0; c < full; c += LANES)
+                FN(dots)(qs + r * E, kr + c * k_stride, k_stride, E, s + c);
+            for (int64_t c = full; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
             if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
                 FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
             FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
+            FN(weighted_rows)(s, vr, v_stride, nb, acc + r * evp, Ev);
         }
-        for (int64_t c = 0; c < nb; c++)
-            for (int64_t r = 0; r < nrows; r++)
-                FN(axpy)(sc[r * BLOCK_N + c], vr + c * v_stride, acc + r * evp, Ev);
     }
 }
 

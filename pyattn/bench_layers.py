@@ -4,10 +4,18 @@ self-attention in inference, with and without the attention weights.
 
     python -m pyattn.bench --layers [--threads N] [--json out.json]
 
+Each implementation runs in a fresh interpreter, one after the other: in one
+process, the idle threads that one library leaves spinning after its calls
+(torch's OpenMP pool, OpenBLAS's workers) would slow the next library down.
 The NumPy baseline is the same module with pyattn.reference attention (the
-projections are the same BLAS calls), so its gap to pyattn is the kernel's.
+same BLAS projections), so its gap to pyattn is the attention kernel's.
+Every output is compared with the baseline's outside the timing.
 """
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,6 +27,17 @@ MODULE_CASES = [  # (name, B, L, E, H): BERT-base's attention block
     ("mha-bert-base", 8, 128, 768, 12),
 ]
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+# label: (implementation, need_weights, extra environment)
+RUNS = {
+    "pyattn (no weights)": ("pyattn", False, {}),
+    "torch (no weights)": ("torch", False, {}),
+    "pyattn (weights)": ("pyattn", True, {}),
+    "torch (weights)": ("torch", True, {}),
+    "numpy + reference attention": ("reference", False, {}),
+    # OpenBLAS's idle workers spin for ~2^28 cycles after each matmul, taking
+    # a core from the attention kernel that follows; this makes them sleep.
+    "pyattn, OPENBLAS_THREAD_TIMEOUT=4": ("pyattn", False, {"OPENBLAS_THREAD_TIMEOUT": "4"}),
+}
 
 
 def _reference_attention(q, k, v, mask, is_causal, *, out, num_threads, weights):
@@ -46,46 +65,64 @@ def _median_ms(fn, budget_s=3.0, max_repeat=60):
     return statistics.median(times) * 1e3, result
 
 
-def _torch_module(module, threads):
-    try:
+def _problem(B, L, E, H):
+    """The module (nonzero biases, so they are checked too) and its input."""
+    module = MultiHeadAttention(E, H, rng=0)
+    rng = np.random.default_rng(1)
+    module.in_proj_bias[:] = rng.uniform(-0.1, 0.1, 3 * E)
+    module.out_proj_bias[:] = rng.uniform(-0.1, 0.1, E)
+    return module, rng.standard_normal((B, L, E), dtype=np.float32)
+
+
+def _worker(impl, need_weights, case_index, threads):
+    """In a fresh interpreter: time one implementation, print JSON."""
+    B, L, E, H = MODULE_CASES[case_index][1:]
+    module, x = _problem(B, L, E, H)
+    baseline = _ReferenceMHA(E, H, rng=0)
+    baseline.load_state_dict(module.state_dict())
+    want = baseline(x, x, x, need_weights=False)[0]
+    info = {}
+    if impl == "pyattn":
+        ms, (out, _) = _median_ms(lambda: module(x, x, x, need_weights=need_weights,
+                                                 num_threads=threads))
+    elif impl == "reference":
+        ms, (out, _) = _median_ms(lambda: baseline(x, x, x, need_weights=False))
+    else:
         import torch
-    except ImportError:
-        return None, None
-    torch.set_num_threads(threads)
-    tm = torch.nn.MultiheadAttention(module.embed_dim, module.num_heads, batch_first=True).eval()
-    tm.load_state_dict({k: torch.from_numpy(v) for k, v in module.state_dict().items()})
-    return torch, tm
+        torch.set_num_threads(threads)
+        tm = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+        tm.load_state_dict({k: torch.from_numpy(v) for k, v in module.state_dict().items()})
+        xt = torch.from_numpy(x)
+        with torch.inference_mode():
+            ms, (tout, _) = _median_ms(lambda: tm(xt, xt, xt, need_weights=need_weights))
+        out, info = tout.numpy(), {"version": torch.__version__}
+    print(json.dumps(dict(info, median_ms=ms, matches=bool(np.allclose(out, want, **TOLERANCE)))))
+
+
+def _run_worker(impl, need_weights, case_index, threads, env):
+    code = (f"from pyattn.bench_layers import _worker; "
+            f"_worker({impl!r}, {need_weights!r}, {case_index}, {threads})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, **env))
+    if proc.returncode != 0:
+        if impl == "torch" and "No module named 'torch'" in proc.stderr:
+            return None
+        raise RuntimeError(f"{impl} worker failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_layers(threads):
     """Time every case; a list of records {name, shape, impls: {label: {...}}}."""
     records = []
-    for name, B, L, E, H in MODULE_CASES:
-        module = MultiHeadAttention(E, H, rng=0)
-        baseline = _ReferenceMHA(E, H, rng=0)
-        rng = np.random.default_rng(1)
-        module.in_proj_bias[:] = rng.uniform(-0.1, 0.1, 3 * E)  # nonzero, to check them
-        module.out_proj_bias[:] = rng.uniform(-0.1, 0.1, E)
-        baseline.load_state_dict(module.state_dict())
-        x = rng.standard_normal((B, L, E), dtype=np.float32)
-        torch, tm = _torch_module(module, threads)
-        impls = {}
-        want, _ = baseline(x, x, x, need_weights=False)
-        for weights in (False, True):
-            tag = "weights" if weights else "no weights"
-            ms, (out, w) = _median_ms(lambda: module(x, x, x, need_weights=weights, num_threads=threads))
-            impls[f"pyattn ({tag})"] = {"median_ms": ms, "matches": bool(np.allclose(out, want, **TOLERANCE))}
-            if tm is not None:
-                xt = torch.from_numpy(x)
-                with torch.inference_mode():
-                    ms, (tout, _) = _median_ms(lambda: tm(xt, xt, xt, need_weights=weights))
-                impls[f"torch ({tag})"] = {"median_ms": ms,
-                                           "matches": bool(np.allclose(tout.numpy(), want, **TOLERANCE))}
-        ms, _ = _median_ms(lambda: baseline(x, x, x, need_weights=False))
-        impls["numpy + reference attention"] = {"median_ms": ms, "matches": True}
+    for index, (name, B, L, E, H) in enumerate(MODULE_CASES):
+        impls, torch_version = {}, None
+        for label, (impl, need_weights, env) in RUNS.items():
+            result = _run_worker(impl, need_weights, index, threads, env)
+            if result is not None:
+                torch_version = result.pop("version", torch_version)
+                impls[label] = result
         records.append({"name": name, "shape": f"B{B} L{L} E{E} H{H}", "dtype": "float32",
-                        "threads": threads, "torch": None if torch is None else torch.__version__,
-                        "impls": impls})
+                        "threads": threads, "torch": torch_version, "impls": impls})
     return records
 
 
@@ -93,12 +130,13 @@ def format_layers(records):
     lines = []
     for rec in records:
         lines.append(f"{rec['name']}  ({rec['shape']}, {rec['dtype']}, self-attention, "
-                     f"{rec['threads']} threads; torch: {rec['torch'] or 'absent'})")
+                     f"{rec['threads']} threads, each in a fresh process; "
+                     f"torch: {rec['torch'] or 'absent'})")
         for label, e in rec["impls"].items():
             tag = "weights" if "(weights)" in label else "no weights"
             mine = rec["impls"].get(f"pyattn ({tag})", {}).get("median_ms")
-            ratio = f"{e['median_ms'] / mine:6.2f}x" if mine and not label.startswith("pyattn") else ""
+            ratio = f"{e['median_ms'] / mine:6.2f}x" if mine and label != f"pyattn ({tag})" else ""
             check = "" if e["matches"] else "  WRONG"
-            lines.append(f"  {label:<30} {e['median_ms']:9.2f} ms {ratio}{check}")
+            lines.append(f"  {label:<34} {e['median_ms']:9.2f} ms {ratio}{check}")
         lines.append("  (Nx: time / pyattn's time for the same need_weights; above 1: pyattn is faster)")
     return "\n".join(lines)
