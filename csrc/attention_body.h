@@ -468,11 +468,16 @@ static inline VEC FN(fold)(VEC a, VEC b, int level)
 static inline void FN(dots)(const REAL *a, const STORE *b, int64_t ldb, int64_t n, REAL *s)
 {
     const int64_t nv = n - n % LANES;
+    enum { G = LANES < 4 ? LANES : 4 }; /* rows at once: independent FMA chains */
     VEC acc[LANES];
-    for (int j = 0; j < LANES; j++) { /* row by row: each row is read in order */
-        VEC sum = FN(vsplat)(0);
-        for (int64_t e = 0; e < nv; e += LANES) sum += FN(vload)(a + e) * FN(vload_store)(b + j * ldb + e);
-        acc[j] = sum;
+    for (int j = 0; j < LANES; j += G) {
+        VEC sum[G];
+        for (int g = 0; g < G; g++) sum[g] = FN(vsplat)(0);
+        for (int64_t e = 0; e < nv; e += LANES) {
+            const VEC av = FN(vload)(a + e);
+            for (int g = 0; g < G; g++) sum[g] += av * FN(vload_store)(b + (j + g) * ldb + e);
+        }
+        for (int g = 0; g < G; g++) acc[j + g] = sum[g];
     }
     /* Fully unrolled, so that acc stays in registers. */
 #pragma GCC unroll 4
