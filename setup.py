@@ -47,7 +47,12 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-CSRC = ["csrc/dispatch.c", "csrc/kernels_baseline.c", "csrc/kernels_avx2.c", "csrc/kernels_avx512.c"]
+CSRC = [
+    "csrc/dispatch.c",
+    "csrc/kernels_baseline.c",
+    "csrc/kernels_avx2.c",
+    "csrc/kernels_avx512.c",
+]
 extra_cflags = os.environ.get("PYATTN_EXTRA_CFLAGS", "").split()
 
 extensions = [

@@ -26,8 +26,9 @@ class ToyDecoder:
         init = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
         self.embed = init(vocab, dim) * np.float32(np.sqrt(vocab))
         kv = kv_heads * self.head_dim
-        self.layers = [dict(wq=init(dim, dim), wk=init(dim, kv), wv=init(dim, kv), wo=init(dim, dim),
-                            w1=init(dim, 4 * dim), w2=init(4 * dim, dim)) for _ in range(layers)]
+        self.layers = [dict(wq=init(dim, dim), wk=init(dim, kv), wv=init(dim, kv),
+                            wo=init(dim, dim), w1=init(dim, 4 * dim), w2=init(4 * dim, dim))
+                       for _ in range(layers)]
 
     def _heads(self, x, n):  # (T, n * head_dim) -> (1, n, T, head_dim)
         return x.reshape(x.shape[0], n, self.head_dim).transpose(1, 0, 2)[np.newaxis]
@@ -90,8 +91,8 @@ def main(argv=None):
         tokens = generate(model, prompt, args.new)
         seconds = time.perf_counter() - t0
         results[name] = tokens
-        print(f"{name:<28} {args.new / seconds:8.1f} tokens/s  ({seconds:.2f} s for {args.new} tokens "
-              f"after a {args.prompt}-token prompt)")
+        print(f"{name:<28} {args.new / seconds:8.1f} tokens/s  "
+              f"({seconds:.2f} s for {args.new} tokens after a {args.prompt}-token prompt)")
     same = len(set(map(tuple, results.values()))) == 1
     print("same tokens:", same)
     return results

@@ -14,6 +14,7 @@ WordPiece vocabulary are read by the short code below.  When
 sentence-transformers is installed, the script also compares with it.
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -55,7 +56,8 @@ def load_safetensors(path):
     tensors = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
-        tensors[name] = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        tensor = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]])
+        tensors[name] = tensor.reshape(info["shape"])
     return tensors
 
 
@@ -87,7 +89,8 @@ class WordPieceTokenizer:
             elif c in "\x00\ufffd" or cat.startswith("C") or cat == "Mn":
                 continue  # control characters and accents are dropped
             elif cat.startswith("P") or c.isascii() and not c.isalnum() and c.isprintable():
-                chars.append(f" {c} ")  # BERT counts every non-alphanumeric ASCII symbol as punctuation
+                # BERT counts every non-alphanumeric ASCII symbol as punctuation
+                chars.append(f" {c} ")
             elif any(lo <= ord(c) <= hi for lo, hi in self.CJK):
                 chars.append(f" {c} ")
             else:
@@ -130,7 +133,8 @@ def erf(x):
     """erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, about float32's
     resolution): NumPy has no erf, and the example needs nothing but NumPy."""
     t = 1 / (1 + 0.3275911 * np.abs(x))
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
+                                                    + t * (-1.453152027 + t * 1.061405429))))
     return np.sign(x) * (1 - poly * np.exp(-x * x))
 
 
@@ -166,19 +170,27 @@ class MiniLM:
         self.layers = []
         for i in range(config["num_hidden_layers"]):
             p = f"encoder.layer.{i}."
-            get = lambda name: w[p + name]  # noqa: E731
+
+            def get(name, prefix=p):
+                return w[prefix + name]
+
+            def qkv(kind):
+                return np.concatenate([get(f"attention.self.{n}.{kind}")
+                                       for n in ("query", "key", "value")])
+
             attn = pyattn.MultiHeadAttention(embed_dim, self.num_heads, rng=0)
             # BERT keeps separate query/key/value Linear layers; torch's MHA
             # layout stacks them into one in_proj, rows in q, k, v order.
             attn.load_state_dict({
-                "in_proj_weight": np.concatenate([get(f"attention.self.{n}.weight") for n in ("query", "key", "value")]),
-                "in_proj_bias": np.concatenate([get(f"attention.self.{n}.bias") for n in ("query", "key", "value")]),
+                "in_proj_weight": qkv("weight"),
+                "in_proj_bias": qkv("bias"),
                 "out_proj.weight": get("attention.output.dense.weight"),
                 "out_proj.bias": get("attention.output.dense.bias"),
             })
             self.layers.append({
                 "attn": attn,
-                "attn_norm": (get("attention.output.LayerNorm.weight"), get("attention.output.LayerNorm.bias")),
+                "attn_norm": (get("attention.output.LayerNorm.weight"),
+                              get("attention.output.LayerNorm.bias")),
                 "up": (get("intermediate.dense.weight").T, get("intermediate.dense.bias")),
                 "down": (get("output.dense.weight").T, get("output.dense.bias")),
                 "out_norm": (get("output.LayerNorm.weight"), get("output.LayerNorm.bias")),
@@ -194,7 +206,8 @@ class MiniLM:
         heads = lambda t: t.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
         out = reference.scaled_dot_product_attention(
             heads(q), heads(k), heads(v), attn_mask=~padding[:, None, None, :])
-        return out.transpose(0, 2, 1, 3).reshape(B, L, E) @ attn.out_proj_weight.T + attn.out_proj_bias
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, E)
+        return out @ attn.out_proj_weight.T + attn.out_proj_bias
 
     def encode(self, texts, attention="pyattn"):
         """(len(texts), 384) float32 unit vectors."""
@@ -204,9 +217,11 @@ class MiniLM:
         x = self.word[ids] + self.position[:ids.shape[1]] + self.token_type
         x = layer_norm(x, *self.embed_norm, self.eps)
         for layer in self.layers:
-            x = layer_norm(x + self._attention(layer["attn"], x, padding, attention), *layer["attn_norm"], self.eps)
+            attended = self._attention(layer["attn"], x, padding, attention)
+            x = layer_norm(x + attended, *layer["attn_norm"], self.eps)
             (w_up, b_up), (w_down, b_down) = layer["up"], layer["down"]
-            x = layer_norm(x + gelu(x @ w_up + b_up) @ w_down + b_down, *layer["out_norm"], self.eps)
+            x = layer_norm(x + gelu(x @ w_up + b_up) @ w_down + b_down,
+                           *layer["out_norm"], self.eps)
         # Mean over the real tokens only: padded positions have outputs too.
         keep = (~padding)[..., None].astype(x.dtype)
         pooled = (x * keep).sum(1) / keep.sum(1)
@@ -242,12 +257,14 @@ def compare_with_sentence_transformers(path, texts, embeddings):
 
     theirs = SentenceTransformer(str(path), device="cpu").encode(texts, normalize_embeddings=True)
     cos = np.sum(embeddings * theirs, axis=1)
-    print(f"sentence-transformers: cosine with its embeddings, min {cos.min():.7f} over {len(texts)} sentences")
+    print(f"sentence-transformers: cosine with its embeddings, min {cos.min():.7f} "
+          f"over {len(texts)} sentences")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per backend (median reported)")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="timed runs per backend (median reported)")
     args = parser.parse_args(argv)
 
     path = model_dir()
@@ -270,9 +287,11 @@ def main(argv=None):
     long_text = " ".join(SENTENCES * 6)
     for name, texts in (("6 sentences", SENTENCES), ("8 x 256 tokens", [long_text] * 8)):
         ids, _ = model.tokenizer(texts)
-        ms = {a: median_ms(lambda: model.encode(texts, attention=a), args.runs) for a in ATTENTION_BACKENDS}
-        print(f"  {name:<15} (B={ids.shape[0]}, L={ids.shape[1]:>3}): pyattn {ms['pyattn']:7.2f} ms, "
-              f"reference {ms['reference']:7.2f} ms, {ms['reference'] / ms['pyattn']:.2f}x")
+        ms = {a: median_ms(functools.partial(model.encode, texts, attention=a), args.runs)
+              for a in ATTENTION_BACKENDS}
+        print(f"  {name:<15} (B={ids.shape[0]}, L={ids.shape[1]:>3}): "
+              f"pyattn {ms['pyattn']:7.2f} ms, reference {ms['reference']:7.2f} ms, "
+              f"{ms['reference'] / ms['pyattn']:.2f}x")
 
     compare_with_sentence_transformers(path, SENTENCES, emb)
 

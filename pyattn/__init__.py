@@ -10,7 +10,8 @@ def _borrow_installed_extension():
     from importlib.machinery import EXTENSION_SUFFIXES
 
     def has_extension(folder):
-        return any(os.path.exists(os.path.join(folder, "_attention" + s)) for s in EXTENSION_SUFFIXES)
+        return any(os.path.exists(os.path.join(folder, "_attention" + suffix))
+                   for suffix in EXTENSION_SUFFIXES)
 
     here = os.path.dirname(os.path.abspath(__file__))
     if has_extension(here):

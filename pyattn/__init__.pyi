@@ -1,9 +1,12 @@
 from . import reference as reference
-from ._config import config as config, show_config as show_config
+from ._config import config as config
+from ._config import show_config as show_config
 from .functional import merge_attention as merge_attention
 from .functional import scaled_dot_product_attention as scaled_dot_product_attention
-from .kv_cache import KVCache as KVCache, decode_attention as decode_attention
-from .layers import MultiHeadAttention as MultiHeadAttention, SelfAttention as SelfAttention
+from .kv_cache import KVCache as KVCache
+from .kv_cache import decode_attention as decode_attention
+from .layers import MultiHeadAttention as MultiHeadAttention
+from .layers import SelfAttention as SelfAttention
 
 __version__: str
 OPENMP_SPINCOUNT: str

@@ -9,7 +9,7 @@ typed pointers).
 """
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free, malloc
 from libc.math cimport INFINITY
 from libc.string cimport memset
 
@@ -130,7 +130,7 @@ def kernel_exp2(str kernel, x, y):
 
 
 cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t chunk,
-                               int64_t key_chunk, int64_t S) noexcept nogil:
+                                int64_t key_chunk, int64_t S) noexcept nogil:
     cdef pyattn_block blk
     blk.row0 = row0
     blk.nrows = min(block, L - row0)

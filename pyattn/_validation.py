@@ -86,7 +86,9 @@ def check_scale(scale, head_dim):
     try:
         scale = float(scale)
     except OverflowError:  # an int beyond float range
-        raise ValueError(f"scale must be finite, got an integer of {scale.bit_length()} bits") from None
+        raise ValueError(
+            f"scale must be finite, got an integer of {scale.bit_length()} bits"
+        ) from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
@@ -322,7 +324,8 @@ def _check_window(window):
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window must be an int or a (left, right) pair of ints or None; "
                          f"got {window!r}")
-    return _window_side(window[0], "window's left size"), _window_side(window[1], "window's right size")
+    return (_window_side(window[0], "window's left size"),
+            _window_side(window[1], "window's right size"))
 
 
 def _per_head(values, name, num_heads):
@@ -378,7 +381,8 @@ def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, 
         softcap = 0.0
     else:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+            raise TypeError("softcap must be a positive number or None, "
+                            f"got {type(softcap).__name__}")
         softcap = float(softcap)
         if not (math.isfinite(softcap) and softcap > 0):
             raise ValueError(f"softcap must be positive and finite, got {softcap}")

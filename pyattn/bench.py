@@ -8,17 +8,19 @@ pyattn is faster), pyattn's attention throughput in GFLOP/s and its memory
 traffic in GB/s (q, k, v and out counted once each), and the thread count.
 ``--memory`` instead runs one long sequence through pyattn in a fresh process
 and prints its peak RSS; ``--layers`` times the whole MultiHeadAttention
-module against torch.nn.MultiheadAttention (see pyattn.bench_layers).  ``--plot out.png`` draws throughput against sequence
-length (needs matplotlib: ``pip install "pyattn[bench]"``).
+module against torch.nn.MultiheadAttention (see pyattn.bench_layers).
+``--plot out.png`` draws throughput against sequence length (needs
+matplotlib: ``pip install "pyattn[bench]"``).
 
 Structure, kept simple so more implementations can be added as columns:
 ``CASES`` maps a name to a :class:`Case`, ``SUITES`` names lists of cases,
 ``IMPLEMENTATIONS`` maps a name to ``prepare(case, q, k, v, threads) -> call``
-(the untimed setup, returning the timed call); pyattn and the reference are its two entries, pyattn is the one
-the throughput columns describe and the reference the one every result is
-checked against.  ``PEERS`` are the optional other libraries (:class:`Peer`):
-each is measured only when it imports, otherwise reported as absent, and each
-may decline a case it cannot run (``n/a``).  Every output, a peer's included,
+(the untimed setup, returning the timed call); pyattn and the reference are
+its two entries, pyattn is the one the throughput columns describe and the
+reference the one every result is checked against.  ``PEERS`` are the
+optional other libraries (:class:`Peer`): each is measured only when it
+imports, otherwise reported as absent, and each may decline a case it cannot
+run (``n/a``).  Every output, a peer's included,
 is compared with the reference outside the timing; one that differs is marked
 ``(WRONG)`` so a misconfigured peer cannot show a fast time.
 """
@@ -262,7 +264,8 @@ class TorchPeer(Peer):
         if case.window:
             raise NotApplicable("no sliding window in torch's SDPA (only a materialised mask)")
         if case.dtype == "bfloat16":  # NumPy's bfloat16 (ml_dtypes) reaches torch by its bits
-            tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in (q, k, v))
+            tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+                          for x in (q, k, v))
         else:
             tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # views, no copy
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -326,7 +329,8 @@ class OnnxRuntimePeer(Peer):
         if case.dtype != "float32":
             raise NotApplicable(f"{case.dtype}: MultiHeadAttention's CPU kernel takes float32 only")
         if case.Hkv != case.H or case.window:
-            raise NotApplicable("GQA and windows are GroupQueryAttention's, not MultiHeadAttention's")
+            raise NotApplicable("GQA and windows are GroupQueryAttention's, "
+                                "not MultiHeadAttention's")
         if case.cache and case.L > 1:
             raise NotApplicable("several new queries against a cache need a lower-right mask")
         if case.causal and case.L != case.S:
@@ -712,7 +716,8 @@ def run_memory(threads):
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker failed (exit {proc.returncode}):\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["reference_scores_bytes"] = case.B * case.H * case.L * case.S * np.dtype(case.dtype).itemsize
+    itemsize = np.dtype(case.dtype).itemsize
+    result["reference_scores_bytes"] = case.B * case.H * case.L * case.S * itemsize
     return result
 
 
@@ -840,7 +845,8 @@ def main(argv=None, prog=None):
         parser.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)} "
                      "or none")
     if args.plot and (args.memory or args.layers):
-        parser.error("--plot draws the table's measurements; it does not go with --memory or --layers")
+        parser.error("--plot draws the table's measurements; "
+                     "it does not go with --memory or --layers")
     if args.memory and args.layers:
         parser.error("choose one of --memory and --layers")
     if args.plot:
@@ -879,11 +885,13 @@ def main(argv=None, prog=None):
         if args.no_reference:
             impls.pop(BASELINE)
         present = [info["peer"] for info in peers.values() if info["available"]]
-        report["settings"].update(cases=names, suite=None if args.cases else (args.suite or DEFAULT_SUITE),
+        suite = None if args.cases else (args.suite or DEFAULT_SUITE)
+        report["settings"].update(cases=names, suite=suite,
                                   tolerance=TOLERANCE, peer_tolerance=PEER_TOLERANCE)
         report["peers"] = {name: {k: v for k, v in info.items() if k != "peer"}
                            for name, info in peers.items()}
-        blas_limit = _limit_blas(threads) if (args.threads is not None and BASELINE in impls) else None
+        limit_reference_blas = args.threads is not None and BASELINE in impls
+        blas_limit = _limit_blas(threads) if limit_reference_blas else None
         report["settings"]["reference_blas_threads"] = threads if blas_limit else "numpy default"
         records = []
         try:
@@ -903,8 +911,9 @@ def main(argv=None, prog=None):
         for p in present:
             bad = [r["name"] for r in records if r["impls"][p.name].get("status") == "wrong"]
             if bad:
-                print(f"WARNING: {p.name}'s output differs from the {records[0]['checked_against']} "
-                      f"on: {', '.join(bad)}; its times there are not comparable", file=sys.stderr)
+                print(f"WARNING: {p.name}'s output differs from the "
+                      f"{records[0]['checked_against']} on: {', '.join(bad)}; "
+                      "its times there are not comparable", file=sys.stderr)
         if args.plot:
             plot_sweep(records, impl_names, args.plot, machine, threads)
             report["plot"] = args.plot

@@ -138,5 +138,6 @@ def format_layers(records):
             ratio = f"{e['median_ms'] / mine:6.2f}x" if mine and label != f"pyattn ({tag})" else ""
             check = "" if e["matches"] else "  WRONG"
             lines.append(f"  {label:<34} {e['median_ms']:9.2f} ms {ratio}{check}")
-        lines.append("  (Nx: time / pyattn's time for the same need_weights; above 1: pyattn is faster)")
+        lines.append("  (Nx: time / pyattn's time for the same need_weights; "
+                     "above 1: pyattn is faster)")
     return "\n".join(lines)

@@ -5,8 +5,16 @@ import os
 import numpy as np
 
 from . import _attention, _dispatch
-from ._validation import (as_float_array, check_flag, check_num_threads, compute_dtype,
-                          prepare_attention, prepare_options, prepare_out, typed_access_ok)
+from ._validation import (
+    as_float_array,
+    check_flag,
+    check_num_threads,
+    compute_dtype,
+    prepare_attention,
+    prepare_options,
+    prepare_out,
+    typed_access_ok,
+)
 
 __all__ = ["merge_attention", "scaled_dot_product_attention"]
 
@@ -188,9 +196,11 @@ def _group_query_heads(prob, work_out, lse):
             a.strides[:head] + (hs * g, hs) + a.strides[head + 2:])
 
     q = as_rows(prob.q)
+    work_shape = prob.batch + (prob.num_heads // g, g, prob.work_shape[-1])
     grouped = dataclasses.replace(prob, q=q, num_heads=prob.num_heads // g, kv_group=1,
-                                  work_shape=prob.batch + (prob.num_heads // g, g, prob.work_shape[-1]))
-    return grouped, as_rows(work_out), None if lse is None else as_rows(lse[..., np.newaxis])[..., 0]
+                                  work_shape=work_shape)
+    grouped_lse = None if lse is None else as_rows(lse[..., np.newaxis])[..., 0]
+    return grouped, as_rows(work_out), grouped_lse
 
 
 def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts=None,
@@ -217,10 +227,11 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     arrays = [q, k, v, None, dest]
     mask_kind, ms = _attention.MASK_NONE, (0, 0, 0)
     if prob.mask is not None:
-        mask = prob.mask.view(np.uint8) if prob.mask.dtype == np.bool_ else prob.mask
+        is_bool = prob.mask.dtype == np.bool_
+        mask = prob.mask.view(np.uint8) if is_bool else prob.mask
         ms = _element_strides(mask)
         arrays[3] = mask
-        mask_kind = _attention.MASK_BOOL if prob.mask.dtype == np.bool_ else _attention.MASK_ADDITIVE
+        mask_kind = _attention.MASK_BOOL if is_bool else _attention.MASK_ADDITIVE
 
     batch = prob.batch
     n_batch = int(np.prod(batch, dtype=np.int64))

@@ -44,7 +44,8 @@ class KVCache:
         self.max_len = None if max_len is None else _size(max_len, "max_len")
         self.dtype = np.dtype(dtype)
         if self.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be float32, float64, float16 or bfloat16, got {self.dtype}")
+            raise TypeError("dtype must be float32, float64, float16 or bfloat16, "
+                            f"got {self.dtype}")
         self.lengths = np.zeros(self.batch, dtype=np.int64)
         self._k = self._v = None
         self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY))
@@ -78,8 +79,10 @@ class KVCache:
         """Append n positions to every sequence: k_new (batch, num_kv_heads, n,
         head_dim), v_new (..., value_dim).  With `lengths` (batch,) ints <= n,
         sequence b takes only its first lengths[b] new positions."""
-        k_new = as_float_array(k_new, "k_new", min_ndim=4, layout="(batch, num_kv_heads, n, head_dim)")
-        v_new = as_float_array(v_new, "v_new", min_ndim=4, layout="(batch, num_kv_heads, n, value_dim)")
+        k_new = as_float_array(k_new, "k_new", min_ndim=4,
+                               layout="(batch, num_kv_heads, n, head_dim)")
+        v_new = as_float_array(v_new, "v_new", min_ndim=4,
+                               layout="(batch, num_kv_heads, n, value_dim)")
         want_k = (self.batch, self.num_kv_heads, k_new.shape[2], self.head_dim)
         want_v = want_k[:3] + (self.value_dim,)
         if k_new.shape != want_k or v_new.shape != want_v:

@@ -37,7 +37,8 @@ def _layer_dtype(dtype):
     except TypeError:
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dtype is None or dt not in FLOAT_DTYPES:  # (np.dtype(None) would be float64)
-        raise TypeError(f"dtype must be float32 or float64, got {'None' if dtype is None else dt.name}")
+        got = "None" if dtype is None else dt.name
+        raise TypeError(f"dtype must be float32 or float64, got {got}")
     return dt
 
 
@@ -125,7 +126,8 @@ class SelfAttention:
         return (f"SelfAttention(embed_dim={self.embed_dim}, kdim={self.kdim}, vdim={self.vdim}, "
                 f"bias={self.b_q is not None}, dtype={self.dtype.name})")
 
-    def __call__(self, x, attn_mask=None, is_causal=False, return_weights=False, *, num_threads=None):
+    def __call__(self, x, attn_mask=None, is_causal=False, return_weights=False, *,
+                 num_threads=None):
         """Attend x (..., L, embed_dim) to itself: (..., L, vdim), and with
         ``return_weights`` also the (..., L, L) softmax weights.  attn_mask
         follows scaled_dot_product_attention (bool True = attend, float
@@ -237,7 +239,9 @@ class MultiHeadAttention:
             try:
                 arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"state_dict[{key!r}] cannot be converted to an array: {exc}") from None
+                raise ValueError(
+                    f"state_dict[{key!r}] cannot be converted to an array: {exc}"
+                ) from None
             if arr.dtype.kind not in "fiu" or arr.shape != shape:
                 raise ValueError(f"state_dict[{key!r}] must be a real array of shape {shape}; "
                                  f"got {arr.dtype} of shape {arr.shape}")
@@ -283,7 +287,10 @@ class MultiHeadAttention:
             q, k, v = (heads(qkv[..., i * E:(i + 1) * E]) for i in range(3))
         else:
             w_q, w_k, w_v = self._input_projections()
-            b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else np.split(self.in_proj_bias, 3)
+            if self.in_proj_bias is None:
+                b_q = b_k = b_v = None
+            else:
+                b_q, b_k, b_v = np.split(self.in_proj_bias, 3)
             q = heads(batch_major(_linear(query, w_q, b_q, "query")))
             k = heads(batch_major(_linear(key, w_k, b_k, "key")))
             v = heads(batch_major(_linear(value, w_v, b_v, "value")))
@@ -310,7 +317,8 @@ class MultiHeadAttention:
     def _check_shapes(self, query, key, value):
         """Whether the call is batched; raises on inconsistent shapes."""
         if query.ndim not in (2, 3):
-            raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched); got shape {query.shape}")
+            raise ValueError("query must be 3-D (batched) or 2-D (unbatched); "
+                             f"got shape {query.shape}")
         for name, arr in (("key", key), ("value", value)):
             if arr.ndim != query.ndim:
                 raise ValueError(f"{name} must have as many dimensions as query ({query.ndim}); "

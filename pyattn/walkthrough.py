@@ -25,6 +25,7 @@ import numpy as np
 import pyattn
 
 TOKENS = ("我", "爱", "A", "I")
+TOKENS_TEXT = "".join(TOKENS)  # the characters a CJK font must have
 # Plot labels when matplotlib finds no font with CJK glyphs (pinyin).
 TOKENS_LATIN = ("wo", "ai", "A", "I")
 EMBED_DIM = 512
@@ -125,7 +126,7 @@ def _import_figure():
     return Figure
 
 
-def find_cjk_font(text="".join(TOKENS)):
+def find_cjk_font(text=TOKENS_TEXT):
     """(family name, file) of an installed font that has a glyph for every
     character of `text`, or None.  The character map is checked, not just the
     name, so the plot never renders a missing glyph; distinct characters must
@@ -162,7 +163,7 @@ def plot_weights(single, heads, path, seed):
     if font is None:
         labels, fp, text = TOKENS_LATIN, None, " ".join(TOKENS_LATIN)
     else:
-        labels, fp, text = TOKENS, FontProperties(fname=font[1]), "".join(TOKENS)
+        labels, fp, text = TOKENS, FontProperties(fname=font[1]), TOKENS_TEXT
 
     fig = Figure(figsize=(15, 6.2), dpi=100, layout="constrained")
     left, right = fig.subfigures(1, 2, width_ratios=[1, 3.3])

@@ -9,6 +9,7 @@
   parallel region must not hang (libgomp's worker pool does not survive a
   fork); 'spawn' and 'forkserver' work.
 """
+import functools
 import json
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def test_gil_is_released_during_compute(make_call, rng):
         t0 = time.perf_counter()
         during_call = counter_progress(call)
         duration = time.perf_counter() - t0
-        during_sleep = counter_progress(lambda: time.sleep(max(duration, 0.05)))
+        during_sleep = counter_progress(functools.partial(time.sleep, max(duration, 0.05)))
         ratios.append(during_call / during_sleep)
         if ratios[-1] > 0.2:
             break

@@ -191,12 +191,14 @@ SDPA_SPECS = [
     ("query-dict", dict(query={}), TypeError, r"query has dtype object"),
     *[(f"{which}-dtype-{np.dtype(dt).name}",
        {which: np.ones(shape, dt)}, TypeError,
-       rf"{which} has dtype {np.dtype(dt).name}; supported dtypes are float32, float64, float16 or bfloat16")
+       rf"{which} has dtype {np.dtype(dt).name}; "
+       r"supported dtypes are float32, float64, float16 or bfloat16")
       for which, shape in [("query", (2, 3, 5, 4)), ("key", (2, 3, 6, 4)), ("value", (2, 3, 6, 4))]
       for dt in [np.int64, np.bool_, np.longdouble, np.complex128, object]],
     ("mixed-float-dtypes", dict(key=np.ones((2, 3, 6, 4))), TypeError,
-     r"query, key and value must share one dtype \(float32, float64, float16 or bfloat16.*\); got query float32, "
-     r"key float64, value float32"),
+     r"query, key and value must share one dtype "
+     r"\(float32, float64, float16 or bfloat16.*\); "
+     r"got query float32, key float64, value float32"),
     # flags
     ("is_causal-str", dict(is_causal="yes"), TypeError, r"is_causal must be a bool, got str"),
     ("is_causal-array", dict(is_causal=np.array([True])), TypeError,

@@ -560,12 +560,12 @@ def test_merge_attention_single_part_and_empty_rows():
     rng = np.random.default_rng(5)
     o = rng.standard_normal((2, 4, 3))
     lse = rng.standard_normal((2, 4))
-    m, l = pyattn.merge_attention([o], [lse])
+    m, m_lse = pyattn.merge_attention([o], [lse])
     np.testing.assert_allclose(m, o, rtol=1e-15)
-    np.testing.assert_allclose(l, lse, rtol=1e-15)
+    np.testing.assert_allclose(m_lse, lse, rtol=1e-15)
     lse2 = np.full_like(lse, -np.inf)
-    m, l = pyattn.merge_attention([np.zeros_like(o), np.zeros_like(o)], [lse2, lse2])
-    assert not m.any() and np.isneginf(l).all()
+    m, m_lse = pyattn.merge_attention([np.zeros_like(o), np.zeros_like(o)], [lse2, lse2])
+    assert not m.any() and np.isneginf(m_lse).all()
 
 
 @pytest.mark.parametrize("outputs, lses, exc, match", [
