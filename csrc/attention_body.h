@@ -732,11 +732,16 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {
-        STORE *dst = out + (row0 + r) * p->o_row;
         const REAL l = w.row_sum[r];
         const REAL inv = l == 0 ? 0 : 1 / l;
-        for (int64_t x = 0; x < Ev; x++)
-            dst[x * p->o_col] = FROM_REAL(l == 0 ? 0 : w.acc[r * evp + x] * inv);
+        if (p->out_real) { /* partials to merge: rounded once, after the merge */
+            REAL *dst = (REAL *)out_ + (row0 + r) * p->o_row;
+            for (int64_t x = 0; x < Ev; x++) dst[x * p->o_col] = l == 0 ? 0 : w.acc[r * evp + x] * inv;
+        } else {
+            STORE *dst = out + (row0 + r) * p->o_row;
+            for (int64_t x = 0; x < Ev; x++)
+                dst[x * p->o_col] = FROM_REAL(l == 0 ? 0 : w.acc[r * evp + x] * inv);
+        }
         /* logsumexp of the scaled, masked scores, in natural log. */
         if (blk->lse)
             ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY

@@ -38,6 +38,8 @@ typedef struct pyattn_problem {
                                         * bound); causal is window_right = 0 */
     double scale;                    /* multiplies Q K^T before the mask */
     double softcap;                  /* > 0: scores become softcap * tanh(score / softcap) */
+    int out_real;                    /* 1: out holds the compute type (float for the
+                                      * half types), as split-KV partials do */
     int64_t w_row;                   /* row stride of blk->weights, elements */
     double w_factor;                 /* weights are added times this (1/H: mean) */
 } pyattn_problem;

@@ -26,6 +26,7 @@ cdef extern from "pyattn_kernels.h" nogil:
         int64_t window_left, window_right
         double scale
         double softcap
+        int out_real
         int64_t w_row
         double w_factor
     ctypedef struct pyattn_block:
@@ -167,7 +168,7 @@ def attend(str kernel, str dtype, tuple pointers,
            int64_t weights_batch_stride=0, bint average_heads=False,
            double softcap=0, const int64_t[::1] diag=None, const double[::1] alibi=None,
            const double[::1] sinks=None, const int64_t[::1] q_lengths=None,
-           const int64_t[::1] kv_lengths=None):
+           const int64_t[::1] kv_lengths=None, bint out_real=False):
     """Run the kernel on every (batch, head, query block, key chunk).
 
     pointers       data addresses of (q, k, v, mask, out); mask may be 0
@@ -193,12 +194,14 @@ def attend(str kernel, str dtype, tuple pointers,
     alibi, sinks   per head: ALiBi slope, attention-sink logit (None: none)
     q_lengths, kv_lengths  per batch: valid query rows and keys (None: all);
                    rows past q_lengths[b] are zeros (logsumexp -inf)
+    out_real       out holds the compute dtype rather than `dtype` (split-KV
+                   partials of the half types)
 
     Returns the number of threads in the OpenMP team that ran the work.
     """
     cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, dtype)
-    cdef int itemsize = 2 if dtype in ("float16", "bfloat16") else COMPUTE_ITEMSIZE[dtype]
     cdef int real_size = COMPUTE_ITEMSIZE[dtype]  # of the logsumexp and the weights
+    cdef int itemsize = real_size if out_real or dtype not in ("float16", "bfloat16") else 2
     cdef pyattn_problem prob
     prob.L, prob.S, prob.E, prob.Ev = sizes
     (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,
@@ -207,6 +210,7 @@ def attend(str kernel, str dtype, tuple pointers,
     prob.window_left, prob.window_right = window
     prob.scale = scale
     prob.softcap = softcap
+    prob.out_real = out_real
     prob.w_row = prob.S
     prob.w_factor = 1.0 / num_heads if average_heads else 1.0
 

@@ -196,7 +196,7 @@ def _compact(arr):
 
 def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
     mask = as_mask_array(attn_mask, "attn_mask")
-    if mask.dtype != np.bool_ and mask.dtype.kind != "f":
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f" and mask.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"attn_mask has dtype {mask.dtype}; it must be bool (True = take part) "
             f"or floating (added to the scores)"

@@ -171,22 +171,34 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     return result, probs, lse
 
 
+def _query_group(prob):
+    """Query heads per key/value head, counting a single (broadcast) key/value
+    head as shared by all (MQA); 1 when the heads do not group."""
+    hk, hv = prob.k.shape[-3], prob.v.shape[-3]
+    if hk != hv or prob.q.shape[-3] != prob.num_heads:
+        return 1
+    return prob.num_heads // hk
+
+
 def _heads_as_rows(prob, opts):
-    """Whether a grouped-query call with one query row can run its query heads
-    as the rows of one problem per key/value head: each key/value head is then
-    read once for its whole group.  Only when nothing depends on the head or
-    on the row's position (the rows would be heads, all at position 0)."""
-    S = prob.k.shape[-2]
+    """Whether a grouped-query (or multi-query) call with one query row can
+    run its query heads as the rows of one problem per key/value head: each
+    key/value head is then read once for its whole group.  Only when nothing
+    depends on the head or on the row's position (the rows would be heads, all
+    at position 0): no mask, ALiBi, sinks or lengths of queries, and a window
+    that hides no valid key of any sequence."""
+    if (_query_group(prob) == 1 or prob.q.shape[-2] != 1 or prob.mask is not None
+            or opts.alibi is not None or opts.sinks is not None or opts.q_lengths is not None):
+        return False
     left, right = opts.window
-    return (prob.kv_group > 1 and prob.q.shape[-2] == 1 and prob.mask is None
-            and opts.alibi is None and opts.sinks is None and opts.q_lengths is None
-            and left < 0 and (right < 0 or bool((opts.diag + right >= S - 1).all())))
+    last_key = (prob.k.shape[-2] if opts.kv_lengths is None else opts.kv_lengths) - 1
+    return left < 0 and (right < 0 or bool((opts.diag + right >= last_key).all()))
 
 
 def _group_query_heads(prob, work_out, lse):
     """(problem, output, lse) views with the g query heads of each key/value
     head as g rows: (..., Hkv * g, 1, E) -> (..., Hkv, g, E)."""
-    g = prob.kv_group
+    g = _query_group(prob)
 
     def as_rows(a):  # (..., H, 1, W) -> (..., H / g, g, W)
         head = a.ndim - 3
@@ -241,7 +253,8 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     partial, chunk_lse = None, lse
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
-        partial = np.empty((n_chunks,) + dest.shape, dtype=dest.dtype)
+        # in the compute dtype: a half result is rounded once, after the merge
+        partial = np.empty((n_chunks,) + dest.shape, dtype=prob.compute_dtype)
         chunk_lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=prob.compute_dtype)
         arrays[4] = partial[0]
         os_ = _element_strides(partial[0])
@@ -267,7 +280,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         0 if weights is None else _address(weights),
         0 if weights is None else weights[(0,) * len(batch)].nbytes,
         average_heads, opts.softcap, opts.diag, opts.alibi, opts.sinks, opts.q_lengths,
-        opts.kv_lengths,
+        opts.kv_lengths, partial is not None and partial.dtype != dest.dtype,
     )
     if partial is not None:
         merge_partials(partial, chunk_lse, out=dest, lse_out=lse)
@@ -347,6 +360,8 @@ def merge_attention(outputs, lses, *, out=None):
                          f"outputs {outs.shape} and lses {ls.shape}")
     if outs.shape[0] == 0:
         raise ValueError("merge_attention needs at least one part; got 0")
-    if out is not None:
+    if out is None:  # the outputs' dtype, also for the half types (merged in float32)
+        out = np.empty(outs.shape[1:], dtype=outs.dtype)
+    else:
         out = prepare_out(out, outs.shape[1:], outs.dtype, {"outputs": outs, "lses": ls})
     return merge_partials(outs, ls, out=out)

@@ -12,7 +12,9 @@ INITIAL_CAPACITY = 256  # positions; storage then doubles (amortised O(1) append
 
 
 def _size(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
@@ -52,8 +54,10 @@ class KVCache:
 
     def _allocate(self, capacity):
         shape = (self.batch, self.num_kv_heads, capacity)
-        k = np.empty(shape + (self.head_dim,), dtype=self.dtype)
-        v = np.empty(shape + (self.value_dim,), dtype=self.dtype)
+        # zeros (calloc: pages appear as they are written), so the part past a
+        # shorter sequence's length reads as zeros rather than garbage
+        k = np.zeros(shape + (self.head_dim,), dtype=self.dtype)
+        v = np.zeros(shape + (self.value_dim,), dtype=self.dtype)
         if self._k is not None:  # keep what is there (up to the longest sequence)
             n = int(self.lengths.max())
             k[:, :, :n] = self._k[:, :, :n]

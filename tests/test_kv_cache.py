@@ -653,9 +653,6 @@ def test_heads_as_rows_with_ragged_sequences_is_still_right(kernel, rng, helpers
                          score_bound=helpers.score_bound(q, k))
 
 
-@pytest.mark.xfail(strict=True, reason="_heads_as_rows asks diag + right >= S - 1 of every "
-                   "sequence, so a shorter sequence (diag = kv_len - 1 < S - 1) turns the "
-                   "shortcut off for the whole batch, though its keys past kv_len are cut anyway")
 def test_gqa_decode_of_ragged_sequences_runs_heads_as_rows(rng, helpers, spy_grouping):
     """README: "With one query per sequence, the query heads that share a KV
     head run as the rows of one problem" -- sequences of different lengths
