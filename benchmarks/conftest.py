@@ -28,7 +28,7 @@ def reference_output(inputs):
     def get(case):
         if case.name not in _reference_outputs:
             q, k, v = inputs(case)
-            reference = IMPLEMENTATIONS["reference"]
-            _reference_outputs[case.name] = reference(q, k, v, case.causal, None)
+            call = IMPLEMENTATIONS["reference"](case, q, k, v, None)
+            _reference_outputs[case.name] = call()
         return _reference_outputs[case.name]
     return get
