@@ -58,15 +58,21 @@ def kernel_readable(arr):
     return arr if typed_access_ok(arr) else arr.copy()
 
 
+def as_array(x, name, what="an array"):
+    """np.asarray(x), with None and unconvertible input (ragged nested lists
+    and the like) reported against the argument's `name`."""
+    if x is None:
+        raise TypeError(f"{name} must be {what}, got None")
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+
+
 def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
     """`x` as an ndarray of a supported float dtype, without copying when it
     already is one."""
-    if x is None:
-        raise TypeError(f"{name} must be an array of {_SUPPORTED_NAMES}, got None")
-    try:
-        arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
-        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+    arr = as_array(x, name, f"an array of {_SUPPORTED_NAMES}")
     if arr.dtype.kind == "f" and not arr.dtype.isnative:  # e.g. '>f4'
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in SUPPORTED_DTYPES:
@@ -180,14 +186,6 @@ def _heads(hq, hk, hv, enable_gqa):
     return hq, hq // hkv
 
 
-def as_mask_array(mask, name):
-    """`mask` as an ndarray; ragged nested lists and the like raise ValueError."""
-    try:
-        return np.asarray(mask)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
-
-
 def _compact(arr):
     """The smallest array that broadcasts back to `arr` (drops zero strides)."""
     return arr[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
@@ -195,7 +193,7 @@ def _compact(arr):
 
 
 def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
-    mask = as_mask_array(attn_mask, "attn_mask")
+    mask = as_array(attn_mask, "attn_mask")
     if mask.dtype != np.bool_ and mask.dtype.kind != "f" and mask.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"attn_mask has dtype {mask.dtype}; it must be bool (True = take part) "

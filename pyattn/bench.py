@@ -41,6 +41,7 @@ import numpy as np
 
 import pyattn
 from pyattn import _attention
+from pyattn._plotting import check_plot_option, import_figure
 
 __all__ = ["CASES", "IMPLEMENTATIONS", "PEERS", "SUITES", "Case", "NotApplicable", "Peer",
            "main", "run_case", "machine_info"]
@@ -612,22 +613,11 @@ def format_table(records, impl_names):
 
 
 # -------------------------------------------------------------------- plot
-PLOT_INSTALL_HINT = ('--plot needs matplotlib, which is not installed: pip install matplotlib '
-                     '(or pip install "pyattn[bench]")')
-
-
-def _import_matplotlib():
-    """matplotlib's Figure class (no pyplot, no GUI backend), or None if absent."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return Figure
 
 
 def plot_sweep(records, impl_names, path, machine, threads):
     """GFLOP/s against L = S over the PLOT_SWEEP cases, one line per implementation."""
-    Figure = _import_matplotlib()
+    Figure = import_figure()
     by_name = {r["name"]: r for r in records}
     sweep = [by_name[n] for n in PLOT_SWEEP if n in by_name]
     if not sweep:
@@ -850,11 +840,7 @@ def main(argv=None, prog=None):
     if args.memory and args.layers:
         parser.error("choose one of --memory and --layers")
     if args.plot:
-        if _import_matplotlib() is None:
-            parser.exit(2, f"{parser.prog}: error: {PLOT_INSTALL_HINT}\n")
-        folder = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(folder):
-            parser.error(f"--plot: no such directory: {folder}")
+        check_plot_option(parser, args.plot)
         names += [n for n in PLOT_SWEEP if n not in names]
 
     threads = args.threads if args.threads is not None else _attention.max_threads()

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import FLOAT_DTYPES, as_float_array, as_mask_array, check_fits
+from ._validation import FLOAT_DTYPES, as_array, as_float_array, check_fits
 from .functional import attention
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
@@ -62,12 +62,7 @@ def _xavier_uniform(rng, shape, dtype):
 def _as_input(x, name, dtype, width, width_name):
     """`x` in the layer's dtype (converted like a Linear layer's input), with
     `width` features in its last axis."""
-    if x is None:
-        raise TypeError(f"{name} must be an array, got None")
-    try:
-        arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
-        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+    arr = as_array(x, name)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     arr = as_float_array(arr.astype(dtype, copy=False), name, min_ndim=1)
@@ -365,7 +360,7 @@ class MultiHeadAttention:
         return additive[0] if len(additive) == 1 else additive[0] + additive[1]
 
     def _mask_array(self, mask, name):
-        arr = as_mask_array(mask, name)
+        arr = as_array(mask, name)
         if arr.dtype == np.bool_:
             return arr
         if arr.dtype.kind != "f":

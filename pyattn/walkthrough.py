@@ -15,7 +15,6 @@ attention weights are compared with the steps.  ``--plot PATH`` draws the
 4×4 weights as heatmaps (needs matplotlib).
 """
 import argparse
-import os
 import sys
 import unicodedata
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import pyattn
+from pyattn._plotting import check_plot_option, import_figure
 
 TOKENS = ("我", "爱", "A", "I")
 TOKENS_TEXT = "".join(TOKENS)  # the characters a CJK font must have
@@ -35,8 +35,6 @@ NUM_HEADS = 8
 TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-10, atol=1e-12)}
 # Softmax rows sum to 1 up to rounding; float32 rounding is about 1e-7.
 ROW_SUM_TOL = 1e-5
-PLOT_INSTALL_HINT = ('--plot needs matplotlib, which is not installed: pip install matplotlib '
-                     '(or pip install "pyattn[bench]")')
 # Families known to carry CJK glyphs, tried first so the common ones win over
 # any other font that happens to cover the four characters.
 CJK_FONT_HINTS = ("Noto Sans CJK", "Noto Serif CJK", "Source Han Sans", "Source Han Serif",
@@ -117,15 +115,6 @@ def shape(a):
 
 
 # ------------------------------------------------------------------- plot
-def _import_figure():
-    """matplotlib's Figure class (no pyplot, no GUI backend), or None if absent."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return Figure
-
-
 def find_cjk_font(text=TOKENS_TEXT):
     """(family name, file) of an installed font that has a glyph for every
     character of `text`, or None.  The character map is checked, not just the
@@ -158,7 +147,7 @@ def plot_weights(single, heads, path, seed):
     Returns the CJK font family used, or None when the labels fell back to latin."""
     from matplotlib.font_manager import FontProperties
 
-    Figure = _import_figure()
+    Figure = import_figure()
     font = find_cjk_font()
     if font is None:
         labels, fp, text = TOKENS_LATIN, None, " ".join(TOKENS_LATIN)
@@ -235,11 +224,7 @@ def main(argv=None, prog=None):
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.plot:
-        if _import_figure() is None:
-            parser.exit(2, f"{parser.prog}: error: {PLOT_INSTALL_HINT}\n")
-        folder = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(folder):
-            parser.error(f"--plot: no such directory: {folder}")
+        check_plot_option(parser, args.plot)
 
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import pyattn
-from pyattn import _dispatch
+from pyattn import _dispatch, functional
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=60, deadline=None, database=None,
@@ -142,8 +142,6 @@ def kernel(request, monkeypatch):
 def spy_threads(monkeypatch):
     """Records the OpenMP team size of every kernel launch made through
     pyattn.scaled_dot_product_attention (run_kernel's return value)."""
-    from pyattn import functional
-
     used = []
     real = functional.run_kernel
 
@@ -154,3 +152,17 @@ def spy_threads(monkeypatch):
 
     monkeypatch.setattr(functional, "run_kernel", spy)
     return used
+
+
+@pytest.fixture
+def spy_split(monkeypatch):
+    """The key chunk functional.split_keys picks (0: no split), for every call."""
+    chunks = []
+    real = functional.split_keys
+
+    def spy(*args):
+        chunks.append(real(*args))
+        return chunks[-1]
+
+    monkeypatch.setattr(functional, "split_keys", spy)
+    return chunks

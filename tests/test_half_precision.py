@@ -114,20 +114,6 @@ def pyattn_score_bound(q, k, scale=None):
     return abs(scale) * np.sqrt((q64 * q64).sum(-1)).max() * np.sqrt((k64 * k64).sum(-1)).max()
 
 
-@pytest.fixture
-def spy_split(monkeypatch):
-    """The key chunk functional.split_keys picks, for every call."""
-    chunks = []
-    real = functional.split_keys
-
-    def spy(*args):
-        chunks.append(real(*args))
-        return chunks[-1]
-
-    monkeypatch.setattr(functional, "split_keys", spy)
-    return chunks
-
-
 # ==========================================================================
 # 1. Every kernel and path against the float32 and float64 computations
 # ==========================================================================

@@ -92,20 +92,6 @@ def spy_grouping(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def spy_split(monkeypatch):
-    """Records the key chunk functional.split_keys picks for every call."""
-    chunks = []
-    real = functional.split_keys
-
-    def spy(*args):
-        chunks.append(real(*args))
-        return chunks[-1]
-
-    monkeypatch.setattr(functional, "split_keys", spy)
-    return chunks
-
-
 # ==========================================================================
 # 1. The cache as a container
 # ==========================================================================
