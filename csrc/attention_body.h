@@ -567,6 +567,7 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
             for (int64_t c = 0; c < full; c += LANES)
                 FN(dots)(qs + r * E, kr + c * k_stride, k_stride, E, s + c);
             for (int64_t c = full; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
+            for (int64_t c = nb; c < cols_pad; c++) s[c] = 0; /* read by softcap_row */
             if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
                 FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
             FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);

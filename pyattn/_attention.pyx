@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Parallel driver: runs one C kernel over batch x heads x query blocks.
+"""Parallel driver: runs one C kernel over batch x heads x query blocks x key
+chunks.
 
 The Python layer (functional.py) has already validated and normalised every
 input; this module only turns its plain numbers into a `prange` with the GIL
@@ -199,6 +200,8 @@ def attend(str kernel, str dtype, tuple pointers,
 
     Returns the number of threads in the OpenMP team that ran the work.
     """
+    if key_chunk % 1024:  # the kernels' key tiles start on multiples of their BLOCK_N
+        raise ValueError(f"key_chunk must be a multiple of 1024, got {key_chunk}")
     cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, dtype)
     cdef int real_size = COMPUTE_ITEMSIZE[dtype]  # of the logsumexp and the weights
     cdef int itemsize = real_size if out_real or dtype not in ("float16", "bfloat16") else 2

@@ -296,12 +296,6 @@ class ScoreOptions:
     q_lengths: Optional[np.ndarray]  # int64 per flat batch
     kv_lengths: Optional[np.ndarray]
 
-    @property
-    def plain(self):
-        """Nothing beyond mask and causality: the merge of split keys needs no care."""
-        return (self.alibi is None and self.softcap == 0 and self.sinks is None
-                and self.q_lengths is None and self.kv_lengths is None)
-
 
 ALIGNMENTS = ("top_left", "lower_right")
 
@@ -367,8 +361,10 @@ def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, 
         raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {alignment!r}")
     left, right = _check_window(window)
     if prob.is_causal:
-        right = 0 if right < 0 else min(right, 0)
+        right = 0
     L, S = prob.q.shape[-2], prob.k.shape[-2]
+    # beyond L + S keys a side hides nothing; the kernel's int64 sums stay safe
+    left, right = (min(side, L + S) for side in (left, right))
     q_len = _per_batch_lengths(q_lengths, "q_lengths", prob.batch, L, "L")
     kv_len = _per_batch_lengths(kv_lengths, "kv_lengths", prob.batch, S, "S")
     n_batch = int(np.prod(prob.batch, dtype=np.int64))

@@ -1,5 +1,6 @@
 """pyattn's functional API: scaled dot-product attention on NumPy arrays."""
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import numpy as np
 from . import _attention, _dispatch
 from ._validation import (
     as_float_array,
+    check_fits,
     check_flag,
     check_num_threads,
     compute_dtype,
@@ -146,19 +148,28 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     probs = lse = None
     if weights is not None:
         heads = (prob.num_heads,) if weights == "heads" else ()
+        check_fits(math.prod(prob.batch + heads + (L, S)), prob.compute_dtype.itemsize,
+                   f"the attention weights {prob.batch + heads + (L, S)}")
         probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.compute_dtype)
     if return_lse:
         lse = np.empty(prob.work_shape[:-1], dtype=prob.compute_dtype)
-    if result.size and S > 0:
-        lifted = result[(np.newaxis,) * (len(prob.work_shape) - result.ndim)]  # a view
+    work = result
+    if work.size == 0 and any(a is not None and a.size for a in (lse, probs)):
+        # Ev = 0: no output, but the logsumexp and the weights do not depend
+        # on the values: compute them against one zero column, thrown away
+        prob = dataclasses.replace(prob, v=np.zeros(prob.v.shape[:-1] + (1,), prob.dtype),
+                                   work_shape=prob.work_shape[:-1] + (1,))
+        work = np.zeros(prob.work_shape, dtype=prob.dtype)
+    if work.size and S > 0:
+        lifted = work[(np.newaxis,) * (len(prob.work_shape) - work.ndim)]  # a view
         if probs is None and _heads_as_rows(prob, opts):
             prob, lifted, lse_view = _group_query_heads(prob, lifted, lse)
             run_kernel(prob, lifted, nthreads, opts=opts, lse=lse_view)
         else:
             run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean",
                        opts=opts, lse=lse)
-    elif result.size:  # no keys: every row is "fully masked"
-        result[...] = 0
+    elif work.size:  # no keys: every row is "fully masked"
+        work[...] = 0
         if lse is not None:
             lse[...] = -np.inf if opts.sinks is None else opts.sinks[:, None]
             if opts.q_lengths is not None:

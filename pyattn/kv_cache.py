@@ -32,7 +32,7 @@ class KVCache:
     batch, num_kv_heads, head_dim : int
     max_len : int, optional
         Refuse to grow beyond this many positions (and never allocate more).
-    dtype : float32 or float64
+    dtype : float32, float64, float16 or bfloat16
     value_dim : int, optional
         Width of the values (default head_dim).
     """
@@ -54,8 +54,8 @@ class KVCache:
 
     def _allocate(self, capacity):
         shape = (self.batch, self.num_kv_heads, capacity)
-        # zeros (calloc: pages appear as they are written), so the part past a
-        # shorter sequence's length reads as zeros rather than garbage
+        # zeros (calloc: pages appear as they are written): never-written
+        # storage in the keys/values views reads as zeros, not garbage
         k = np.zeros(shape + (self.head_dim,), dtype=self.dtype)
         v = np.zeros(shape + (self.value_dim,), dtype=self.dtype)
         if self._k is not None:  # keep what is there (up to the longest sequence)
@@ -125,8 +125,10 @@ class KVCache:
         """Keep at most the first n positions of every sequence (n an int, or
         one int per sequence)."""
         limit = np.asarray(n)
-        if limit.dtype.kind not in "iu" or (limit.ndim and limit.shape != (self.batch,)):
-            raise ValueError(f"n must be an int or {self.batch} ints; got {n!r}")
+        if limit.dtype.kind not in "iu":
+            raise TypeError(f"n must be an int or {self.batch} ints; got {n!r}")
+        if limit.ndim and limit.shape != (self.batch,):
+            raise ValueError(f"n must be an int or {self.batch} ints; got shape {limit.shape}")
         if (limit < 0).any():
             raise ValueError(f"n must be non-negative; got {n!r}")
         self.lengths = np.minimum(self.lengths, limit).astype(np.int64)

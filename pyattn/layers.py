@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import FLOAT_DTYPES, as_array, as_float_array, check_fits
+from ._validation import FLOAT_DTYPES, SUPPORTED_DTYPES, as_array, as_float_array, check_fits
 from .functional import attention
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
@@ -363,7 +363,7 @@ class MultiHeadAttention:
         arr = as_array(mask, name)
         if arr.dtype == np.bool_:
             return arr
-        if arr.dtype.kind != "f":
+        if arr.dtype.kind != "f" and arr.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be bool (True = masked out) or float (added to the "
                             f"scores); got dtype {arr.dtype}")
         return arr  # cast once its shape is known to be right

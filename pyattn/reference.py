@@ -20,8 +20,9 @@ def softmax(scores, axis=-1, sink=None):
     """Softmax along `axis`; a row that is all -inf gives zeros, not NaN.
     `sink`, broadcastable to the scores without `axis`, is one more logit in
     the denominator (an attention sink)."""
-    return _softmax_lse(np.moveaxis(scores, axis, -1), sink)[0].swapaxes(axis, -1) \
-        if axis not in (-1, scores.ndim - 1) else _softmax_lse(scores, sink)[0]
+    scores = np.moveaxis(np.asarray(scores), axis, -1)
+    sink = None if sink is None else np.asarray(sink)
+    return np.moveaxis(_softmax_lse(scores, sink)[0], -1, axis)
 
 
 def _softmax_lse(scores, sink=None):

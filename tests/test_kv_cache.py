@@ -334,18 +334,18 @@ def test_bad_append_arguments(args, kwargs, exc, match, rng, helpers):
     assert_holds(cache, k, v, [3, 1])  # a refused append changes nothing
 
 
-@pytest.mark.parametrize("n, match", [
-    (-1, "non-negative"),
-    ([2, -1], "non-negative"),
-    ([1, 2, 3], "n must be an int or 2 ints"),
-    ([[1, 2]], "n must be an int or 2 ints"),
-    (1.5, "n must be"),
-    ("1", "n must be"),
-    (None, "n must be"),
+@pytest.mark.parametrize("n, match, error", [
+    (-1, "non-negative", ValueError),
+    ([2, -1], "non-negative", ValueError),
+    ([1, 2, 3], "n must be an int or 2 ints", ValueError),
+    ([[1, 2]], "n must be an int or 2 ints", ValueError),
+    (1.5, "n must be", TypeError),
+    ("1", "n must be", TypeError),
+    (None, "n must be", TypeError),
 ])
-def test_bad_truncate_arguments(n, match, rng, helpers):
+def test_bad_truncate_arguments(n, match, error, rng, helpers):
     cache, k, v = filled(rng, helpers, [3, 2], hkv=1, E=2)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         cache.truncate(n)
     assert_holds(cache, k, v, [3, 2])
 

@@ -685,3 +685,33 @@ def test_bad_modifier_arguments(case, impl):
     q, k, v = np.ones((2, 3, 5, 4)), np.ones((2, 3, 7, 4)), np.ones((2, 3, 7, 4))
     with pytest.raises(exc, match=rf"(?i){name}"):
         fn(q, k, v, **kwargs)
+
+
+def test_window_sides_beyond_any_key_are_unbounded(rng):
+    """Huge window sizes (up to 2**63 - 1) mean "no bound", without int64
+    overflow in the kernel's row ranges, on the direct and tiled paths."""
+    for L in (4, 40):
+        q, k, v = (rng.standard_normal(s) for s in [(2, L, 8), (2, 60, 8), (2, 60, 8)])
+        for window in [(None, 2**63 - 1), (2**63 - 1, None), (2**63 - 1, 2**63 - 1)]:
+            np.testing.assert_allclose(sdpa(q, k, v, window=window), sdpa(q, k, v), rtol=1e-12)
+
+
+def test_lse_and_weights_without_value_columns(rng):
+    """Ev = 0: the output is empty, but the logsumexp and the weights do not
+    depend on the values and are still computed."""
+    q, k = rng.standard_normal((1, 2, 3, 4)), rng.standard_normal((1, 2, 5, 4))
+    v0 = np.zeros((1, 2, 5, 0))
+    out, lse = sdpa(q, k, v0, return_lse=True)
+    want = ref.scaled_dot_product_attention(q, k, np.ones((1, 2, 5, 1)), return_lse=True)[1]
+    assert out.shape == (1, 2, 3, 0)
+    np.testing.assert_allclose(lse, want, rtol=1e-12)
+    _, weights, _ = functional.attention(q, k, v0, weights="heads")
+    np.testing.assert_allclose(weights.sum(-1), 1, rtol=1e-12)
+
+
+def test_reference_softmax_on_any_axis(rng):
+    x = rng.standard_normal((2, 3, 5))
+    for axis in (0, 1, -1):
+        got = ref.softmax(x, axis=axis)
+        assert got.shape == x.shape
+        np.testing.assert_allclose(got, np.exp(x) / np.exp(x).sum(axis, keepdims=True))

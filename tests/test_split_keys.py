@@ -71,3 +71,13 @@ def test_merge_attention_of_arbitrary_key_splits_is_exact(cuts, rng):
     # the lse itself, written out: log sum_j exp(score_j) over the keys taking part
     scores = np.where(mask, q @ k.swapaxes(-1, -2) / np.sqrt(8), -np.inf)
     np.testing.assert_allclose(want_lse, np.log(np.exp(scores).sum(-1)), rtol=1e-12)
+
+
+def test_driver_refuses_key_chunks_off_the_tile_grid():
+    """Key chunks must start on the kernels' tiles (multiples of 1024)."""
+    q = np.zeros((1, 1, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="multiple of 1024"):
+        pyattn._attention.attend(
+            pyattn._dispatch.KERNEL, "float32", (q.ctypes.data,) * 3 + (0, q.ctypes.data),
+            np.zeros((5, 1), np.int64), (0,) * 5, 1, 1, (1, 1, 4, 4), (4, 1) * 5, 0,
+            (-1, -1), 0.5, 1, key_chunk=100)
