@@ -40,10 +40,11 @@ RUNS = {
 }
 
 
-def _reference_attention(q, k, v, mask, is_causal, *, out, num_threads, weights):
+def _reference_attention(q, k, v, mask, is_causal, *, out, num_threads, weights, kv_lengths):
     if weights is not None:
         raise ValueError("the baseline has no weights path")
-    out[...] = pyattn.reference.scaled_dot_product_attention(q, k, v, mask, is_causal)
+    out[...] = pyattn.reference.scaled_dot_product_attention(q, k, v, mask, is_causal,
+                                                             kv_lengths=kv_lengths)
     return out, None, None
 
 

@@ -291,14 +291,14 @@ class MultiHeadAttention:
             v = heads(batch_major(_linear(value, w_v, b_v, "value")))
 
         B, L, S = q.shape[0], q.shape[2], k.shape[2]
-        mask = self._sdpa_mask(key_padding_mask, attn_mask, B, L, S, batched)
+        mask, kv_lengths = self._sdpa_mask(key_padding_mask, attn_mask, B, L, S, batched)
         # The heads' outputs land in the query's own layout, heads side by side:
         # concatenating them is free and out_proj reads them with one GEMM.
         context = np.empty(query.shape, dtype=self.dtype)
         _, weights, _ = self._attention(q, k, v, mask, is_causal, out=heads(batch_major(context)),
-                               num_threads=num_threads,
-                               weights=None if not need_weights
-                               else "mean" if average_attn_weights else "heads")
+                                        num_threads=num_threads, kv_lengths=kv_lengths,
+                                        weights=None if not need_weights
+                                        else "mean" if average_attn_weights else "heads")
         output = _linear(context, self.out_proj_weight, self.out_proj_bias, "the heads' output")
         if weights is not None and not batched:
             weights = weights[0]
@@ -330,18 +330,25 @@ class MultiHeadAttention:
         return batched
 
     def _sdpa_mask(self, key_padding_mask, attn_mask, B, L, S, batched):
-        """torch's two masks (True = masked out) as one mask in
-        scaled_dot_product_attention's convention, broadcastable to
-        (B, H, L, S): bool (True = attend) when both are bool, else float."""
+        """torch's two masks (True = masked out) in scaled_dot_product_attention's
+        terms: (mask, kv_lengths).  A bool key_padding_mask that pads the end
+        of each sequence becomes kv_lengths, so padded keys cost nothing; the
+        rest is one mask broadcastable to (B, H, L, S), bool (True = attend)
+        when both masks are bool, else float."""
         H = self.num_heads
-        masks = []
+        masks, kv_lengths = [], None
         if key_padding_mask is not None:
             kpm = self._mask_array(key_padding_mask, "key_padding_mask")
             expected = (B, S) if batched else (S,)
             if kpm.shape != expected:
                 raise ValueError(f"key_padding_mask must have shape {expected} (batch, keys); "
                                  f"got {kpm.shape}")
-            masks.append(kpm.reshape(B, 1, 1, S))
+            kpm = kpm.reshape(B, S)
+            lengths = S - kpm.sum(axis=-1) if kpm.dtype == np.bool_ else None
+            if lengths is not None and np.array_equal(kpm, np.arange(S) >= lengths[:, None]):
+                kv_lengths = lengths
+            else:
+                masks.append(kpm.reshape(B, 1, 1, S))
         if attn_mask is not None:
             am = self._mask_array(attn_mask, "attn_mask")
             if am.shape == (L, S):
@@ -352,12 +359,12 @@ class MultiHeadAttention:
                 full = f"({B * H}, {L}, {S})" if batched else f"({H}, {L}, {S})"
                 raise ValueError(f"attn_mask must have shape ({L}, {S}) or {full}; got {am.shape}")
         if not masks:
-            return None
+            return None, kv_lengths
         if all(m.dtype == np.bool_ for m in masks):
-            return ~masks[0] if len(masks) == 1 else ~(masks[0] | masks[1])
+            return (~masks[0] if len(masks) == 1 else ~(masks[0] | masks[1])), kv_lengths
         additive = [np.where(m, -np.inf, 0).astype(self.dtype) if m.dtype == np.bool_
                     else m.astype(self.dtype, copy=False) for m in masks]
-        return additive[0] if len(additive) == 1 else additive[0] + additive[1]
+        return (additive[0] if len(additive) == 1 else additive[0] + additive[1]), kv_lengths
 
     def _mask_array(self, mask, name):
         arr = as_array(mask, name)

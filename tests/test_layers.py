@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pyattn
+from pyattn import functional
 from pyattn import reference as ref
 
 DTYPES = [np.float32, np.float64]
@@ -981,3 +982,34 @@ def test_self_attention_property_matches_oracle(E, kdim, vdim, bias, lead, L, ma
     close(helpers, w, exp_w, dtype)
     sums = w.sum(-1)
     assert np.all((np.abs(sums - 1) < 1e-5) | (sums == 0))
+
+
+@pytest.mark.parametrize("right_padded", [True, False])
+def test_mha_turns_end_padding_into_key_lengths(right_padded):
+    """A bool key_padding_mask that pads the end of each sequence runs as
+    kv_lengths (padded keys are never read); any other stays a mask.  Both
+    give the oracle's result."""
+    seen = []
+
+    class Spy(pyattn.MultiHeadAttention):
+        @staticmethod
+        def _attention(*args, **kwargs):
+            seen.append((args[3], kwargs.get("kv_lengths")))
+            return functional.attention(*args, **kwargs)
+
+    layer = Spy(16, 2, rng=0)
+    x = np.random.default_rng(5).standard_normal((3, 9, 16)).astype(np.float32)
+    pad = np.arange(9) >= np.array([9, 4, 0])[:, None]  # lengths 9, 4 and 0
+    if not right_padded:
+        pad[0, 2] = True  # a hole in the middle
+    got, w = layer(x, x, x, key_padding_mask=pad)
+    mask, kv_lengths = seen[-1]
+    if right_padded:
+        assert mask is None and kv_lengths.tolist() == [9, 4, 0]
+    else:
+        assert mask is not None and kv_lengths is None
+    ref_layer = pyattn.MultiHeadAttention(16, 2, rng=0)
+    # the same padding as a float mask, which always stays a mask
+    want, want_w = ref_layer(x, x, x, key_padding_mask=np.where(pad, -np.inf, 0).astype(np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
