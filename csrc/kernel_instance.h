@@ -16,50 +16,17 @@
 #define PA_STR(a) PA_STR2(a)
 #define FN(name) PA_CAT(name, SUFFIX)
 
+/* float arithmetic: float32, and the half types' storage below */
 #define REAL float
 #define UINT uint32_t
 #define REAL_IS_DOUBLE 0
+#define MR F32_MR
+#define NV F32_NV
+#define BLOCK_M F32_BLOCK_M
+#define BLOCK_N F32_BLOCK_N
 #define SUFFIX PA_CAT(f32, ISA)
-#define MR F32_MR
-#define NV F32_NV
-#define BLOCK_M F32_BLOCK_M
-#define BLOCK_N F32_BLOCK_N
 #include "attention_body.h"
-#undef REAL
-#undef UINT
-#undef REAL_IS_DOUBLE
 #undef SUFFIX
-#undef MR
-#undef NV
-#undef BLOCK_M
-#undef BLOCK_N
-
-#define REAL double
-#define UINT uint64_t
-#define REAL_IS_DOUBLE 1
-#define SUFFIX PA_CAT(f64, ISA)
-#define MR F64_MR
-#define NV F64_NV
-#define BLOCK_M F64_BLOCK_M
-#define BLOCK_N F64_BLOCK_N
-#include "attention_body.h"
-#undef REAL
-#undef UINT
-#undef REAL_IS_DOUBLE
-#undef SUFFIX
-#undef MR
-#undef NV
-#undef BLOCK_M
-#undef BLOCK_N
-
-/* Half-precision storage, float arithmetic: the float32 block sizes. */
-#define REAL float
-#define UINT uint32_t
-#define REAL_IS_DOUBLE 0
-#define MR F32_MR
-#define NV F32_NV
-#define BLOCK_M F32_BLOCK_M
-#define BLOCK_N F32_BLOCK_N
 
 /* bfloat16 is the top half of a float: widening is a shift, narrowing
  * rounds to nearest even (NaN kept quiet).  Plain integer code, which the
@@ -102,6 +69,24 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 #else
 #define PA_F16_KERNEL {0, 0, 0, 0} /* this compiler has no _Float16: no float16 kernel */
 #endif
+#undef SUFFIX
+#undef REAL
+#undef UINT
+#undef REAL_IS_DOUBLE
+#undef MR
+#undef NV
+#undef BLOCK_M
+#undef BLOCK_N
+
+#define REAL double
+#define UINT uint64_t
+#define REAL_IS_DOUBLE 1
+#define SUFFIX PA_CAT(f64, ISA)
+#define MR F64_MR
+#define NV F64_NV
+#define BLOCK_M F64_BLOCK_M
+#define BLOCK_N F64_BLOCK_N
+#include "attention_body.h"
 
 const pyattn_kernels PA_CAT(pyattn_kernels, ISA) = {
     PA_STR(ISA),

@@ -201,7 +201,7 @@ def _pyattn(case, q, k, v, threads):
 
 
 def _reference(case, q, k, v, threads):
-    scores = case.B * case.H * case.L * case.S * 4
+    scores = case.B * case.H * case.L * case.S * (8 if case.dtype == "float64" else 4)
     if scores > REFERENCE_MAX_SCORES:
         raise NotApplicable(f"its score matrix would need {scores / 2**30:.0f} GiB")
     # num_threads is only validated by the reference; NumPy's BLAS decides
