@@ -99,8 +99,12 @@ static inline VEC FN(vmax)(VEC a, VEC b)
 #undef PA_X86_MAX
 
 /*
- * The softmax works in base 2: Q is prescaled by scale * log2(e) (and float
- * masks by log2(e)), so its exponential is 2^x, for x <= LAZY_RESCALE or NaN.
+ * Scores stay in natural units, exactly as the reference computes them: Q is
+ * prescaled by `scale` and masks, biases and caps are added as given.  Only
+ * the softmax's exponential changes base, e^(s - m) = 2^((s - m) log2(e)),
+ * on the difference, which is <= LAZY_RESCALE or -inf or NaN.  (Folding
+ * log2(e) into the scores instead would turn finite scores beyond
+ * FLT_MAX / log2(e), such as HuggingFace's finfo.min mask, into -inf.)
  *
  * vexp2: 2^x for x < 127 (fp32), vectorised and branch-free, <= 2 ulp
  * (tests/test_kernels.py measures it).  x = n + r with n = round(x) and |r| <= 1/2, exactly; 2^r =
@@ -243,19 +247,32 @@ typedef struct {
     int whole_head;        /* the panels hold all tiles of the head */
 } FN(workspace);
 
+/* Elements of one packed key tile: E x BLOCK_N of K^T and BLOCK_N x evp of V
+ * (SIZE_MAX when not representable: sizes are checked, never wrapped). */
+static size_t FN(tile_elems)(const pyattn_problem *p)
+{
+    const size_t evp = pyattn_size_mul(pyattn_size_add((size_t)p->Ev, NR - 1) / NR, NR);
+    return pyattn_size_mul(BLOCK_N, pyattn_size_add((size_t)p->E, evp));
+}
+
 static int64_t FN(panel_tiles)(const pyattn_problem *p)
 {
     const int64_t tiles = (p->S + BLOCK_N - 1) / BLOCK_N;
-    const int64_t per_tile = BLOCK_N * (p->E + FN(round_up)(p->Ev, NR)) * (int64_t)sizeof(REAL);
-    return tiles * per_tile <= PANEL_BUDGET ? tiles : 1;
+    const size_t bytes = pyattn_size_mul(pyattn_size_mul(FN(tile_elems)(p), sizeof(REAL)),
+                                         (size_t)tiles);
+    return bytes <= (size_t)PANEL_BUDGET ? tiles : 1;
 }
 
 static size_t FN(scratch_bytes)(const pyattn_problem *p)
 {
-    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
-    const int64_t elems = BLOCK_M * E + FN(panel_tiles)(p) * BLOCK_N * (E + evp) +
-                          BLOCK_M * BLOCK_N + BLOCK_M * evp + 2 * BLOCK_M;
-    return PYATTN_SCRATCH_HEADER + (size_t)elems * sizeof(REAL);
+    const size_t E = (size_t)p->E;
+    const size_t evp = pyattn_size_mul(pyattn_size_add((size_t)p->Ev, NR - 1) / NR, NR);
+    size_t elems = pyattn_size_mul(BLOCK_M, E); /* q_block */
+    elems = pyattn_size_add(elems, pyattn_size_mul((size_t)FN(panel_tiles)(p),
+                                                   FN(tile_elems)(p))); /* panels */
+    elems = pyattn_size_add(elems, BLOCK_M * BLOCK_N + 2 * BLOCK_M); /* scores, max, sum */
+    elems = pyattn_size_add(elems, pyattn_size_mul(BLOCK_M, evp)); /* acc */
+    return pyattn_size_add(PYATTN_SCRATCH_HEADER, pyattn_size_mul(elems, sizeof(REAL)));
 }
 
 static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
@@ -367,16 +384,16 @@ static void FN(softcap_row)(REAL *s, int64_t n, REAL cap)
     }
 }
 
-/* Turn one row of raw tile scores (base 2) into the scores the softmax sees:
+/* Turn one row of raw tile scores into the scores the softmax sees:
  * soft-capping, then the ALiBi bias -slope |i + diag - j|, then the user's
  * mask, the window (causality) and the padding past the last key, all -inf. */
 static void FN(finish_row)(const pyattn_problem *p, const pyattn_block *blk, const void *mask,
                            REAL *s, int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
 {
     const REAL ninf = -(REAL)INFINITY;
-    if (p->softcap > 0) FN(softcap_row)(s, nb, (REAL)(p->softcap * LOG2E));
+    if (p->softcap > 0) FN(softcap_row)(s, nb, (REAL)p->softcap);
     if (blk->alibi_slope != 0) {
-        const REAL slope = (REAL)(blk->alibi_slope * LOG2E);
+        const REAL slope = (REAL)blk->alibi_slope;
         const int64_t d = i + blk->diag - j0; /* column c is |d - c| from the diagonal */
         for (int64_t c = 0; c < nb; c++) s[c] -= slope * (REAL)(d > c ? d - c : c - d);
     }
@@ -386,7 +403,7 @@ static void FN(finish_row)(const pyattn_problem *p, const pyattn_block *blk, con
             if (!m[c * p->mask_col]) s[c] = ninf;
     } else if (p->mask_kind == PYATTN_MASK_ADDITIVE) {
         const REAL *m = (const REAL *)mask + i * p->mask_row + j0 * p->mask_col;
-        for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col] * LOG2E;
+        for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col];
     }
     const int64_t lo = FN(row_lo)(p, blk, i) - j0, hi = FN(row_hi)(p, blk, i) - j0;
     for (int64_t c = 0; c < nb && c < lo; c++) s[c] = ninf;
@@ -402,15 +419,15 @@ static inline int FN(row_needs_finish)(const pyattn_problem *p, const pyattn_blo
            nb != cols_pad || FN(row_lo)(p, blk, i) > j0 || FN(row_hi)(p, blk, i) < j0 + nb;
 }
 
-/* The running max moves only when a tile beats it by more than this (base-2
- * units): weights then stay below 2^LAZY_RESCALE, far from overflow, and most
- * tiles skip both the exp of the correction and the rescaling of the output.
- * Any shift gives the same softmax; this one is just cheaper. */
-#define LAZY_RESCALE 8
+/* The running max moves only when a tile beats it by more than this: weights
+ * then stay below e^LAZY_RESCALE = 2^8, far from overflow, and most tiles
+ * skip both the exp of the correction and the rescaling of the output.  Any
+ * shift gives the same softmax; this one is just cheaper. */
+#define LAZY_RESCALE ((REAL)5.545177444479562) /* 8 ln 2 */
 
-/* One online-softmax step for one query row and one key tile: the base-2
- * scores s become unnormalised weights 2^(s - m), and when the running max m
- * moves, the sum l and the output row are rescaled by 2^(m_old - m_new). */
+/* One online-softmax step for one query row and one key tile: the scores s
+ * become unnormalised weights e^(s - m), and when the running max m moves,
+ * the sum l and the output row are rescaled by e^(m_old - m_new). */
 static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
                              REAL *o_row, int64_t evp)
 {
@@ -421,17 +438,18 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
     const REAL m_new = tile_max > *m + LAZY_RESCALE ? tile_max : *m;
     /* Shift by 0 while everything is masked, so 2^(-inf - shift) = 0, not NaN. */
     const REAL shift = m_new == -(REAL)INFINITY ? 0 : m_new;
-    /* p = 2^(s - shift) and its sum. */
-    const VEC vshift = FN(vsplat)(shift);
+    /* p = e^(s - shift) and its sum; the difference is never +inf (s <= its
+     * tile max), and -inf when it overflows, which is the limit. */
+    const VEC vshift = FN(vsplat)(shift), log2e = FN(vsplat)(LOG2E);
     VEC vsum = FN(vsplat)(0);
     for (int64_t c = 0; c < cols_pad; c += LANES) {
-        const VEC pv = FN(vexp2)(FN(vload)(s + c) - vshift);
+        const VEC pv = FN(vexp2)((FN(vload)(s + c) - vshift) * log2e);
         FN(vstore)(s + c, pv);
         vsum += pv;
     }
     if (m_new != *m) {
-        /* The old state weighs 2^(m_old - shift): 0 for an empty past. */
-        const REAL alpha = FN(vexp2)(FN(vsplat)(*m - shift))[0];
+        /* The old state weighs e^(m_old - shift): 0 for an empty past. */
+        const REAL alpha = FN(vexp2)(FN(vsplat)((*m - shift) * LOG2E))[0];
         const VEC va = FN(vsplat)(alpha);
         for (int64_t c = 0; c < evp; c += LANES) FN(vstore)(o_row + c, FN(vload)(o_row + c) * va);
         *l *= alpha;
@@ -644,7 +662,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
 }
 
 /* Attention weights, after attend_tiled: once every row's max m and sum l are
- * final, the probabilities the output used, 2^(s - m) / l, are recomputed tile
+ * final, the probabilities the output used, e^(s - m) / l, are recomputed tile
  * by tile and added, times w_factor, into the zeroed blk->weights (factor 1
  * writes one head; 1/H for every head in turn averages them).  Keys a row
  * never sees keep their 0, and so do rows with no key at all (l == 0). */
@@ -663,30 +681,32 @@ static void FN(add_weights)(const pyattn_problem *p, const STORE *k, const STORE
         for (int64_t r = r0; r < r1 && r < blk->nrows; r++) {
             if (w->row_sum[r] == 0) continue;
             REAL *s = w->scores + r * BLOCK_N;
-            const VEC shift = FN(vsplat)(w->row_max[r]);
+            const VEC shift = FN(vsplat)(w->row_max[r]), log2e = FN(vsplat)(LOG2E);
             const VEC coef = FN(vsplat)((REAL)(p->w_factor / w->row_sum[r]));
             for (int64_t c = 0; c < nb; c += LANES)
-                FN(vstore)(s + c, FN(vexp2)(FN(vload)(s + c) - shift) * coef);
+                FN(vstore)(s + c, FN(vexp2)((FN(vload)(s + c) - shift) * log2e) * coef);
             REAL *dst = weights + (blk->row0 + r) * p->w_row + j0;
             for (int64_t c = 0; c < nb; c++) dst[c] += s[c];
         }
     }
 }
 
-/* An attention sink: one more logit (base 2) in the softmax's denominator
- * with no value row, so the row's weights sum to less than 1.  Same state
- * update as softmax_step with a one-key tile that adds nothing to o_row. */
+/* An attention sink: one more logit in the softmax's denominator with no
+ * value row, so the row's weights sum to less than 1.  Same state update as
+ * softmax_step with a one-key tile that adds nothing to o_row.  The caller
+ * skips a sink of -inf (it weighs nothing). */
 static void FN(add_sink)(REAL sink, REAL *m, REAL *l, REAL *o_row, int64_t evp)
 {
     if (sink > *m) {
-        /* The old state weighs 2^(m - sink): 0 for an empty past. */
-        const REAL alpha = *m == -(REAL)INFINITY ? 0 : FN(vexp2)(FN(vsplat)(*m - sink))[0];
+        /* The old state weighs e^(m - sink): 0 for an empty past. */
+        const REAL alpha = *m == -(REAL)INFINITY
+                               ? 0 : FN(vexp2)(FN(vsplat)((*m - sink) * LOG2E))[0];
         const VEC va = FN(vsplat)(alpha);
         for (int64_t c = 0; c < evp; c += LANES) FN(vstore)(o_row + c, FN(vload)(o_row + c) * va);
         *l = *l * alpha + 1;
         *m = sink;
     } else {
-        *l += FN(vexp2)(FN(vsplat)(sink - *m))[0];
+        *l += FN(vexp2)(FN(vsplat)((sink - *m) * LOG2E))[0];
     }
 }
 
@@ -699,7 +719,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     STORE *out = out_;
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
-    const REAL scale = (REAL)(p->scale * LOG2E); /* base-2 softmax, see vexp2 */
+    const REAL scale = (REAL)p->scale;
     const FN(workspace) w = FN(carve)(p, scratch);
     REAL *qs = w.q_block;
 
@@ -725,10 +745,12 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     } else {
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
     }
-    if (blk->key0 == 0 && blk->sink > -INFINITY) /* counted once, with the first keys */
+    /* Counted once, with the first keys; in the compute type, where a sink
+     * beyond its range is -inf (the validation refuses +inf). */
+    const REAL sink = (REAL)blk->sink;
+    if (blk->key0 == 0 && sink > -(REAL)INFINITY)
         for (int64_t r = 0; r < nrows; r++)
-            FN(add_sink)((REAL)(blk->sink * LOG2E), w.row_max + r, w.row_sum + r,
-                         w.acc + r * evp, evp);
+            FN(add_sink)(sink, w.row_max + r, w.row_sum + r, w.acc + r * evp, evp);
     if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
@@ -743,10 +765,9 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
             for (int64_t x = 0; x < Ev; x++)
                 dst[x * p->o_col] = FROM_REAL(l == 0 ? 0 : w.acc[r * evp + x] * inv);
         }
-        /* logsumexp of the scaled, masked scores, in natural log. */
+        /* logsumexp of the scaled, masked scores. */
         if (blk->lse)
-            ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY
-                                           : (w.row_max[r] + (REAL)log2((double)l)) * (REAL)M_LN2;
+            ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY : w.row_max[r] + (REAL)log((double)l);
     }
 }
 

@@ -74,8 +74,9 @@ int pyattn_team_size(void)
 void *pyattn_aligned_alloc(size_t nbytes)
 {
     void *p = NULL;
-    nbytes = (nbytes + 63) / 64 * 64;
-    if (nbytes == 0 || posix_memalign(&p, 64, nbytes) != 0) return NULL;
+    nbytes = pyattn_size_add(nbytes, 63) / 64 * 64;
+    if (nbytes == 0 || nbytes == SIZE_MAX / 64 * 64 || posix_memalign(&p, 64, nbytes) != 0)
+        return NULL;
     return p;
 }
 

@@ -68,8 +68,24 @@ typedef void (*pyattn_attend_fn)(const pyattn_problem *p, const void *q,
                                  const void *k, const void *v, const void *mask,
                                  void *out, const pyattn_block *blk, void *scratch);
 
-/* Bytes of per-thread scratch a kernel needs for this problem. */
+/* Bytes of per-thread scratch a kernel needs for this problem; SIZE_MAX when
+ * that is not representable (see pyattn_size_mul). */
 typedef size_t (*pyattn_scratch_fn)(const pyattn_problem *p);
+
+/* Checked size arithmetic, saturating at SIZE_MAX, which no allocation can
+ * satisfy.  Sizes come from claimed shapes (a zero-stride view claims 2^56
+ * features with one element of memory), so they must never wrap. */
+static inline size_t pyattn_size_mul(size_t a, size_t b)
+{
+    size_t r;
+    return __builtin_mul_overflow(a, b, &r) ? SIZE_MAX : r;
+}
+
+static inline size_t pyattn_size_add(size_t a, size_t b)
+{
+    size_t r;
+    return __builtin_add_overflow(a, b, &r) ? SIZE_MAX : r;
+}
 
 /* Start of every thread's scratch: which key/value head its panels hold. */
 typedef struct pyattn_scratch_header {

@@ -12,7 +12,10 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.math cimport INFINITY
+from libc.stdint cimport SIZE_MAX
 from libc.string cimport memset
+
+from ._validation import physical_memory
 
 cdef extern from "pyattn_kernels.h" nogil:
     enum:
@@ -59,6 +62,8 @@ cdef extern from "pyattn_kernels.h" nogil:
     int pyattn_openmp_enabled()
     int pyattn_max_threads()
     int pyattn_team_size()
+    size_t pyattn_size_mul(size_t a, size_t b)
+    size_t pyattn_size_add(size_t a, size_t b)
 
     void *aligned_alloc "pyattn_aligned_alloc"(size_t nbytes)
     int PYATTN_SCRATCH_HEADER
@@ -253,13 +258,21 @@ def attend(str kernel, str dtype, tuple pointers,
 
     # Per-thread scratch, allocated once here and indexed by thread id.  Each
     # starts with a zeroed header: the kernel's cache of packed K/V is empty.
-    cdef size_t scratch_bytes = (dk.scratch_bytes(&prob) + 63) // 64 * 64
-    cdef char *scratch = <char *>aligned_alloc(scratch_bytes * num_threads)
+    # Checked sizes: claimed shapes (zero-stride views) may be absurd.
+    cdef size_t scratch_bytes = pyattn_size_add(dk.scratch_bytes(&prob), 63) // 64 * 64
+    cdef size_t scratch_total = pyattn_size_mul(scratch_bytes, num_threads)
+    if scratch_bytes >= SIZE_MAX - 63 or scratch_total > physical_memory():
+        raise ValueError(
+            f"query/key width E = {prob.E} and value width Ev = {prob.Ev} need a per-thread "
+            f"workspace larger than this machine's memory "
+            f"({'beyond 2**64' if scratch_bytes >= SIZE_MAX - 63 else scratch_total} bytes "
+            f"for {num_threads} threads)")
+    cdef char *scratch = <char *>aligned_alloc(scratch_total)
     cdef int *team = <int *>malloc(sizeof(int) * num_threads)
     if scratch == NULL or team == NULL:
         aligned_free(scratch)
         free(team)
-        raise MemoryError(f"cannot allocate {scratch_bytes * num_threads} bytes of scratch")
+        raise MemoryError(f"cannot allocate {scratch_total} bytes of scratch")
     cdef int64_t item, b, h, hi, qb, chunk
     cdef pyattn_block blk
     cdef int tid

@@ -3,6 +3,7 @@
 Everything a user can get wrong is caught here, with a message that names the
 argument and the shapes involved, before any compiled code runs.
 """
+import functools
 import math
 import numbers
 import os
@@ -30,8 +31,10 @@ MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
 MAX_POSITIONS = 2**31 - 1  # queries or keys per sequence; claimed sizes beyond are refused
 
 
+@functools.lru_cache(maxsize=None)
 def physical_memory():
-    """Bytes of RAM in this machine (a large number when it cannot be read)."""
+    """Bytes of RAM in this machine (a large number when it cannot be read);
+    read once, since every call checks sizes against it."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
@@ -52,10 +55,22 @@ def typed_access_ok(arr):
     return arr.flags.aligned and not any(st % arr.itemsize for st in arr.strides)
 
 
-def kernel_readable(arr):
-    """`arr`, or a copy when typed_access_ok fails; done at the caller's size,
-    before any broadcasting."""
-    return arr if typed_access_ok(arr) else arr.copy()
+def _compact(arr):
+    """The smallest array that broadcasts back to `arr` (drops zero strides)."""
+    return arr[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                     for st, n in zip(arr.strides, arr.shape))]
+
+
+def convert_stored(arr, dtype=None):
+    """`arr` as `dtype` (default: its own), native byte order, aligned, in
+    whole-element strides.  Whatever must be copied is copied as it is stored:
+    a broadcast view stays a view of its compact copy, never expanded."""
+    dtype = arr.dtype.newbyteorder("=") if dtype is None else np.dtype(dtype)
+    if arr.dtype == dtype and typed_access_ok(arr):
+        return arr
+    compact = _compact(arr)
+    check_fits(compact.size, dtype.itemsize, "a converted copy of an input")
+    return np.broadcast_to(compact.astype(dtype, order="C"), arr.shape)
 
 
 def as_array(x, name, what="an array"):
@@ -74,17 +89,29 @@ def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
     already is one."""
     arr = as_array(x, name, f"an array of {_SUPPORTED_NAMES}")
     if arr.dtype.kind == "f" and not arr.dtype.isnative:  # e.g. '>f4'
-        arr = arr.astype(arr.dtype.newbyteorder("="))
+        arr = convert_stored(arr)
     if arr.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {arr.dtype}; supported dtypes are {_SUPPORTED_NAMES}")
     if arr.ndim < min_ndim:
         raise ValueError(
             f"{name} must have at least {min_ndim} dimensions {layout}; got shape {arr.shape}"
         )
-    return kernel_readable(arr)
+    return convert_stored(arr)
 
 
-def check_scale(scale, head_dim):
+def representable(value, name, dtype, positive=False):
+    """`value` (a float) after checking that the compute `dtype` holds it
+    finite (and nonzero when `positive`): the kernel computes with it there,
+    so 1e300 must be refused for float32, not become inf and NaN outputs."""
+    with np.errstate(over="ignore"):
+        stored = np.asarray(value, dtype=np.float64).astype(dtype)
+    if not np.isfinite(stored).all() or (positive and (stored == 0).any()):
+        raise ValueError(f"{name} = {value} is outside the range of {np.dtype(dtype)}, "
+                         f"the dtype the kernel computes in for these inputs")
+    return value
+
+
+def check_scale(scale, head_dim, dtype):
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -97,7 +124,7 @@ def check_scale(scale, head_dim):
         ) from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+    return representable(scale, "scale", dtype)
 
 
 def cpu_count():
@@ -163,17 +190,25 @@ def _lift(arr, ndim):
     return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
 
 
+def _broadcast_size(a, b):
+    """NumPy's broadcast of two axis lengths (1 against n gives n, also 0), or
+    None when they do not broadcast."""
+    return a if b == 1 or a == b else b if a == 1 else None
+
+
 def _heads(hq, hk, hv, enable_gqa):
     """Output heads and the GQA group size, from query and key/value heads."""
-    if hk != hv and 1 not in (hk, hv):
+    hkv = _broadcast_size(hk, hv)
+    if hkv is None:
         raise ValueError(
             f"key and value must have the same number of heads (dim -3); got {hk} and {hv}"
         )
-    hkv = max(hk, hv)
-    if hq == hkv or 1 in (hq, hkv):
-        return max(hq, hkv), 1
-    if not enable_gqa:
-        hint = " (pass enable_gqa=True for grouped-query attention)" if hq % hkv == 0 else ""
+    heads = _broadcast_size(hq, hkv)
+    if heads is not None:
+        return heads, 1
+    if not enable_gqa or 0 in (hq, hkv):  # no group of 0 heads
+        groups = not enable_gqa and hkv > 0 and hq % hkv == 0
+        hint = " (pass enable_gqa=True for grouped-query attention)" if groups else ""
         raise ValueError(
             f"query has {hq} heads and key/value have {hkv} (dim -3); they must match "
             f"or broadcast{hint}"
@@ -184,12 +219,6 @@ def _heads(hq, hk, hv, enable_gqa):
             f"key/value heads Hkv={hkv}"
         )
     return hq, hq // hkv
-
-
-def _compact(arr):
-    """The smallest array that broadcasts back to `arr` (drops zero strides)."""
-    return arr[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
-                     for st, n in zip(arr.strides, arr.shape))]
 
 
 def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
@@ -213,9 +242,9 @@ def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
             f"attn_mask of shape {mask.shape} does not broadcast to the scores shape "
             f"(..., Hq, L, S) = {scores_shape}"
         )
-    if mask.dtype != np.bool_:  # cast what is stored, not what a broadcast view claims
-        mask = _compact(mask).astype(dtype, copy=False)
-    return np.broadcast_to(kernel_readable(mask), scores_shape)  # a view, no copy
+    if mask.dtype != np.bool_:  # the compute dtype, where a finite mask value is a score
+        mask = convert_stored(mask, dtype)
+    return np.broadcast_to(mask, scores_shape)  # a view, no copy
 
 
 
@@ -279,7 +308,8 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
 
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, is_causal=is_causal,
-        scale=check_scale(scale, q.shape[-1]), kv_group=kv_group, batch=batch,
+        scale=check_scale(scale, q.shape[-1], compute_dtype(q.dtype)), kv_group=kv_group,
+        batch=batch,
         num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
     )
 
@@ -320,7 +350,9 @@ def _check_window(window):
             _window_side(window[1], "window's right size"))
 
 
-def _per_head(values, name, num_heads):
+def _per_head(values, name, num_heads, dtype):
+    """Per-head values as float64 holding exactly their `dtype` (compute)
+    roundings, which the kernel and the reference both use."""
     if values is None:
         return None
     arr = np.asarray(values)
@@ -334,7 +366,13 @@ def _per_head(values, name, num_heads):
     if (np.isnan(arr) | (np.isposinf(arr) if allow_neginf else np.isinf(arr))).any():
         also = " or -inf" if allow_neginf else ""
         raise ValueError(f"{name} must be finite{also}; got {arr}")
-    return arr
+    with np.errstate(over="ignore"):
+        rounded = arr.astype(dtype)
+    if np.isposinf(rounded).any() or (not allow_neginf and np.isinf(rounded).any()):
+        # a sink below the range is -inf, which is the limit: it weighs nothing
+        raise ValueError(f"{name} = {arr} is outside the range of {np.dtype(dtype)}, the dtype "
+                         f"the kernel computes in for these inputs")
+    return rounded.astype(np.float64)
 
 
 def _per_batch_lengths(lengths, name, batch, limit, limit_name):
@@ -380,10 +418,18 @@ def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, 
         softcap = float(softcap)
         if not (math.isfinite(softcap) and softcap > 0):
             raise ValueError(f"softcap must be positive and finite, got {softcap}")
+        representable(softcap, "softcap", prob.compute_dtype, positive=True)
+    alibi = _per_head(alibi_slopes, "alibi_slopes", prob.num_heads, prob.compute_dtype)
+    if alibi is not None and alibi.size:
+        # the bias -slope |d| must stay finite at every query-key distance d
+        representable(float(np.abs(alibi).max()) * max(L + S, 1),
+                      "max |alibi_slopes| * (L + S), the largest ALiBi bias,",
+                      prob.compute_dtype)
     return ScoreOptions(
         window=(left, right), diag=np.ascontiguousarray(diag, dtype=np.int64),
-        alibi=_per_head(alibi_slopes, "alibi_slopes", prob.num_heads), softcap=softcap,
-        sinks=_per_head(sinks, "sinks", prob.num_heads), q_lengths=q_len, kv_lengths=kv_len,
+        alibi=alibi, softcap=softcap,
+        sinks=_per_head(sinks, "sinks", prob.num_heads, prob.compute_dtype),
+        q_lengths=q_len, kv_lengths=kv_len,
     )
 
 

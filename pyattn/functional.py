@@ -152,12 +152,15 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
                    f"the attention weights {prob.batch + heads + (L, S)}")
         probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.compute_dtype)
     if return_lse:
+        check_fits(math.prod(prob.work_shape[:-1]), prob.compute_dtype.itemsize,
+                   f"the logsumexp, of shape {prob.work_shape[:-1]},")
         lse = np.empty(prob.work_shape[:-1], dtype=prob.compute_dtype)
     work = result
     if work.size == 0 and any(a is not None and a.size for a in (lse, probs)):
         # Ev = 0: no output, but the logsumexp and the weights do not depend
         # on the values: compute them against one zero column, thrown away
-        prob = dataclasses.replace(prob, v=np.zeros(prob.v.shape[:-1] + (1,), prob.dtype),
+        zero_column = np.broadcast_to(np.zeros(1, prob.dtype), prob.v.shape[:-1] + (1,))
+        prob = dataclasses.replace(prob, v=zero_column,
                                    work_shape=prob.work_shape[:-1] + (1,))
         work = np.zeros(prob.work_shape, dtype=prob.dtype)
     if work.size and S > 0:
@@ -264,6 +267,8 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     partial, chunk_lse = None, lse
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
+        check_fits((n_chunks + 1) * dest.size, prob.compute_dtype.itemsize,
+                   f"{n_chunks} split-KV partial results of shape {dest.shape}")
         # in the compute dtype: a half result is rounded once, after the merge
         partial = np.empty((n_chunks,) + dest.shape, dtype=prob.compute_dtype)
         chunk_lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=prob.compute_dtype)

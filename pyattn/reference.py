@@ -71,7 +71,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     # key j's offset from row i's diagonal key i + diag
     offset = np.arange(S) - np.arange(L)[:, None] - opts.diag.reshape(per_batch)
     if opts.alibi is not None:
-        scores = scores - opts.alibi[:, None, None].astype(scores.dtype) * np.abs(offset)
+        # in the scores' dtype, as the kernel computes it
+        distance = np.abs(offset).astype(scores.dtype)
+        scores = scores - opts.alibi[:, None, None].astype(scores.dtype) * distance
     if prob.mask is not None:
         if prob.mask.dtype == np.bool_:
             scores = np.where(prob.mask, scores, -np.inf)
