@@ -1,7 +1,9 @@
 """Build the pyattn extension: Cython driver + C kernels, with OpenMP if the
 compiler has it.  No tuning for the build machine: each ISA's kernels select
 their own target in their source file, and the choice between them is made at run time."""
+import glob
 import os
+import platform
 import sys
 import tempfile
 import textwrap
@@ -47,12 +49,12 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-CSRC = [
-    "csrc/dispatch.c",
-    "csrc/kernels_baseline.c",
-    "csrc/kernels_avx2.c",
-    "csrc/kernels_avx512.c",
-]
+# The kernel sets, best first: one csrc/kernels_<isa>.c each (a new ISA is one
+# file plus its name here).  The registry (csrc/registry.c) lists them in this
+# order, and pyattn picks the first one the CPU supports.
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+KERNEL_SETS = ["avx512", "avx2", "baseline"] if X86 else ["baseline"]
+CSRC = ["csrc/registry.c", *(f"csrc/kernels_{isa}.c" for isa in KERNEL_SETS)]
 extra_cflags = os.environ.get("PYATTN_EXTRA_CFLAGS", "").split()
 
 extensions = [
@@ -60,7 +62,8 @@ extensions = [
         "pyattn._attention",
         sources=["pyattn/_attention.pyx", *CSRC],
         include_dirs=["csrc"],
-        depends=["csrc/pyattn_kernels.h", "csrc/attention_body.h", "csrc/kernel_instance.h"],
+        define_macros=[("PYATTN_KERNEL_SETS", "".join(f"PYATTN_SET({isa})" for isa in KERNEL_SETS))],
+        depends=glob.glob("csrc/*.h") + ["pyattn/_kernels.pxd"],
         extra_compile_args=["-O3", "-std=gnu11", *extra_cflags],
         extra_link_args=[*extra_cflags],
     )

@@ -28,206 +28,19 @@
  *                 place, one dot product per score.
  * attend() packs the scaled Q block, picks the path, and normalises.  The
  * L x S score matrix never exists: only one BLOCK_M x BLOCK_N tile does.
+ *
+ * The template's parts: simd.h (vectors, loads, 2^x, reductions),
+ * micro_kernel.h (the register kernels of both paths), score_modifiers.h
+ * (windows, soft-capping, ALiBi, masks, sinks); this file holds the
+ * workspace, the packing, the online softmax and the two paths.
  */
 #include <math.h>
 #include <string.h>
 
-#ifndef STORE
-#define STORE REAL
-#define TO_REAL(x) (x)
-#define FROM_REAL(x) (x)
-#define STORE_KIND 0
-#endif
-#define STORE_KIND_F16 1
-#define STORE_KIND_BF16 2
+#include "simd.h"
+#include "micro_kernel.h"
+#include "score_modifiers.h"
 
-#define LANES ((int64_t)(VBYTES / sizeof(REAL)))
-#define NR (NV * LANES)
-
-typedef REAL FN(vec) __attribute__((vector_size(VBYTES)));
-typedef UINT FN(uvec) __attribute__((vector_size(VBYTES)));
-#define VEC FN(vec)
-#define UVEC FN(uvec)
-
-static inline int64_t FN(round_up)(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-static inline VEC FN(vload)(const REAL *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
-static inline void FN(vstore)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
-static inline VEC FN(vsplat)(REAL x)
-{
-    /* Lane 0 shuffled everywhere: one broadcast.  ({0} + x costs an add, since
-     * x + 0 is not x for -0; a lane loop becomes masked inserts.) */
-    const VEC v = {x};
-    return __builtin_shuffle(v, (UVEC){0});
-}
-
-/* Lane-wise mask ? a : b, where mask lanes are all-ones or all-zeros. */
-static inline VEC FN(vselect)(UVEC mask, VEC a, VEC b)
-{
-    return (VEC)((mask & (UVEC)a) | (~mask & (UVEC)b));
-}
-
-/* Lane-wise a > b ? a : b, which ignores a NaN in `a`: NaN scores must not
- * become the running max (they still reach the output through 2^(NaN - max)).
- * x86's MAXPS/MAXPD compute exactly this in one instruction; GCC does not
- * see it in the generic select. */
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#if VBYTES == 64 && REAL_IS_DOUBLE
-#define PA_X86_MAX _mm512_max_pd
-#elif VBYTES == 64
-#define PA_X86_MAX _mm512_max_ps
-#elif VBYTES == 32 && REAL_IS_DOUBLE
-#define PA_X86_MAX _mm256_max_pd
-#elif VBYTES == 32
-#define PA_X86_MAX _mm256_max_ps
-#elif VBYTES == 16 && REAL_IS_DOUBLE
-#define PA_X86_MAX _mm_max_pd
-#else
-#define PA_X86_MAX _mm_max_ps
-#endif
-#endif
-
-static inline VEC FN(vmax)(VEC a, VEC b)
-{
-#ifdef PA_X86_MAX
-    return (VEC)PA_X86_MAX(a, b);
-#else
-    return FN(vselect)((UVEC)(a > b), a, b);
-#endif
-}
-#undef PA_X86_MAX
-
-/*
- * Scores stay in natural units, exactly as the reference computes them: Q is
- * prescaled by `scale` and masks, biases and caps are added as given.  Only
- * the softmax's exponential changes base, e^(s - m) = 2^((s - m) log2(e)),
- * on the difference, which is <= LAZY_RESCALE or -inf or NaN.  (Folding
- * log2(e) into the scores instead would turn finite scores beyond
- * FLT_MAX / log2(e), such as HuggingFace's finfo.min mask, into -inf.)
- *
- * vexp2: 2^x for x < 127 (fp32), vectorised and branch-free, <= 2 ulp
- * (tests/test_kernels.py measures it).  x = n + r with n = round(x) and |r| <= 1/2, exactly; 2^r =
- * e^(r ln2) by its Taylor polynomial (truncation far below half an ulp there);
- * 2^n is built in the exponent bits.  2^-inf = 0 exactly, NaN stays NaN, and
- * results below the smallest normal number flush to 0: they are under 2^-126
- * (fp32) of the row maximum, so they cannot change a softmax.
- */
-#if REAL_IS_DOUBLE
-#define EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52: adding it rounds to an integer */
-#define EXP_MAGIC_BITS 0x4338000000000000ULL
-#define EXP_MANT_BITS 52
-#define EXP_BIAS 1023
-#define EXP2_LO (-1022.0)
-#define LOG2E 1.44269504088896338700e+00
-#define EXP_DEGREE 13
-#else
-#define EXP_MAGIC 12582912.0f /* 1.5 * 2^23 */
-#define EXP_MAGIC_BITS 0x4B400000U
-#define EXP_MANT_BITS 23
-#define EXP_BIAS 127
-#define EXP2_LO (-126.0f)
-#define LOG2E 1.44269504088896341f
-#define EXP_DEGREE 7
-#endif
-
-static inline VEC FN(vexp2)(VEC x)
-{
-    /* n = round(x), read back from the low mantissa bits of t. */
-    const VEC t = x + EXP_MAGIC;
-    const VEC n = t - EXP_MAGIC;
-    const VEC r = x - n;
-    /* Horner on sum (r ln2)^k / k!, k = 0..D. */
-    static const double coef[] = {
-        1.0, 0.6931471805599453, 0.2402265069591007, 0.055504108664821576,
-        0.009618129107628477, 0.0013333558146428441, 0.00015403530393381606,
-        1.5252733804059838e-05, 1.3215486790144305e-06, 1.0178086009239696e-07,
-        7.054911620801121e-09, 4.44553827187081e-10, 2.5678435993488196e-11,
-        1.3691488853904124e-12};
-    VEC poly = FN(vsplat)((REAL)coef[EXP_DEGREE]);
-    for (int kk = EXP_DEGREE - 1; kk >= 0; kk--) poly = poly * r + (REAL)coef[kk];
-    const UVEC two_n = (((UVEC)t - EXP_MAGIC_BITS) + EXP_BIAS) << EXP_MANT_BITS;
-    const VEC y = poly * (VEC)two_n;
-    return FN(vselect)((UVEC)(x < EXP2_LO), FN(vsplat)(0), y);
-}
-
-/* y = 2^x over n elements: vexp2 for tests (tail lanes through a buffer). */
-static void FN(exp2_array)(const void *x_, void *y_, int64_t n)
-{
-    const REAL *x = x_;
-    REAL *y = y_;
-    for (int64_t i = 0; i < n; i += LANES) {
-        REAL buf[LANES];
-        const int64_t m = n - i < LANES ? n - i : LANES;
-        for (int64_t j = 0; j < LANES; j++) buf[j] = j < m ? x[i + j] : 0;
-        FN(vstore)(buf, FN(vexp2)(FN(vload)(buf)));
-        memcpy(y + i, buf, sizeof(REAL) * (size_t)m);
-    }
-}
-
-/* v with lanes i and i ^ 2^level swapped: one butterfly stage.  The index
- * vectors are constants (a lane loop would be rebuilt on every call). */
-#define PA_XOR_ROW(w) {0 ^ w, 1 ^ w, 2 ^ w, 3 ^ w, 4 ^ w, 5 ^ w, 6 ^ w, 7 ^ w, \
-                       8 ^ w, 9 ^ w, 10 ^ w, 11 ^ w, 12 ^ w, 13 ^ w, 14 ^ w, 15 ^ w}
-static const UINT FN(xor_lanes)[4][16] = {PA_XOR_ROW(1), PA_XOR_ROW(2), PA_XOR_ROW(4),
-                                          PA_XOR_ROW(8)};
-#undef PA_XOR_ROW
-
-static inline VEC FN(vswap)(VEC v, int level)
-{
-    UVEC idx;
-    memcpy(&idx, FN(xor_lanes)[level], sizeof idx);
-    return __builtin_shuffle(v, idx);
-}
-
-/* Horizontal max and sum by butterfly: log2(lanes) shuffles, the same order
- * on every call, so results never depend on where a row is computed. */
-static inline REAL FN(hmax)(VEC v)
-{
-    for (int level = 0; (1 << level) < LANES; level++) v = FN(vmax)(FN(vswap)(v, level), v);
-    return v[0];
-}
-
-static inline REAL FN(hsum)(VEC v)
-{
-    for (int level = 0; (1 << level) < LANES; level++) v += FN(vswap)(v, level);
-    return v[0];
-}
-
-/* C[MR x NR] = (accumulate ? C : 0) + A[MR x K] * B[K x NR]; rows of A at
- * stride lda, of B at ldb, of C at ldc.  The MR x NV accumulators live in
- * registers for the whole K loop. */
-static inline void FN(micro_kernel)(int64_t K, const REAL *A, int64_t lda,
-                                    const REAL *B, int64_t ldb, REAL *C,
-                                    int64_t ldc, int accumulate)
-{
-    VEC acc[MR][NV];
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++)
-            acc[r][j] = accumulate ? FN(vload)(C + r * ldc + j * LANES) : FN(vsplat)(0);
-    for (int64_t kk = 0; kk < K; kk++) {
-        VEC b[NV];
-        for (int j = 0; j < NV; j++) b[j] = FN(vload)(B + kk * ldb + j * LANES);
-        for (int r = 0; r < MR; r++) {
-            const VEC a = FN(vsplat)(A[r * lda + kk]);
-            for (int j = 0; j < NV; j++) acc[r][j] += a * b[j];
-        }
-    }
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) FN(vstore)(C + r * ldc + j * LANES, acc[r][j]);
-}
-
-/* C[rows x cols] (+)= A[rows x K] * B[K x cols], rows a multiple of MR and
- * cols of NR: the tiling loop around the micro-kernel. */
-static void FN(tile_gemm)(int64_t rows, int64_t cols, int64_t K, const REAL *A,
-                          int64_t lda, const REAL *B, int64_t ldb, REAL *C,
-                          int64_t ldc, int accumulate)
-{
-    for (int64_t r0 = 0; r0 < rows; r0 += MR)
-        for (int64_t c0 = 0; c0 < cols; c0 += NR)
-            FN(micro_kernel)(K, A + r0 * lda, lda, B + c0, ldb, C + r0 * ldc + c0,
-                             ldc, accumulate);
-}
 
 /*
  * Scratch layout, per thread.  The K^T and V panels hold every key tile of one
@@ -292,36 +105,6 @@ static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
     return w;
 }
 
-/* LANES contiguous STORE elements as a vector of REAL. */
-static inline VEC FN(vload_store)(const STORE *p)
-{
-#if STORE_KIND == 0
-    return FN(vload)(p);
-#elif STORE_KIND == STORE_KIND_BF16 /* the top half of a float: widen, shift */
-    typedef uint16_t FN(hvec) __attribute__((vector_size(VBYTES / 2)));
-    FN(hvec) h;
-    memcpy(&h, p, sizeof h);
-    return (VEC)(__builtin_convertvector(h, UVEC) << 16);
-#elif defined(__F16C__) && VBYTES == 64 /* GCC converts _Float16 one by one */
-    return (VEC)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#elif defined(__F16C__) && VBYTES == 32
-    return (VEC)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-#else
-    REAL buf[LANES];
-    for (int64_t i = 0; i < LANES; i++) buf[i] = TO_REAL(p[i]);
-    return FN(vload)(buf);
-#endif
-}
-
-/* dst[0:n] = src[0:n:stride] as REAL. */
-static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REAL *dst)
-{
-    int64_t x = 0;
-    if (stride == 1)
-        for (; x + LANES <= n; x += LANES) FN(vstore)(dst + x, FN(vload_store)(src + x));
-    for (; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
-}
-
 /* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
  * (nb x evp, zero columns past Ev). */
 static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
@@ -341,82 +124,6 @@ static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *
         FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vp + c * evp);
         for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
     }
-}
-
-/* Keys row i may see: [row_lo, row_hi), its window around the diagonal
- * i + diag (causal is window_right = 0); -1 leaves a side unbounded. */
-static inline int64_t FN(row_lo)(const pyattn_problem *p, const pyattn_block *blk, int64_t i)
-{
-    return p->window_left < 0 ? 0 : i + blk->diag - p->window_left;
-}
-
-static inline int64_t FN(row_hi)(const pyattn_problem *p, const pyattn_block *blk, int64_t i)
-{
-    return p->window_right < 0 ? INT64_MAX : i + blk->diag + p->window_right + 1;
-}
-
-/* s = c tanh(s / c), lane-wise.  For |x| >= 1/4, tanh|x| = (1 - e) / (1 + e)
- * with e = e^(-2|x|) <= 0.61 (no overflow, at most ~1.4 bits lost to the
- * subtraction); below, where 1 - e would cancel, x times the Taylor series in
- * x^2 (6 terms reach float's precision at 1/4, 13 double's). */
-static void FN(softcap_row)(REAL *s, int64_t n, REAL cap)
-{
-    static const double taylor[] = {
-        1.0, -0.3333333333333333, 0.13333333333333333, -0.05396825396825397,
-        0.021869488536155203, -0.008863235529902197, 0.003592128036572481,
-        -0.0014558343870513183, 0.000590027440945586, -0.00023912911424355248,
-        9.691537956929451e-05, -3.927832388331683e-05, 1.5918905069328964e-05};
-    const int terms = REAL_IS_DOUBLE ? 13 : 6;
-    const VEC vcap = FN(vsplat)(cap), one = FN(vsplat)(1), quarter = FN(vsplat)((REAL)0.25);
-    const VEC to_exp2 = FN(vsplat)((REAL)(-2 * LOG2E));
-    for (int64_t c = 0; c < n; c += LANES) {
-        const VEC x = FN(vload)(s + c) / vcap;
-        const UVEC negative = (UVEC)(x < 0);
-        const VEC ax = FN(vselect)(negative, -x, x);
-        const VEC e = FN(vexp2)(ax * to_exp2);
-        const VEC t = (one - e) / (one + e);
-        const VEC x2 = x * x;
-        VEC poly = FN(vsplat)((REAL)taylor[terms - 1]);
-        for (int k = terms - 2; k >= 0; k--) poly = poly * x2 + (REAL)taylor[k];
-        const VEC tanh_x = FN(vselect)((UVEC)(ax < quarter), x * poly,
-                                       FN(vselect)(negative, -t, t));
-        FN(vstore)(s + c, tanh_x * vcap);
-    }
-}
-
-/* Turn one row of raw tile scores into the scores the softmax sees:
- * soft-capping, then the ALiBi bias -slope |i + diag - j|, then the user's
- * mask, the window (causality) and the padding past the last key, all -inf. */
-static void FN(finish_row)(const pyattn_problem *p, const pyattn_block *blk, const void *mask,
-                           REAL *s, int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
-{
-    const REAL ninf = -(REAL)INFINITY;
-    if (p->softcap > 0) FN(softcap_row)(s, nb, (REAL)p->softcap);
-    if (blk->alibi_slope != 0) {
-        const REAL slope = (REAL)blk->alibi_slope;
-        const int64_t d = i + blk->diag - j0; /* column c is |d - c| from the diagonal */
-        for (int64_t c = 0; c < nb; c++) s[c] -= slope * (REAL)(d > c ? d - c : c - d);
-    }
-    if (p->mask_kind == PYATTN_MASK_BOOL) {
-        const uint8_t *m = (const uint8_t *)mask + i * p->mask_row + j0 * p->mask_col;
-        for (int64_t c = 0; c < nb; c++)
-            if (!m[c * p->mask_col]) s[c] = ninf;
-    } else if (p->mask_kind == PYATTN_MASK_ADDITIVE) {
-        const REAL *m = (const REAL *)mask + i * p->mask_row + j0 * p->mask_col;
-        for (int64_t c = 0; c < nb; c++) s[c] += m[c * p->mask_col];
-    }
-    const int64_t lo = FN(row_lo)(p, blk, i) - j0, hi = FN(row_hi)(p, blk, i) - j0;
-    for (int64_t c = 0; c < nb && c < lo; c++) s[c] = ninf;
-    for (int64_t c = hi > 0 ? hi : 0; c < nb; c++) s[c] = ninf;
-    for (int64_t c = nb; c < cols_pad; c++) s[c] = ninf;
-}
-
-/* Whether row i of the tile [j0, j0 + nb) needs finish_row at all. */
-static inline int FN(row_needs_finish)(const pyattn_problem *p, const pyattn_block *blk,
-                                       int64_t i, int64_t j0, int64_t nb, int64_t cols_pad)
-{
-    return p->mask_kind != PYATTN_MASK_NONE || p->softcap > 0 || blk->alibi_slope != 0 ||
-           nb != cols_pad || FN(row_lo)(p, blk, i) > j0 || FN(row_hi)(p, blk, i) < j0 + nb;
 }
 
 /* The running max moves only when a tile beats it by more than this: weights
@@ -456,93 +163,6 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
         *m = m_new;
     }
     *l += FN(hsum)(vsum);
-}
-
-/* dot(a, b) over n elements: vector body, scalar tail. */
-static inline REAL FN(dot)(const REAL *a, const STORE *b, int64_t n)
-{
-    const int64_t nv = n - n % LANES;
-    VEC acc = FN(vsplat)(0);
-    for (int64_t e = 0; e < nv; e += LANES) acc += FN(vload)(a + e) * FN(vload_store)(b + e);
-    REAL d = FN(hsum)(acc);
-    for (int64_t e = nv; e < n; e++) d += a[e] * TO_REAL(b[e]);
-    return d;
-}
-
-/* One stage of a transposing reduction: lanes whose bit `1 << level` is
- * clear get a's pairwise sums across that bit, the others b's. */
-static inline VEC FN(fold)(VEC a, VEC b, int level)
-{
-    static const UINT lanes[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    UVEC lane;
-    memcpy(&lane, lanes, sizeof lane);
-    const UVEC high = (UVEC)((lane & ((UINT)1 << level)) != 0);
-    return FN(vselect)(high, b, a) + FN(vswap)(FN(vselect)(high, a, b), level);
-}
-
-/* s[j] = dot(a, b + j * ldb) for the LANES rows j: one accumulator per row,
- * then log2(LANES) fold stages sum all of them at once (instead of one
- * horizontal sum per dot product). */
-static inline void FN(dots)(const REAL *a, const STORE *b, int64_t ldb, int64_t n, REAL *s)
-{
-    const int64_t nv = n - n % LANES;
-    enum { G = LANES < 4 ? LANES : 4 }; /* rows at once: independent FMA chains */
-    VEC acc[LANES];
-    for (int j = 0; j < LANES; j += G) {
-        VEC sum[G];
-        for (int g = 0; g < G; g++) sum[g] = FN(vsplat)(0);
-        for (int64_t e = 0; e < nv; e += LANES) {
-            const VEC av = FN(vload)(a + e);
-            for (int g = 0; g < G; g++) sum[g] += av * FN(vload_store)(b + (j + g) * ldb + e);
-        }
-        for (int g = 0; g < G; g++) acc[j + g] = sum[g];
-    }
-    /* Fully unrolled, so that acc stays in registers. */
-#pragma GCC unroll 4
-    for (int level = 0; (1 << level) < LANES; level++)
-#pragma GCC unroll 8
-        for (int i = 0; i < (LANES >> (level + 1)); i++)
-            acc[i] = FN(fold)(acc[2 * i], acc[2 * i + 1], level);
-    FN(vstore)(s, acc[0]);
-    for (int64_t e = nv; e < n; e++)
-        for (int j = 0; j < LANES; j++) s[j] += a[e] * TO_REAL(b[j * ldb + e]);
-}
-
-/* y[0:n] += sum over keys c < nb of p[c] * x[c * ldx + 0:n], with y's
- * vectors held in registers across the keys (8 at a time). */
-static inline void FN(weighted_rows)(const REAL *p, const STORE *x, int64_t ldx, int64_t nb,
-                                     REAL *y, int64_t n)
-{
-    enum { BLOCK = 8 };
-    const int64_t nv = n - n % LANES;
-    int64_t x0 = 0;
-    for (; x0 + BLOCK * LANES <= nv; x0 += BLOCK * LANES) { /* constant trip counts: registers */
-        VEC acc[BLOCK];
-        for (int i = 0; i < BLOCK; i++) acc[i] = FN(vload)(y + x0 + i * LANES);
-        for (int64_t c = 0; c < nb; c++) {
-            const VEC pc = FN(vsplat)(p[c]);
-            for (int i = 0; i < BLOCK; i++) acc[i] += pc * FN(vload_store)(x + c * ldx + x0 + i * LANES);
-        }
-        for (int i = 0; i < BLOCK; i++) FN(vstore)(y + x0 + i * LANES, acc[i]);
-    }
-    for (; x0 < nv; x0 += LANES) {
-        VEC acc = FN(vload)(y + x0);
-        for (int64_t c = 0; c < nb; c++) acc += FN(vsplat)(p[c]) * FN(vload_store)(x + c * ldx + x0);
-        FN(vstore)(y + x0, acc);
-    }
-    for (int64_t e = nv; e < n; e++)
-        for (int64_t c = 0; c < nb; c++) y[e] += p[c] * TO_REAL(x[c * ldx + e]);
-}
-
-/* Keys the block reads: its key range cut to what its rows' windows can see,
- * starting on a tile boundary (key0 is one). */
-static inline void FN(key_range)(const pyattn_problem *p, const pyattn_block *blk,
-                                 int64_t *begin, int64_t *end)
-{
-    const int64_t lo = FN(row_lo)(p, blk, blk->row0);
-    const int64_t hi = FN(row_hi)(p, blk, blk->row0 + blk->nrows - 1);
-    *begin = lo > blk->key0 ? lo / BLOCK_N * BLOCK_N : blk->key0;
-    *end = hi < blk->key1 ? hi : blk->key1;
 }
 
 /*
@@ -691,25 +311,6 @@ static void FN(add_weights)(const pyattn_problem *p, const STORE *k, const STORE
     }
 }
 
-/* An attention sink: one more logit in the softmax's denominator with no
- * value row, so the row's weights sum to less than 1.  Same state update as
- * softmax_step with a one-key tile that adds nothing to o_row.  The caller
- * skips a sink of -inf (it weighs nothing). */
-static void FN(add_sink)(REAL sink, REAL *m, REAL *l, REAL *o_row, int64_t evp)
-{
-    if (sink > *m) {
-        /* The old state weighs e^(m - sink): 0 for an empty past. */
-        const REAL alpha = *m == -(REAL)INFINITY
-                               ? 0 : FN(vexp2)(FN(vsplat)((*m - sink) * LOG2E))[0];
-        const VEC va = FN(vsplat)(alpha);
-        for (int64_t c = 0; c < evp; c += LANES) FN(vstore)(o_row + c, FN(vload)(o_row + c) * va);
-        *l = *l * alpha + 1;
-        *m = sink;
-    } else {
-        *l += FN(vexp2)(FN(vsplat)((sink - *m) * LOG2E))[0];
-    }
-}
-
 static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                        const void *v_, const void *mask, void *out_,
                        const pyattn_block *blk, void *scratch)
@@ -773,8 +374,6 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 
 #undef STORE
 #undef STORE_KIND
-#undef STORE_KIND_F16
-#undef STORE_KIND_BF16
 #undef TO_REAL
 #undef FROM_REAL
 #undef PANEL_BUDGET

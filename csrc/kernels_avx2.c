@@ -1,6 +1,5 @@
 /* AVX2 + FMA kernels: 32-byte vectors.  The target pragma scopes the ISA to
  * this file, so the rest of the binary still runs on any x86-64 CPU. */
-#if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,f16c")
 #define ISA avx2
 #define VBYTES 32
@@ -13,5 +12,13 @@
 #define F64_NV 2
 #define F64_BLOCK_M 96
 #define F64_BLOCK_N 128
-#include "kernel_instance.h"
-#endif
+
+/* The target above, asked of CPUID (libgcc's checks include the OS's XSAVE
+ * support for the wider register state). */
+static int cpu_supports(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+#include "kernel_set.h"

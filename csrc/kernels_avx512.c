@@ -1,5 +1,4 @@
 /* AVX-512 kernels: 64-byte vectors (Skylake-X, Ice Lake, Zen 4/5, ...). */
-#if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c")
 #define ISA avx512
 #define VBYTES 64
@@ -12,5 +11,15 @@
 #define F64_NV 2
 #define F64_BLOCK_M 128
 #define F64_BLOCK_N 128
-#include "kernel_instance.h"
-#endif
+
+/* The target above, asked of CPUID (libgcc's checks include the OS's XSAVE
+ * support for the wider register state). */
+static int cpu_supports(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+#include "kernel_set.h"

@@ -9,14 +9,37 @@
  * PYATTN_SCRATCH_HEADER bytes are zero before the thread's first call of a run
  * (the kernel caches packed K/V there).
  *
- * Several implementations (one per instruction set) fill the same table, so
- * the driver picks a table once and stays ISA-agnostic.
+ * Several kernel sets (one per instruction set, each in its own
+ * kernels_<isa>.c) fill the same table, indexed by storage dtype, so the
+ * driver picks a table once and stays ISA-agnostic.  registry.c lists the
+ * sets the build names (PYATTN_KERNEL_SETS, from setup.py), best first.
  */
 #ifndef PYATTN_KERNELS_H
 #define PYATTN_KERNELS_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* Storage dtypes of q, k, v and out: the index of a kernel set's table. */
+enum pyattn_dtype {
+    PYATTN_FLOAT32,
+    PYATTN_FLOAT64,
+    PYATTN_FLOAT16,  /* computed in float32 */
+    PYATTN_BFLOAT16, /* computed in float32 */
+    PYATTN_NUM_DTYPES
+};
+
+/* What Python needs to know of a dtype: its NumPy name and the itemsize of
+ * the type it is computed in (that of the mask, logsumexp and weights). */
+typedef struct pyattn_dtype_info {
+    const char *name;
+    int compute_itemsize;
+} pyattn_dtype_info;
+extern const pyattn_dtype_info pyattn_dtypes[PYATTN_NUM_DTYPES];
+
+/* Keys per split-KV chunk are a multiple of this, so that every chunk starts
+ * on a key tile of every kernel (a multiple of each BLOCK_N). */
+#define PYATTN_KEY_CHUNK 1024
 
 enum pyattn_mask_kind {
     PYATTN_MASK_NONE = 0,
@@ -45,8 +68,9 @@ typedef struct pyattn_problem {
 } pyattn_problem;
 
 /* One work item: query rows [row0, row0 + nrows) of one (batch, head), read
- * against keys [key0, key1), with that (batch, head)'s score modifiers.  nrows is at most the table's block_rows and key0
- * a multiple of 1024.  lse, when not NULL, receives each row's logsumexp of its
+ * against keys [key0, key1), with that (batch, head)'s score modifiers.
+ * nrows is at most the table's block_rows and key0 a multiple of
+ * PYATTN_KEY_CHUNK.  lse, when not NULL, receives each row's logsumexp of its
  * scaled and masked scores (natural log; -inf when no key takes part), nrows
  * contiguous values of the kernel's dtype: with it, outputs over disjoint key
  * ranges merge exactly.  weights, when not NULL, points at the (batch, head)
@@ -103,29 +127,27 @@ typedef struct pyattn_dtype_kernel {
     int64_t block_rows;              /* query rows per work item */
 } pyattn_dtype_kernel;
 
-/* Per storage dtype of q, k, v and out.  float16 and bfloat16 compute in
- * float: their mask, logsumexp and weights are float.  An entry whose attend
- * is NULL was not compiled (float16 needs the compiler's _Float16). */
+/* One kernel set: an instruction set's kernels for every storage dtype.  An
+ * entry whose attend is NULL was not compiled (float16 needs the compiler's
+ * _Float16). */
 typedef struct pyattn_kernels {
-    const char *name;                /* "baseline", ... */
-    pyattn_dtype_kernel f32;
-    pyattn_dtype_kernel f64;
-    pyattn_dtype_kernel f16;
-    pyattn_dtype_kernel bf16;
+    const char *name;                /* "baseline", ...: the ISA in kernels_<ISA>.c */
+    int (*cpu_supports)(void);       /* this CPU (and OS) can run the set */
+    pyattn_dtype_kernel by_dtype[PYATTN_NUM_DTYPES];
 } pyattn_kernels;
 
-/* The implementations; avx2 and avx512 exist on x86 builds only. */
-extern const pyattn_kernels pyattn_kernels_avx512;
-extern const pyattn_kernels pyattn_kernels_avx2;
-extern const pyattn_kernels pyattn_kernels_baseline;
+/* The kernel sets of this build, best first, and their number. */
+int pyattn_num_kernel_sets(void);
+const pyattn_kernels *pyattn_kernel_set(int index);
 
-/* The implementation called `name`, or NULL when unknown. */
+/* The set called `name`, or NULL when this build has none. */
 const pyattn_kernels *pyattn_kernels_by_name(const char *name);
 
-/* Whether this CPU can run the implementation called `name`. */
-int pyattn_cpu_supports(const char *name);
+/* Bytes of RAM of this machine, read once (every launch checks sizes). */
+size_t pyattn_physical_memory(void);
 
-/* 64-byte-aligned memory, and its release (NULL is fine). */
+/* 64-byte-aligned memory (NULL when nbytes is 0 or cannot be had), and its
+ * release (NULL is fine). */
 void *pyattn_aligned_alloc(size_t nbytes);
 void pyattn_aligned_free(void *p);
 

@@ -9,67 +9,22 @@ strides), the inner strides in `problem` are in elements (the kernel indexes
 typed pointers).
 """
 from cython.parallel cimport parallel, prange, threadid
-from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport free, malloc
 from libc.math cimport INFINITY
-from libc.stdint cimport SIZE_MAX
+from libc.stdint cimport SIZE_MAX, int64_t, uintptr_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-from ._validation import physical_memory
-
-cdef extern from "pyattn_kernels.h" nogil:
-    enum:
-        PYATTN_MASK_NONE
-        PYATTN_MASK_BOOL
-        PYATTN_MASK_ADDITIVE
-    ctypedef struct pyattn_problem:
-        int64_t L, S, E, Ev
-        int64_t q_row, q_col, k_row, k_col, v_row, v_col
-        int64_t o_row, o_col, mask_row, mask_col
-        int mask_kind
-        int64_t window_left, window_right
-        double scale
-        double softcap
-        int out_real
-        int64_t w_row
-        double w_factor
-    ctypedef struct pyattn_block:
-        int64_t row0, nrows, key0, key1
-        void *lse
-        void *weights
-        int64_t diag
-        double alibi_slope
-        double sink
-    ctypedef void (*pyattn_attend_fn)(
-        const pyattn_problem *p, const void *q, const void *k, const void *v,
-        const void *mask, void *out, const pyattn_block *blk,
-        void *scratch) noexcept nogil
-    ctypedef size_t (*pyattn_scratch_fn)(const pyattn_problem *p) noexcept nogil
-    ctypedef void (*pyattn_exp2_fn)(const void *x, void *y, int64_t n) noexcept nogil
-    ctypedef struct pyattn_dtype_kernel:
-        pyattn_attend_fn attend
-        pyattn_scratch_fn scratch_bytes
-        pyattn_exp2_fn exp2
-        int64_t block_rows
-    ctypedef struct pyattn_kernels:
-        const char *name
-        pyattn_dtype_kernel f32
-        pyattn_dtype_kernel f64
-        pyattn_dtype_kernel f16
-        pyattn_dtype_kernel bf16
-    const pyattn_kernels *pyattn_kernels_by_name(const char *name)
-    int pyattn_cpu_supports(const char *name)
-    int pyattn_openmp_enabled()
-    int pyattn_max_threads()
-    int pyattn_team_size()
-    size_t pyattn_size_mul(size_t a, size_t b)
-    size_t pyattn_size_add(size_t a, size_t b)
-
-    void *aligned_alloc "pyattn_aligned_alloc"(size_t nbytes)
-    int PYATTN_SCRATCH_HEADER
-    void aligned_free "pyattn_aligned_free"(void *p)
+from ._kernels cimport *  # the C boundary, declared once in _kernels.pxd
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = PYATTN_MASK_NONE, PYATTN_MASK_BOOL, PYATTN_MASK_ADDITIVE
+KEY_CHUNK = PYATTN_KEY_CHUNK  # split-KV chunks are multiples of this many keys
+
+# Storage dtypes of q, k, v and out, in the C registry's order; the half
+# types compute in float32, which is then the dtype of the mask, the
+# logsumexp and the weights.
+DTYPES = tuple(pyattn_dtypes[i].name.decode() for i in range(PYATTN_NUM_DTYPES))
+COMPUTE_ITEMSIZE = {pyattn_dtypes[i].name.decode(): pyattn_dtypes[i].compute_itemsize
+                    for i in range(PYATTN_NUM_DTYPES)}
 
 
 def openmp_enabled():
@@ -82,20 +37,26 @@ def max_threads():
     return pyattn_max_threads()
 
 
+def physical_memory():
+    """Bytes of RAM of this machine (read once)."""
+    return pyattn_physical_memory()
+
+
+def kernel_names():
+    """The kernel sets compiled into this binary, best first."""
+    return tuple(pyattn_kernel_set(i).name.decode() for i in range(pyattn_num_kernel_sets()))
+
+
 def has_kernel(str name):
     """Whether the kernels called `name` were compiled into this binary."""
     return pyattn_kernels_by_name(name.encode()) != NULL
 
 
 def cpu_supports(str name):
-    """Whether this CPU can run the kernels called `name`."""
-    return bool(pyattn_cpu_supports(name.encode()))
-
-
-# Storage dtypes of q, k, v and out; float16 and bfloat16 compute in float32,
-# which is then the dtype of the mask, the logsumexp and the weights.
-DTYPES = ("float32", "float64", "float16", "bfloat16")
-COMPUTE_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 4, "bfloat16": 4}
+    """Whether this CPU can run the kernels called `name` (False when this
+    binary has none of that name)."""
+    cdef const pyattn_kernels *table = pyattn_kernels_by_name(name.encode())
+    return table != NULL and bool(table.cpu_supports())
 
 
 cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype) except NULL:
@@ -105,8 +66,7 @@ cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype) except NULL:
         raise ValueError(f"no kernels called {name!r} in this build")
     if dtype not in DTYPES:
         raise TypeError(f"no kernels for dtype {dtype}; they exist for {', '.join(DTYPES)}")
-    dk = (&table.f32 if dtype == "float32" else &table.f64 if dtype == "float64"
-          else &table.f16 if dtype == "float16" else &table.bf16)
+    dk = &table.by_dtype[DTYPES.index(dtype)]
     if dk.attend == NULL:
         raise TypeError(f"this build has no {dtype} kernels (its compiler lacks _Float16)")
     return dk
@@ -139,14 +99,11 @@ def kernel_exp2(str kernel, x, y):
 cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t chunk,
                                 int64_t key_chunk, int64_t S) noexcept nogil:
     cdef pyattn_block blk
+    memset(&blk, 0, sizeof(blk))
     blk.row0 = row0
     blk.nrows = min(block, L - row0)
     blk.key0 = chunk * key_chunk
     blk.key1 = S if key_chunk == 0 else min(S, blk.key0 + key_chunk)
-    blk.lse = NULL
-    blk.weights = NULL
-    blk.diag = 0
-    blk.alibi_slope = 0
     blk.sink = -INFINITY
     return blk
 
@@ -165,7 +122,7 @@ cdef void _padding_rows(char *out, char *lse, int64_t r0, int64_t r1, const pyat
                 (<double *>lse)[r] = -INFINITY
 
 
-def attend(str kernel, str dtype, tuple pointers,
+def attend(str kernel, str dtype, *, tuple pointers,
            const int64_t[:, ::1] batch_offsets, tuple head_strides,
            int64_t num_heads, int64_t kv_group, tuple sizes,
            tuple inner_strides, int mask_kind, tuple window, double scale,
@@ -175,7 +132,8 @@ def attend(str kernel, str dtype, tuple pointers,
            double softcap=0, const int64_t[::1] diag=None, const double[::1] alibi=None,
            const double[::1] sinks=None, const int64_t[::1] q_lengths=None,
            const int64_t[::1] kv_lengths=None, bint out_real=False):
-    """Run the kernel on every (batch, head, query block, key chunk).
+    """Run the kernel on every (batch, head, query block, key chunk); every
+    argument after the dtype is passed by keyword.
 
     pointers       data addresses of (q, k, v, mask, out); mask may be 0
     batch_offsets  (5, B) byte offsets of each flat batch index, same order
@@ -187,7 +145,7 @@ def attend(str kernel, str dtype, tuple pointers,
     window         (left, right): row i sees keys i + diag - left .. i + diag + right;
                    -1 leaves a side open; causal is (-1, 0)
     key_chunk      0: every item reads all S keys.  Otherwise keys are split
-                   into chunks of this many (a multiple of 1024); chunk c
+                   into chunks of this many (a multiple of KEY_CHUNK); chunk c
                    writes its partial output at out + c * out_split_stride
                    bytes and, at lse_address, the rows' logsumexp as a
                    contiguous (chunks, B, H, L) array of the compute dtype.
@@ -205,12 +163,13 @@ def attend(str kernel, str dtype, tuple pointers,
 
     Returns the number of threads in the OpenMP team that ran the work.
     """
-    if key_chunk % 1024:  # the kernels' key tiles start on multiples of their BLOCK_N
-        raise ValueError(f"key_chunk must be a multiple of 1024, got {key_chunk}")
+    if key_chunk % PYATTN_KEY_CHUNK:  # key tiles start on multiples of every BLOCK_N
+        raise ValueError(f"key_chunk must be a multiple of {PYATTN_KEY_CHUNK}, got {key_chunk}")
     cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, dtype)
     cdef int real_size = COMPUTE_ITEMSIZE[dtype]  # of the logsumexp and the weights
     cdef int itemsize = real_size if out_real or dtype not in ("float16", "bfloat16") else 2
     cdef pyattn_problem prob
+    memset(&prob, 0, sizeof(prob))
     prob.L, prob.S, prob.E, prob.Ev = sizes
     (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,
      prob.o_row, prob.o_col, prob.mask_row, prob.mask_col) = inner_strides
@@ -261,16 +220,16 @@ def attend(str kernel, str dtype, tuple pointers,
     # Checked sizes: claimed shapes (zero-stride views) may be absurd.
     cdef size_t scratch_bytes = pyattn_size_add(dk.scratch_bytes(&prob), 63) // 64 * 64
     cdef size_t scratch_total = pyattn_size_mul(scratch_bytes, num_threads)
-    if scratch_bytes >= SIZE_MAX - 63 or scratch_total > physical_memory():
+    if scratch_bytes >= SIZE_MAX - 63 or scratch_total > pyattn_physical_memory():
         raise ValueError(
             f"query/key width E = {prob.E} and value width Ev = {prob.Ev} need a per-thread "
             f"workspace larger than this machine's memory "
             f"({'beyond 2**64' if scratch_bytes >= SIZE_MAX - 63 else scratch_total} bytes "
             f"for {num_threads} threads)")
-    cdef char *scratch = <char *>aligned_alloc(scratch_total)
+    cdef char *scratch = <char *>pyattn_aligned_alloc(scratch_total)
     cdef int *team = <int *>malloc(sizeof(int) * num_threads)
     if scratch == NULL or team == NULL:
-        aligned_free(scratch)
+        pyattn_aligned_free(scratch)
         free(team)
         raise MemoryError(f"cannot allocate {scratch_total} bytes of scratch")
     cdef int64_t item, b, h, hi, qb, chunk
@@ -325,6 +284,6 @@ def attend(str kernel, str dtype, tuple pointers,
     cdef int used = 0
     for tid in range(num_threads):
         used = max(used, team[tid])
-    aligned_free(scratch)
+    pyattn_aligned_free(scratch)
     free(team)
     return used

@@ -8,14 +8,13 @@ import warnings
 
 from . import _attention
 
-# Best first.  An implementation is usable when compiled in and supported.
-ISA_ORDER = ("avx512", "avx2", "baseline")
 ENV_VAR = "PYATTN_ISA"
 
 
 def usable_kernels():
-    """Implementations this binary holds and this CPU can run, best first."""
-    return [n for n in ISA_ORDER if _attention.has_kernel(n) and _attention.cpu_supports(n)]
+    """Kernel sets this binary holds (in the registry's order, best first) and
+    this CPU can run."""
+    return [n for n in _attention.kernel_names() if _attention.cpu_supports(n)]
 
 
 def _choose():

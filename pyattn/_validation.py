@@ -3,7 +3,6 @@
 Everything a user can get wrong is caught here, with a message that names the
 argument and the shapes involved, before any compiled code runs.
 """
-import functools
 import math
 import numbers
 import os
@@ -12,33 +11,45 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from . import _attention
+
 _TooHardError = getattr(np, "exceptions", np).TooHardError
-try:  # bfloat16 is NumPy's through ml_dtypes, an optional dependency
-    from ml_dtypes import bfloat16 as _bfloat16
-    _HALVES = (np.dtype(np.float16), np.dtype(_bfloat16))
-except ImportError:
-    _HALVES = (np.dtype(np.float16),)
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # computed in their own precision
-SUPPORTED_DTYPES = FLOAT_DTYPES + _HALVES  # half types are stored as such, computed in float32
+
+
+def _numpy_dtype(name):
+    """The NumPy dtype called `name`, or None: bfloat16 is NumPy's only
+    through ml_dtypes, an optional dependency."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+# The kernels' storage dtypes, from the C registry; the half types are stored
+# as such and computed in float32.
+SUPPORTED_DTYPES = tuple(dt for dt in map(_numpy_dtype, _attention.DTYPES) if dt is not None)
+FLOAT_DTYPES = tuple(dt for dt in SUPPORTED_DTYPES
+                     if _attention.COMPUTE_ITEMSIZE[dt.name] == dt.itemsize)  # own precision
 _SUPPORTED_NAMES = "float32, float64, float16 or bfloat16 (with ml_dtypes)"
 
 
 def compute_dtype(dtype):
     """The dtype a storage dtype is computed in (and its mask, logsumexp and
     weights are given in): float32 for the half types."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    size = _attention.COMPUTE_ITEMSIZE.get(np.dtype(dtype).name, 4)
+    return np.dtype(np.float64) if size == 8 else np.dtype(np.float32)
 MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
 MAX_POSITIONS = 2**31 - 1  # queries or keys per sequence; claimed sizes beyond are refused
 
 
-@functools.lru_cache(maxsize=None)
 def physical_memory():
     """Bytes of RAM in this machine (a large number when it cannot be read);
-    read once, since every call checks sizes against it."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 1 << 50
+    read once, in C, since every call checks sizes against it."""
+    return _attention.physical_memory()
 
 
 def check_fits(n_elements, itemsize, what):

@@ -285,18 +285,20 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
 
     used = _attention.attend(
         _dispatch.KERNEL, q.dtype.name,
-        tuple(0 if a is None else _address(a) for a in arrays),
-        offsets,
-        tuple(head_stride(a) for a in arrays),
-        prob.num_heads, prob.kv_group, (L, S, E, Ev),
-        (qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1], ms[-2], ms[-1]),
-        mask_kind, opts.window, prob.scale, nthreads,
-        key_chunk, 0 if partial is None else partial.strides[0],
-        0 if chunk_lse is None else _address(chunk_lse),
-        0 if weights is None else _address(weights),
-        0 if weights is None else weights[(0,) * len(batch)].nbytes,
-        average_heads, opts.softcap, opts.diag, opts.alibi, opts.sinks, opts.q_lengths,
-        opts.kv_lengths, partial is not None and partial.dtype != dest.dtype,
+        pointers=tuple(0 if a is None else _address(a) for a in arrays),
+        batch_offsets=offsets,
+        head_strides=tuple(head_stride(a) for a in arrays),
+        num_heads=prob.num_heads, kv_group=prob.kv_group, sizes=(L, S, E, Ev),
+        inner_strides=(qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1],
+                       ms[-2], ms[-1]),
+        mask_kind=mask_kind, window=opts.window, scale=prob.scale, num_threads=nthreads,
+        key_chunk=key_chunk, out_split_stride=0 if partial is None else partial.strides[0],
+        lse_address=0 if chunk_lse is None else _address(chunk_lse),
+        weights_address=0 if weights is None else _address(weights),
+        weights_batch_stride=0 if weights is None else weights[(0,) * len(batch)].nbytes,
+        average_heads=average_heads, softcap=opts.softcap, diag=opts.diag, alibi=opts.alibi,
+        sinks=opts.sinks, q_lengths=opts.q_lengths, kv_lengths=opts.kv_lengths,
+        out_real=partial is not None and partial.dtype != dest.dtype,
     )
     if partial is not None:
         merge_partials(partial, chunk_lse, out=dest, lse_out=lse)
@@ -310,7 +312,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
 # chunks computed in parallel and merged exactly.  The rule looks at the shape
 # only, never the thread count, so results stay identical for any num_threads.
 SPLIT_TARGET_ITEMS = 16   # aim for at least this many work items
-SPLIT_MIN_KEYS = 1024     # chunk granularity (a multiple of every BLOCK_N)
+SPLIT_MIN_KEYS = _attention.KEY_CHUNK  # chunk granularity (a multiple of every BLOCK_N)
 
 
 def split_keys(n_items, S):

@@ -74,10 +74,12 @@ def test_merge_attention_of_arbitrary_key_splits_is_exact(cuts, rng):
 
 
 def test_driver_refuses_key_chunks_off_the_tile_grid():
-    """Key chunks must start on the kernels' tiles (multiples of 1024)."""
+    """Key chunks must start on the kernels' tiles (multiples of KEY_CHUNK)."""
     q = np.zeros((1, 1, 1, 4), np.float32)
+    assert pyattn._attention.KEY_CHUNK == functional.SPLIT_MIN_KEYS == 1024
     with pytest.raises(ValueError, match="multiple of 1024"):
         pyattn._attention.attend(
-            pyattn._dispatch.KERNEL, "float32", (q.ctypes.data,) * 3 + (0, q.ctypes.data),
-            np.zeros((5, 1), np.int64), (0,) * 5, 1, 1, (1, 1, 4, 4), (4, 1) * 5, 0,
-            (-1, -1), 0.5, 1, key_chunk=100)
+            pyattn._dispatch.KERNEL, "float32", pointers=(q.ctypes.data,) * 3 + (0, q.ctypes.data),
+            batch_offsets=np.zeros((5, 1), np.int64), head_strides=(0,) * 5, num_heads=1,
+            kv_group=1, sizes=(1, 1, 4, 4), inner_strides=(4, 1) * 5, mask_kind=0,
+            window=(-1, -1), scale=0.5, num_threads=1, key_chunk=100)

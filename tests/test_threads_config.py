@@ -2,6 +2,7 @@
 num_threads, OMP_NUM_THREADS, threadpoolctl, and the kernel choice."""
 import json
 import os
+import platform
 import re
 import textwrap
 
@@ -214,10 +215,30 @@ def test_default_kernel_is_the_best_usable():
     usable = _dispatch.usable_kernels()
     requested = os.environ.get(_dispatch.ENV_VAR, "").strip().lower()
     assert _dispatch.KERNEL == (requested if requested in usable else usable[0])
-    assert list(usable) == [n for n in _dispatch.ISA_ORDER if n in usable]
+    assert list(usable) == [n for n in _attention.kernel_names() if n in usable]
     assert all(_attention.has_kernel(n) for n in usable)
-    assert _attention.has_kernel("baseline") and _attention.cpu_supports("baseline")
+    assert _attention.kernel_names()[-1] == "baseline" and _attention.cpu_supports("baseline")
     assert not _attention.has_kernel("no-such-kernel")
+    assert not _attention.cpu_supports("no-such-kernel")
+
+
+def test_registry_order_and_cpu_checks_match_the_cpu():
+    """The build's kernel sets, best first, each usable exactly when the CPU
+    flags its target needs are present (read from /proc/cpuinfo, not CPUID)."""
+    names = _attention.kernel_names()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert names == ("baseline",)
+        return
+    assert names == ("avx512", "avx2", "baseline")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split()[2:])
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags to compare the CPU checks with")
+    needs = {"avx512": {"avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma", "f16c"},
+             "avx2": {"avx2", "fma", "f16c"}}
+    for name, required in needs.items():
+        assert _attention.cpu_supports(name) == (required <= flags), name
 
 
 @pytest.mark.parametrize("isa", _dispatch.usable_kernels())

@@ -1,10 +1,15 @@
 /*
- * Instantiates the attention body for float and double on one instruction set,
- * and for float16 and bfloat16 storage computed in float, and publishes them
- * as `pyattn_kernels_<ISA>`.  The including file defines
- * ISA (a bare token), VBYTES, and the block-size table F32_* / F64_*:
- * MR x NV is the micro-tile, BLOCK_M query rows per work item, BLOCK_N keys
- * per tile.
+ * One kernel set: instantiates the attention template (attention_body.h) on
+ * one instruction set for every storage dtype, and publishes the table
+ * `pyattn_kernels_<ISA>`, indexed by enum pyattn_dtype.  The including
+ * kernels_<ISA>.c defines ISA (a bare token), VBYTES, its block-size table
+ * F32_* / F64_* (MR x NV is the micro-tile, BLOCK_M query rows per work item,
+ * BLOCK_N keys per tile) and `static int cpu_supports(void)`.
+ *
+ * A new storage dtype is one block below (its STORE type and TO_REAL /
+ * FROM_REAL, plus a lane-wise load in simd.h's vload_store when the generic
+ * one is slow), one entry in the table at the end, and its row in
+ * registry.c's pyattn_dtypes.
  */
 #include <string.h>
 
@@ -15,6 +20,17 @@
 #define PA_STR2(a) #a
 #define PA_STR(a) PA_STR2(a)
 #define FN(name) PA_CAT(name, SUFFIX)
+
+/* STORE_KIND: how an instance's storage type is loaded (see vload_store). */
+#define STORE_KIND_NATIVE 0 /* STORE is REAL */
+#define STORE_KIND_F16 1
+#define STORE_KIND_BF16 2
+
+/* The table entry of the instance tagged `tag` (f32, ...). */
+#define PA_INSTANCE(name, tag) PA_CAT(name, PA_CAT(tag, ISA))
+#define PA_DTYPE_KERNEL(tag, block_m) \
+    {PA_INSTANCE(attend, tag), PA_INSTANCE(scratch_bytes, tag), PA_INSTANCE(exp2_array, tag), \
+     block_m}
 
 /* float arithmetic: float32, and the half types' storage below */
 #define REAL float
@@ -48,7 +64,7 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 }
 
 #define STORE uint16_t
-#define STORE_KIND 2
+#define STORE_KIND STORE_KIND_BF16
 #define TO_REAL(x) PA_CAT(bf16_to_float, ISA)(x)
 #define FROM_REAL(x) PA_CAT(float_to_bf16, ISA)(x)
 #define SUFFIX PA_CAT(bf16, ISA)
@@ -59,17 +75,16 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
  * target has them, libgcc's conversions otherwise. */
 #ifdef __FLT16_MAX__
 #define STORE _Float16
+#define STORE_KIND STORE_KIND_F16
 #define TO_REAL(x) ((float)(x))
 #define FROM_REAL(x) ((_Float16)(x))
-#define STORE_KIND 1
 #define SUFFIX PA_CAT(f16, ISA)
 #include "attention_body.h"
-#define PA_F16(name) PA_CAT(name, PA_CAT(f16, ISA))
-#define PA_F16_KERNEL {PA_F16(attend), PA_F16(scratch_bytes), PA_F16(exp2_array), F32_BLOCK_M}
-#else
-#define PA_F16_KERNEL {0, 0, 0, 0} /* this compiler has no _Float16: no float16 kernel */
-#endif
 #undef SUFFIX
+#define PA_F16_KERNEL PA_DTYPE_KERNEL(f16, F32_BLOCK_M)
+#else
+#define PA_F16_KERNEL {0} /* this compiler has no _Float16: no float16 kernel */
+#endif
 #undef REAL
 #undef UINT
 #undef REAL_IS_DOUBLE
@@ -89,12 +104,12 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 #include "attention_body.h"
 
 const pyattn_kernels PA_CAT(pyattn_kernels, ISA) = {
-    PA_STR(ISA),
-    {PA_CAT(attend, PA_CAT(f32, ISA)), PA_CAT(scratch_bytes, PA_CAT(f32, ISA)),
-     PA_CAT(exp2_array, PA_CAT(f32, ISA)), F32_BLOCK_M},
-    {PA_CAT(attend, PA_CAT(f64, ISA)), PA_CAT(scratch_bytes, PA_CAT(f64, ISA)),
-     PA_CAT(exp2_array, PA_CAT(f64, ISA)), F64_BLOCK_M},
-    PA_F16_KERNEL,
-    {PA_CAT(attend, PA_CAT(bf16, ISA)), PA_CAT(scratch_bytes, PA_CAT(bf16, ISA)),
-     PA_CAT(exp2_array, PA_CAT(bf16, ISA)), F32_BLOCK_M},
+    .name = PA_STR(ISA),
+    .cpu_supports = cpu_supports,
+    .by_dtype = {
+        [PYATTN_FLOAT32] = PA_DTYPE_KERNEL(f32, F32_BLOCK_M),
+        [PYATTN_FLOAT64] = PA_DTYPE_KERNEL(f64, F64_BLOCK_M),
+        [PYATTN_FLOAT16] = PA_F16_KERNEL,
+        [PYATTN_BFLOAT16] = PA_DTYPE_KERNEL(bf16, F32_BLOCK_M),
+    },
 };

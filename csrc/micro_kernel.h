@@ -1,0 +1,117 @@
+/*
+ * Register kernels of the attention template (see attention_body.h): the
+ * MR x NR micro-kernel and its tiling loop, the GEMM-shaped products of the
+ * tiled path, and the dot products and weighted row sums of the direct
+ * (decode) path, which read K and V rows where they lie.
+ */
+/* C[MR x NR] = (accumulate ? C : 0) + A[MR x K] * B[K x NR]; rows of A at
+ * stride lda, of B at ldb, of C at ldc.  The MR x NV accumulators live in
+ * registers for the whole K loop. */
+static inline void FN(micro_kernel)(int64_t K, const REAL *A, int64_t lda,
+                                    const REAL *B, int64_t ldb, REAL *C,
+                                    int64_t ldc, int accumulate)
+{
+    VEC acc[MR][NV];
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++)
+            acc[r][j] = accumulate ? FN(vload)(C + r * ldc + j * LANES) : FN(vsplat)(0);
+    for (int64_t kk = 0; kk < K; kk++) {
+        VEC b[NV];
+        for (int j = 0; j < NV; j++) b[j] = FN(vload)(B + kk * ldb + j * LANES);
+        for (int r = 0; r < MR; r++) {
+            const VEC a = FN(vsplat)(A[r * lda + kk]);
+            for (int j = 0; j < NV; j++) acc[r][j] += a * b[j];
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++) FN(vstore)(C + r * ldc + j * LANES, acc[r][j]);
+}
+
+/* C[rows x cols] (+)= A[rows x K] * B[K x cols], rows a multiple of MR and
+ * cols of NR: the tiling loop around the micro-kernel. */
+static void FN(tile_gemm)(int64_t rows, int64_t cols, int64_t K, const REAL *A,
+                          int64_t lda, const REAL *B, int64_t ldb, REAL *C,
+                          int64_t ldc, int accumulate)
+{
+    for (int64_t r0 = 0; r0 < rows; r0 += MR)
+        for (int64_t c0 = 0; c0 < cols; c0 += NR)
+            FN(micro_kernel)(K, A + r0 * lda, lda, B + c0, ldb, C + r0 * ldc + c0,
+                             ldc, accumulate);
+}
+
+/* dot(a, b) over n elements: vector body, scalar tail. */
+static inline REAL FN(dot)(const REAL *a, const STORE *b, int64_t n)
+{
+    const int64_t nv = n - n % LANES;
+    VEC acc = FN(vsplat)(0);
+    for (int64_t e = 0; e < nv; e += LANES) acc += FN(vload)(a + e) * FN(vload_store)(b + e);
+    REAL d = FN(hsum)(acc);
+    for (int64_t e = nv; e < n; e++) d += a[e] * TO_REAL(b[e]);
+    return d;
+}
+
+/* One stage of a transposing reduction: lanes whose bit `1 << level` is
+ * clear get a's pairwise sums across that bit, the others b's. */
+static inline VEC FN(fold)(VEC a, VEC b, int level)
+{
+    static const UINT lanes[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    UVEC lane;
+    memcpy(&lane, lanes, sizeof lane);
+    const UVEC high = (UVEC)((lane & ((UINT)1 << level)) != 0);
+    return FN(vselect)(high, b, a) + FN(vswap)(FN(vselect)(high, a, b), level);
+}
+
+/* s[j] = dot(a, b + j * ldb) for the LANES rows j: one accumulator per row,
+ * then log2(LANES) fold stages sum all of them at once (instead of one
+ * horizontal sum per dot product). */
+static inline void FN(dots)(const REAL *a, const STORE *b, int64_t ldb, int64_t n, REAL *s)
+{
+    const int64_t nv = n - n % LANES;
+    enum { G = LANES < 4 ? LANES : 4 }; /* rows at once: independent FMA chains */
+    VEC acc[LANES];
+    for (int j = 0; j < LANES; j += G) {
+        VEC sum[G];
+        for (int g = 0; g < G; g++) sum[g] = FN(vsplat)(0);
+        for (int64_t e = 0; e < nv; e += LANES) {
+            const VEC av = FN(vload)(a + e);
+            for (int g = 0; g < G; g++) sum[g] += av * FN(vload_store)(b + (j + g) * ldb + e);
+        }
+        for (int g = 0; g < G; g++) acc[j + g] = sum[g];
+    }
+    /* Fully unrolled, so that acc stays in registers. */
+#pragma GCC unroll 4
+    for (int level = 0; (1 << level) < LANES; level++)
+#pragma GCC unroll 8
+        for (int i = 0; i < (LANES >> (level + 1)); i++)
+            acc[i] = FN(fold)(acc[2 * i], acc[2 * i + 1], level);
+    FN(vstore)(s, acc[0]);
+    for (int64_t e = nv; e < n; e++)
+        for (int j = 0; j < LANES; j++) s[j] += a[e] * TO_REAL(b[j * ldb + e]);
+}
+
+/* y[0:n] += sum over keys c < nb of p[c] * x[c * ldx + 0:n], with y's
+ * vectors held in registers across the keys (8 at a time). */
+static inline void FN(weighted_rows)(const REAL *p, const STORE *x, int64_t ldx, int64_t nb,
+                                     REAL *y, int64_t n)
+{
+    enum { BLOCK = 8 };
+    const int64_t nv = n - n % LANES;
+    int64_t x0 = 0;
+    for (; x0 + BLOCK * LANES <= nv; x0 += BLOCK * LANES) { /* constant trip counts: registers */
+        VEC acc[BLOCK];
+        for (int i = 0; i < BLOCK; i++) acc[i] = FN(vload)(y + x0 + i * LANES);
+        for (int64_t c = 0; c < nb; c++) {
+            const VEC pc = FN(vsplat)(p[c]);
+            for (int i = 0; i < BLOCK; i++) acc[i] += pc * FN(vload_store)(x + c * ldx + x0 + i * LANES);
+        }
+        for (int i = 0; i < BLOCK; i++) FN(vstore)(y + x0 + i * LANES, acc[i]);
+    }
+    for (; x0 < nv; x0 += LANES) {
+        VEC acc = FN(vload)(y + x0);
+        for (int64_t c = 0; c < nb; c++) acc += FN(vsplat)(p[c]) * FN(vload_store)(x + c * ldx + x0);
+        FN(vstore)(y + x0, acc);
+    }
+    for (int64_t e = nv; e < n; e++)
+        for (int64_t c = 0; c < nb; c++) y[e] += p[c] * TO_REAL(x[c * ldx + e]);
+}
+

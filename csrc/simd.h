@@ -1,0 +1,196 @@
+/*
+ * SIMD layer of the attention template (see attention_body.h for the
+ * parameters): the vector types of one (dtype, ISA) instance, loads and
+ * stores (storage types widened lane-wise), lane-wise select and max, the
+ * vectorised 2^x, and the fixed-order horizontal reductions.
+ */
+#ifndef STORE
+#define STORE REAL
+#define TO_REAL(x) (x)
+#define FROM_REAL(x) (x)
+#define STORE_KIND STORE_KIND_NATIVE
+#endif
+
+#define LANES ((int64_t)(VBYTES / sizeof(REAL)))
+#define NR (NV * LANES)
+
+typedef REAL FN(vec) __attribute__((vector_size(VBYTES)));
+typedef UINT FN(uvec) __attribute__((vector_size(VBYTES)));
+#define VEC FN(vec)
+#define UVEC FN(uvec)
+
+static inline int64_t FN(round_up)(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+static inline VEC FN(vload)(const REAL *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
+static inline void FN(vstore)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
+static inline VEC FN(vsplat)(REAL x)
+{
+    /* Lane 0 shuffled everywhere: one broadcast.  ({0} + x costs an add, since
+     * x + 0 is not x for -0; a lane loop becomes masked inserts.) */
+    const VEC v = {x};
+    return __builtin_shuffle(v, (UVEC){0});
+}
+
+/* Lane-wise mask ? a : b, where mask lanes are all-ones or all-zeros. */
+static inline VEC FN(vselect)(UVEC mask, VEC a, VEC b)
+{
+    return (VEC)((mask & (UVEC)a) | (~mask & (UVEC)b));
+}
+
+/* Lane-wise a > b ? a : b, which ignores a NaN in `a`: NaN scores must not
+ * become the running max (they still reach the output through 2^(NaN - max)).
+ * x86's MAXPS/MAXPD compute exactly this in one instruction; GCC does not
+ * see it in the generic select. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#if VBYTES == 64 && REAL_IS_DOUBLE
+#define PA_X86_MAX _mm512_max_pd
+#elif VBYTES == 64
+#define PA_X86_MAX _mm512_max_ps
+#elif VBYTES == 32 && REAL_IS_DOUBLE
+#define PA_X86_MAX _mm256_max_pd
+#elif VBYTES == 32
+#define PA_X86_MAX _mm256_max_ps
+#elif VBYTES == 16 && REAL_IS_DOUBLE
+#define PA_X86_MAX _mm_max_pd
+#else
+#define PA_X86_MAX _mm_max_ps
+#endif
+#endif
+
+static inline VEC FN(vmax)(VEC a, VEC b)
+{
+#ifdef PA_X86_MAX
+    return (VEC)PA_X86_MAX(a, b);
+#else
+    return FN(vselect)((UVEC)(a > b), a, b);
+#endif
+}
+#undef PA_X86_MAX
+
+/*
+ * Scores stay in natural units, exactly as the reference computes them: Q is
+ * prescaled by `scale` and masks, biases and caps are added as given.  Only
+ * the softmax's exponential changes base, e^(s - m) = 2^((s - m) log2(e)),
+ * on the difference, which is <= LAZY_RESCALE or -inf or NaN.  (Folding
+ * log2(e) into the scores instead would turn finite scores beyond
+ * FLT_MAX / log2(e), such as HuggingFace's finfo.min mask, into -inf.)
+ *
+ * vexp2: 2^x for x < 127 (fp32), vectorised and branch-free, <= 2 ulp
+ * (tests/test_kernels.py measures it).  x = n + r with n = round(x) and |r| <= 1/2, exactly; 2^r =
+ * e^(r ln2) by its Taylor polynomial (truncation far below half an ulp there);
+ * 2^n is built in the exponent bits.  2^-inf = 0 exactly, NaN stays NaN, and
+ * results below the smallest normal number flush to 0: they are under 2^-126
+ * (fp32) of the row maximum, so they cannot change a softmax.
+ */
+#if REAL_IS_DOUBLE
+#define EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52: adding it rounds to an integer */
+#define EXP_MAGIC_BITS 0x4338000000000000ULL
+#define EXP_MANT_BITS 52
+#define EXP_BIAS 1023
+#define EXP2_LO (-1022.0)
+#define LOG2E 1.44269504088896338700e+00
+#define EXP_DEGREE 13
+#else
+#define EXP_MAGIC 12582912.0f /* 1.5 * 2^23 */
+#define EXP_MAGIC_BITS 0x4B400000U
+#define EXP_MANT_BITS 23
+#define EXP_BIAS 127
+#define EXP2_LO (-126.0f)
+#define LOG2E 1.44269504088896341f
+#define EXP_DEGREE 7
+#endif
+
+static inline VEC FN(vexp2)(VEC x)
+{
+    /* n = round(x), read back from the low mantissa bits of t. */
+    const VEC t = x + EXP_MAGIC;
+    const VEC n = t - EXP_MAGIC;
+    const VEC r = x - n;
+    /* Horner on sum (r ln2)^k / k!, k = 0..D. */
+    static const double coef[] = {
+        1.0, 0.6931471805599453, 0.2402265069591007, 0.055504108664821576,
+        0.009618129107628477, 0.0013333558146428441, 0.00015403530393381606,
+        1.5252733804059838e-05, 1.3215486790144305e-06, 1.0178086009239696e-07,
+        7.054911620801121e-09, 4.44553827187081e-10, 2.5678435993488196e-11,
+        1.3691488853904124e-12};
+    VEC poly = FN(vsplat)((REAL)coef[EXP_DEGREE]);
+    for (int kk = EXP_DEGREE - 1; kk >= 0; kk--) poly = poly * r + (REAL)coef[kk];
+    const UVEC two_n = (((UVEC)t - EXP_MAGIC_BITS) + EXP_BIAS) << EXP_MANT_BITS;
+    const VEC y = poly * (VEC)two_n;
+    return FN(vselect)((UVEC)(x < EXP2_LO), FN(vsplat)(0), y);
+}
+
+/* y = 2^x over n elements: vexp2 for tests (tail lanes through a buffer). */
+static void FN(exp2_array)(const void *x_, void *y_, int64_t n)
+{
+    const REAL *x = x_;
+    REAL *y = y_;
+    for (int64_t i = 0; i < n; i += LANES) {
+        REAL buf[LANES];
+        const int64_t m = n - i < LANES ? n - i : LANES;
+        for (int64_t j = 0; j < LANES; j++) buf[j] = j < m ? x[i + j] : 0;
+        FN(vstore)(buf, FN(vexp2)(FN(vload)(buf)));
+        memcpy(y + i, buf, sizeof(REAL) * (size_t)m);
+    }
+}
+
+/* v with lanes i and i ^ 2^level swapped: one butterfly stage.  The index
+ * vectors are constants (a lane loop would be rebuilt on every call). */
+#define PA_XOR_ROW(w) {0 ^ w, 1 ^ w, 2 ^ w, 3 ^ w, 4 ^ w, 5 ^ w, 6 ^ w, 7 ^ w, \
+                       8 ^ w, 9 ^ w, 10 ^ w, 11 ^ w, 12 ^ w, 13 ^ w, 14 ^ w, 15 ^ w}
+static const UINT FN(xor_lanes)[4][16] = {PA_XOR_ROW(1), PA_XOR_ROW(2), PA_XOR_ROW(4),
+                                          PA_XOR_ROW(8)};
+#undef PA_XOR_ROW
+
+static inline VEC FN(vswap)(VEC v, int level)
+{
+    UVEC idx;
+    memcpy(&idx, FN(xor_lanes)[level], sizeof idx);
+    return __builtin_shuffle(v, idx);
+}
+
+/* Horizontal max and sum by butterfly: log2(lanes) shuffles, the same order
+ * on every call, so results never depend on where a row is computed. */
+static inline REAL FN(hmax)(VEC v)
+{
+    for (int level = 0; (1 << level) < LANES; level++) v = FN(vmax)(FN(vswap)(v, level), v);
+    return v[0];
+}
+
+static inline REAL FN(hsum)(VEC v)
+{
+    for (int level = 0; (1 << level) < LANES; level++) v += FN(vswap)(v, level);
+    return v[0];
+}
+
+/* LANES contiguous STORE elements as a vector of REAL. */
+static inline VEC FN(vload_store)(const STORE *p)
+{
+#if STORE_KIND == STORE_KIND_NATIVE
+    return FN(vload)(p);
+#elif STORE_KIND == STORE_KIND_BF16 /* the top half of a float: widen, shift */
+    typedef uint16_t FN(hvec) __attribute__((vector_size(VBYTES / 2)));
+    FN(hvec) h;
+    memcpy(&h, p, sizeof h);
+    return (VEC)(__builtin_convertvector(h, UVEC) << 16);
+#elif defined(__F16C__) && VBYTES == 64 /* GCC converts _Float16 one by one */
+    return (VEC)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__) && VBYTES == 32
+    return (VEC)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    REAL buf[LANES];
+    for (int64_t i = 0; i < LANES; i++) buf[i] = TO_REAL(p[i]);
+    return FN(vload)(buf);
+#endif
+}
+
+/* dst[0:n] = src[0:n:stride] as REAL. */
+static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REAL *dst)
+{
+    int64_t x = 0;
+    if (stride == 1)
+        for (; x + LANES <= n; x += LANES) FN(vstore)(dst + x, FN(vload_store)(src + x));
+    for (; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
+}
+
