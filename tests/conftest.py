@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import pyattn
-from pyattn import _dispatch, functional
+from pyattn import _dispatch, _launch, _plan
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=60, deadline=None, database=None,
@@ -143,26 +143,26 @@ def spy_threads(monkeypatch):
     """Records the OpenMP team size of every kernel launch made through
     pyattn.scaled_dot_product_attention (run_kernel's return value)."""
     used = []
-    real = functional.run_kernel
+    real = _launch.run_kernel
 
     def spy(*args, **kwargs):
         n = real(*args, **kwargs)
         used.append(n)
         return n
 
-    monkeypatch.setattr(functional, "run_kernel", spy)
+    monkeypatch.setattr(_launch, "run_kernel", spy)
     return used
 
 
 @pytest.fixture
 def spy_split(monkeypatch):
-    """The key chunk functional.split_keys picks (0: no split), for every call."""
+    """The key chunk _plan.split_keys picks (0: no split), for every call."""
     chunks = []
-    real = functional.split_keys
+    real = _plan.split_keys
 
     def spy(*args):
         chunks.append(real(*args))
         return chunks[-1]
 
-    monkeypatch.setattr(functional, "split_keys", spy)
+    monkeypatch.setattr(_plan, "split_keys", spy)
     return chunks

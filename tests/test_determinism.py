@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import pyattn
-from pyattn import _attention, functional
+from pyattn import _attention, _plan, functional
 from pyattn import reference as ref
 
 sdpa = pyattn.scaled_dot_product_attention
@@ -90,7 +90,7 @@ def test_bitwise_across_thread_counts_and_repeats(name, kernel, rng, spy_threads
     # The shapes are meant to be what their names say.
     L, S = args[0].shape[-2], args[1].shape[-2]
     n_items = first[..., 0, 0].size * -(-L // _attention.block_rows(kernel, first.dtype.name))
-    assert (functional.split_keys(n_items, S) > 0) == (name in SPLIT_CASES)
+    assert (_plan.split_keys(n_items, S) > 0) == (name in SPLIT_CASES)
     for n in THREADS + THREADS[::-1] + (None, -1):
         got = sdpa(*args, num_threads=n, **kwargs)
         assert np.array_equal(got, first), f"num_threads={n}"
@@ -187,7 +187,7 @@ def test_bitwise_whatever_the_alignment(dtype, L, S, kernel, rng):
 
 def force_chunk(monkeypatch, keys_per_chunk):
     """Make every call split the keys into chunks of this many (0: no split)."""
-    monkeypatch.setattr(functional, "split_keys", lambda n_items, S: keys_per_chunk)
+    monkeypatch.setattr(_plan, "split_keys", lambda n_items, S: keys_per_chunk)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -225,8 +225,8 @@ def test_split_target_changes_chunking_not_the_answer(target, rng, monkeypatch):
     across settings they agree to a few ulps."""
     q, k, v = randn(rng, (1, 3, 1, 64)), randn(rng, (1, 3, 8192, 64)), randn(rng, (1, 3, 8192, 64))
     base = sdpa(q, k, v)  # the default target (16): 3 items -> 6 chunks of 1536 -> 2048
-    monkeypatch.setattr(functional, "SPLIT_TARGET_ITEMS", target)
-    chunk = functional.split_keys(3, 8192)
+    monkeypatch.setattr(_plan, "SPLIT_TARGET_ITEMS", target)
+    chunk = _plan.split_keys(3, 8192)
     assert (chunk == 0) == (target <= 3)
     runs = [sdpa(q, k, v, num_threads=n) for n in THREADS]
     for got in runs:

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pyattn
-from pyattn import _attention, _dispatch, functional
+from pyattn import _attention, _dispatch, _plan, functional
 from pyattn import reference as ref
 
 sdpa = pyattn.scaled_dot_product_attention
@@ -99,7 +99,7 @@ def offsets(L, S, diag=0):
 
 # (L, S): none a multiple of a tile; L < 8 takes the direct (decode) path on
 # AVX-512 (fewer than MR rows), L >= 8 the tiled one; S = 2500 with few work
-# items is split into key chunks (functional.split_keys); L = 300 and 1100
+# items is split into key chunks (_plan.split_keys); L = 300 and 1100
 # span several query blocks.
 SHAPES = [(1, 3), (3, 129), (7, 300), (64, 7), (129, 64), (300, 1100), (1100, 129),
           (1, 2500), (129, 2500)]
@@ -202,7 +202,7 @@ def test_matches_reference(kernel, config, L, S, dtype, helpers):
     (q, k, v), kwargs, (want, want_lse) = reference_case(config, L, S, dtype)
     if S > 2048:  # this case must take the split-KV path
         n_items = q.shape[0] * q.shape[1] * -(-L // _attention.block_rows(kernel, q.dtype.name))
-        assert functional.split_keys(n_items, S) > 0
+        assert _plan.split_keys(n_items, S) > 0
     got, lse = sdpa(q, k, v, return_lse=True, **kwargs)
     assert not np.isnan(got).any()
     helpers.assert_close(got, want, score_bound=helpers.score_bound(q, k))
@@ -234,7 +234,7 @@ def test_split_keys_with_every_modifier(kernel, L, S, mask_kind, dtype, helpers)
     """Keys cut into chunks: the sink is counted once, kv_lengths may end inside
     the first chunk, windows span a chunk boundary."""
     n_items = 4 * -(-L // _attention.block_rows(kernel, np.dtype(dtype).name))
-    assert functional.split_keys(n_items, S) > 0
+    assert _plan.split_keys(n_items, S) > 0
     for (q, k, v), kwargs, (want, want_lse) in split_case(L, S, mask_kind, dtype):
         got, lse = sdpa(q, k, v, return_lse=True, **kwargs)
         helpers.assert_close(got, want, score_bound=helpers.score_bound(q, k))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import pyattn
-from pyattn import functional
+from pyattn import _plan
 from pyattn import reference as ref
 
 
@@ -12,18 +12,18 @@ from pyattn import reference as ref
     (16, 100_000, False), (1, 2047, False), (1, 100, False),
 ])
 def test_split_rule_depends_on_shape_only(n_items, S, expect_split):
-    chunk = functional.split_keys(n_items, S)
+    chunk = _plan.split_keys(n_items, S)
     assert (chunk > 0) == expect_split
     if chunk:
-        assert chunk % functional.SPLIT_MIN_KEYS == 0
-        assert 2 <= -(-S // chunk) <= functional.SPLIT_TARGET_ITEMS
+        assert chunk % _plan.SPLIT_MIN_KEYS == 0
+        assert 2 <= -(-S // chunk) <= _plan.SPLIT_TARGET_ITEMS
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-13)])
 @pytest.mark.parametrize("L, S", [(1, 4096), (3, 5000), (70, 2500), (1, 2048)])
 @pytest.mark.parametrize("masking", ["none", "causal", "bool", "prefix"])
 def test_split_path_matches_reference(dtype, tol, L, S, masking, rng):
-    assert functional.split_keys(1, S) > 0  # these shapes do take the split path
+    assert _plan.split_keys(1, S) > 0  # these shapes do take the split path
     q = rng.standard_normal((1, 1, L, 32)).astype(dtype)
     k = rng.standard_normal((1, 1, S, 32)).astype(dtype)
     v = rng.standard_normal((1, 1, S, 24)).astype(dtype)
@@ -76,7 +76,7 @@ def test_merge_attention_of_arbitrary_key_splits_is_exact(cuts, rng):
 def test_driver_refuses_key_chunks_off_the_tile_grid():
     """Key chunks must start on the kernels' tiles (multiples of KEY_CHUNK)."""
     q = np.zeros((1, 1, 1, 4), np.float32)
-    assert pyattn._attention.KEY_CHUNK == functional.SPLIT_MIN_KEYS == 1024
+    assert pyattn._attention.KEY_CHUNK == _plan.SPLIT_MIN_KEYS == 1024
     with pytest.raises(ValueError, match="multiple of 1024"):
         pyattn._attention.attend(
             pyattn._dispatch.KERNEL, "float32", pointers=(q.ctypes.data,) * 3 + (0, q.ctypes.data),

@@ -11,7 +11,7 @@ import pytest
 import threadpoolctl
 
 import pyattn
-from pyattn import _attention, _dispatch, functional
+from pyattn import _attention, _dispatch, _launch
 from pyattn._validation import prepare_attention
 
 sdpa = pyattn.scaled_dot_product_attention
@@ -94,7 +94,7 @@ def test_run_kernel_uses_exactly_n_threads(n, rng):
     q, k, v = small_problem(rng)
     prob = prepare_attention(q, k, v, None, False, None, False)
     work = np.empty(prob.work_shape, np.float32)
-    assert functional.run_kernel(prob, work, n) == n
+    assert _launch.run_kernel(prob, work, n) == n
     np.testing.assert_allclose(work, pyattn.reference.scaled_dot_product_attention(q, k, v),
                                rtol=2e-5, atol=2e-5)
 
@@ -151,13 +151,13 @@ CHILD = textwrap.dedent("""
     import json
     import numpy as np
     import pyattn
-    from pyattn import _attention, functional
+    from pyattn import _attention, _launch
     used = []
-    real = functional.run_kernel
+    real = _launch.run_kernel
     def spy(*a, **kw):
         used.append(real(*a, **kw))
         return used[-1]
-    functional.run_kernel = spy
+    _launch.run_kernel = spy
     q = np.random.default_rng(0).standard_normal((2, 4, 130, 16)).astype(np.float32)
     pyattn.scaled_dot_product_attention(q, q, q)
     pyattn.scaled_dot_product_attention(q, q, q, num_threads=2)

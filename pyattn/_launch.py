@@ -1,0 +1,131 @@
+"""Launching the compiled kernel on a validated problem: byte offsets and
+element strides for the driver, the split-KV partials and their merge, and
+fork safety of the OpenMP pool."""
+import os
+
+import numpy as np
+
+from . import _attention, _dispatch, _plan
+from ._validation import check_fits, prepare_options, typed_access_ok
+
+
+def _element_strides(arr):
+    """Strides of `arr` in elements (its typed access was checked before)."""
+    return tuple(s // arr.itemsize for s in arr.strides)
+
+
+def _batch_byte_offsets(arr, batch):
+    """Byte offset of every flat batch index of `arr` (broadcast to `batch`)."""
+    nb = len(batch)
+    strides = np.broadcast_to(arr, batch + arr.shape[nb:]).strides[:nb]
+    offsets = np.zeros(batch, dtype=np.int64)
+    for axis, (n, stride) in enumerate(zip(batch, strides)):
+        shape = [1] * nb
+        shape[axis] = n
+        offsets = offsets + (np.arange(n, dtype=np.int64) * stride).reshape(shape)
+    return offsets.reshape(-1)
+
+
+def _address(arr):
+    return arr.__array_interface__["data"][0]
+
+
+# Fork safety.  libgomp keeps the worker threads of a parallel region as a
+# pool of the thread that started it.  A child forked after that inherits the
+# pool's bookkeeping but not its threads, and its next parallel region of more
+# than one thread waits for them forever.  So a process forked (at any depth)
+# from one that ran a multi-threaded region computes on one thread: a region
+# of one thread never touches the pool.  spawn and forkserver children are
+# fresh processes and use every thread.
+_parallel_started = False  # this process may own a libgomp worker pool
+_forked_after_parallel = False
+
+
+def _after_fork_in_child():
+    global _forked_after_parallel
+    _forked_after_parallel = _forked_after_parallel or _parallel_started
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts=None,
+               lse=None):
+    """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem
+    and its ScoreOptions `opts` (None: none).  `weights`, when given, is a
+    zeroed C-contiguous array that receives the softmax probabilities:
+    (*batch, H, L, S), or (*batch, L, S) averaged over heads with
+    `average_heads`; `lse`, a C-contiguous (*batch, H, L) array for the rows'
+    logsumexp.  Returns the number of threads used."""
+    global _parallel_started
+    if nthreads > 1:
+        if _forked_after_parallel:
+            nthreads = 1  # see _after_fork_in_child
+        else:
+            _parallel_started = True  # before the region: another thread may fork
+    if opts is None:
+        opts = prepare_options(prob)
+    dest = work_out  # an `out` C cannot write as typed elements gets a stand-in
+    if not typed_access_ok(dest):
+        dest = np.empty(work_out.shape, dtype=work_out.dtype)
+    q, k, v = prob.q, prob.k, prob.v
+    qs, ks, vs, os_ = (_element_strides(a) for a in (q, k, v, dest))
+    arrays = [q, k, v, None, dest]
+    mask_kind, ms = _attention.MASK_NONE, (0, 0, 0)
+    if prob.mask is not None:
+        is_bool = prob.mask.dtype == np.bool_
+        mask = prob.mask.view(np.uint8) if is_bool else prob.mask
+        ms = _element_strides(mask)
+        arrays[3] = mask
+        mask_kind = _attention.MASK_BOOL if is_bool else _attention.MASK_ADDITIVE
+
+    batch = prob.batch
+    n_batch = int(np.prod(batch, dtype=np.int64))
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.dtype.name))
+    n_items = n_batch * prob.num_heads * n_qblocks
+    key_chunk = 0 if weights is not None else _plan.split_keys(n_items, S)
+    partial, chunk_lse = None, lse
+    if key_chunk:  # each chunk writes its own normalised output and logsumexp
+        n_chunks = -(-S // key_chunk)
+        check_fits((n_chunks + 1) * dest.size, prob.compute_dtype.itemsize,
+                   f"{n_chunks} split-KV partial results of shape {dest.shape}")
+        # in the compute dtype: a half result is rounded once, after the merge
+        partial = np.empty((n_chunks,) + dest.shape, dtype=prob.compute_dtype)
+        chunk_lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=prob.compute_dtype)
+        arrays[4] = partial[0]
+        os_ = _element_strides(partial[0])
+
+    offsets = np.zeros((5, n_batch), dtype=np.int64)
+    for i, arr in enumerate(arrays):
+        if arr is not None:
+            offsets[i] = _batch_byte_offsets(arr, batch)
+
+    def head_stride(arr):  # bytes; 0 for a broadcast (length-1) head axis
+        return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
+
+    used = _attention.attend(
+        _dispatch.KERNEL, q.dtype.name,
+        pointers=tuple(0 if a is None else _address(a) for a in arrays),
+        batch_offsets=offsets,
+        head_strides=tuple(head_stride(a) for a in arrays),
+        num_heads=prob.num_heads, kv_group=prob.kv_group, sizes=(L, S, E, Ev),
+        inner_strides=(qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1],
+                       ms[-2], ms[-1]),
+        mask_kind=mask_kind, window=opts.window, scale=prob.scale, num_threads=nthreads,
+        key_chunk=key_chunk, out_split_stride=0 if partial is None else partial.strides[0],
+        lse_address=0 if chunk_lse is None else _address(chunk_lse),
+        weights_address=0 if weights is None else _address(weights),
+        weights_batch_stride=0 if weights is None else weights[(0,) * len(batch)].nbytes,
+        average_heads=average_heads, softcap=opts.softcap, diag=opts.diag, alibi=opts.alibi,
+        sinks=opts.sinks, q_lengths=opts.q_lengths, kv_lengths=opts.kv_lengths,
+        out_real=partial is not None and partial.dtype != dest.dtype,
+    )
+    if partial is not None:
+        _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse)
+    if dest is not work_out:
+        work_out[...] = dest
+    return used
+
+

@@ -1,0 +1,94 @@
+"""The work plan of a call, decided from its shape alone (never the thread
+count, so results stay bitwise thread-invariant): split-KV chunks and their
+exact merge, and grouped-query heads run as the rows of one problem."""
+import dataclasses
+
+import numpy as np
+
+from . import _attention
+
+
+def _query_group(prob):
+    """Query heads per key/value head, counting a single (broadcast) key/value
+    head as shared by all (MQA); 1 when the heads do not group."""
+    hk, hv = prob.k.shape[-3], prob.v.shape[-3]
+    if hk != hv or prob.q.shape[-3] != prob.num_heads:
+        return 1
+    return prob.num_heads // hk
+
+
+def heads_as_rows(prob, opts):
+    """Whether a grouped-query (or multi-query) call with one query row can
+    run its query heads as the rows of one problem per key/value head: each
+    key/value head is then read once for its whole group.  Only when nothing
+    depends on the head or on the row's position (the rows would be heads, all
+    at position 0): no mask, ALiBi, sinks or lengths of queries, and a window
+    that hides no valid key of any sequence."""
+    if (_query_group(prob) == 1 or prob.q.shape[-2] != 1 or prob.mask is not None
+            or opts.alibi is not None or opts.sinks is not None or opts.q_lengths is not None):
+        return False
+    left, right = opts.window
+    last_key = (prob.k.shape[-2] if opts.kv_lengths is None else opts.kv_lengths) - 1
+    return left < 0 and (right < 0 or bool((opts.diag + right >= last_key).all()))
+
+
+def group_query_heads(prob, work_out, lse):
+    """(problem, output, lse) views with the g query heads of each key/value
+    head as g rows: (..., Hkv * g, 1, E) -> (..., Hkv, g, E)."""
+    g = _query_group(prob)
+
+    def as_rows(a):  # (..., H, 1, W) -> (..., H / g, g, W)
+        head = a.ndim - 3
+        hs = a.strides[head]
+        return np.lib.stride_tricks.as_strided(
+            a, a.shape[:head] + (a.shape[head] // g, g) + a.shape[head + 2:],
+            a.strides[:head] + (hs * g, hs) + a.strides[head + 2:])
+
+    q = as_rows(prob.q)
+    work_shape = prob.batch + (prob.num_heads // g, g, prob.work_shape[-1])
+    grouped = dataclasses.replace(prob, q=q, num_heads=prob.num_heads // g, kv_group=1,
+                                  work_shape=work_shape)
+    grouped_lse = None if lse is None else as_rows(lse[..., np.newaxis])[..., 0]
+    return grouped, as_rows(work_out), grouped_lse
+
+
+# Split-KV ("flash decoding"): with few (batch, head, query block) items there
+# is too little to share among threads, so long key ranges are cut into
+# chunks computed in parallel and merged exactly.  The rule looks at the shape
+# only, never the thread count, so results stay identical for any num_threads.
+SPLIT_TARGET_ITEMS = 16   # aim for at least this many work items
+SPLIT_MIN_KEYS = _attention.KEY_CHUNK  # chunk granularity (a multiple of every BLOCK_N)
+
+
+def split_keys(n_items, S):
+    """Keys per chunk for a call with `n_items` work items, or 0 for no split."""
+    if n_items >= SPLIT_TARGET_ITEMS or S < 2 * SPLIT_MIN_KEYS:
+        return 0
+    n_chunks = min(-(-SPLIT_TARGET_ITEMS // n_items), S // SPLIT_MIN_KEYS)
+    chunk = -(-S // n_chunks)
+    return -(-chunk // SPLIT_MIN_KEYS) * SPLIT_MIN_KEYS
+
+
+def merge_partials(outputs, lses, out=None, lse_out=None):
+    """Combine attention over disjoint key ranges into attention over all of
+    them: outputs (n, ..., L, Ev) each normalised over its keys, lses (n, ...,
+    L) their logsumexps.  Rows with no key anywhere (all lse -inf) are zeros.
+    Returns (output, lse), written into `out` and `lse_out` when given."""
+    top = lses.max(axis=0)
+    top = np.where(np.isneginf(top), 0, top)  # all -inf: weights 0, not NaN
+    weights = np.exp(lses - top)
+    total = weights.sum(axis=0)
+    merged = np.einsum("n...l,n...le->...le", weights, outputs)
+    merged = np.divide(merged, total[..., None], out=np.zeros_like(merged),
+                       where=total[..., None] != 0)
+    with np.errstate(divide="ignore"):
+        lse = (top + np.log(total)).astype(lses.dtype, copy=False)
+    if out is not None:
+        out[...] = merged
+        merged = out
+    if lse_out is not None:
+        lse_out[...] = lse
+        lse = lse_out
+    return merged, lse
+
+
