@@ -1,5 +1,6 @@
 """A key/value cache for autoregressive decoding, and attention against it."""
 import numbers
+import threading
 
 import numpy as np
 
@@ -11,12 +12,28 @@ __all__ = ["KVCache", "decode_attention"]
 INITIAL_CAPACITY = 256  # positions; storage then doubles (amortised O(1) appends)
 
 
-def _size(value, name, minimum=1):
+def check_size(value, name):
+    """`value` as a positive int (NumPy integers too): TypeError for any other
+    type (bool and floats such as 8.0 included), ValueError below 1.  The
+    layers' sizes use it as well."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_dtype(dtype, allowed, names):
+    """np.dtype(dtype) when it is one of `allowed`, else a TypeError naming
+    `dtype`; `names` lists the allowed ones for the message.  None is refused:
+    np.dtype(None) would silently be float64 (and compares equal to it)."""
+    try:
+        dt = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"dtype must be {names}, got {dtype!r}") from None
+    if dt is None or dt not in allowed:
+        raise TypeError(f"dtype must be {names}, got {'None' if dt is None else dt.name}")
+    return dt
 
 
 class KVCache:
@@ -26,6 +43,17 @@ class KVCache:
     head's keys are contiguous rows; it grows by doubling (a full copy only
     then, amortised O(1) per position) up to ``max_len`` when given.  Each
     sequence has its own length.
+
+    Thread safety: one cache may be shared by several Python threads.  The
+    methods that change it (append, truncate, reset) take the cache's lock,
+    so appends made at once all land: each as one block of positions, in
+    some order, a thread's own appends in the order it made them.  ``keys``,
+    ``values`` and decode_attention take the lock too, so they see the cache
+    between two changes, never during one; decode_attention holds it until
+    its kernel is done (changes from other threads wait).  ``keys`` and
+    ``values`` are views of the storage, which a later change may overwrite:
+    copy them for a snapshot.  ``lengths`` is replaced, never modified in
+    place, by each change.
 
     Parameters
     ----------
@@ -39,18 +67,28 @@ class KVCache:
 
     def __init__(self, batch, num_kv_heads, head_dim, max_len=None, dtype=np.float32,
                  value_dim=None):
-        self.batch = _size(batch, "batch")
-        self.num_kv_heads = _size(num_kv_heads, "num_kv_heads")
-        self.head_dim = _size(head_dim, "head_dim")
-        self.value_dim = self.head_dim if value_dim is None else _size(value_dim, "value_dim")
-        self.max_len = None if max_len is None else _size(max_len, "max_len")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise TypeError("dtype must be float32, float64, float16 or bfloat16, "
-                            f"got {self.dtype}")
+        self.batch = check_size(batch, "batch")
+        self.num_kv_heads = check_size(num_kv_heads, "num_kv_heads")
+        self.head_dim = check_size(head_dim, "head_dim")
+        self.value_dim = self.head_dim if value_dim is None else check_size(value_dim, "value_dim")
+        self.max_len = None if max_len is None else check_size(max_len, "max_len")
+        self.dtype = check_dtype(dtype, SUPPORTED_DTYPES,
+                                 "float32, float64, float16 or bfloat16 (with ml_dtypes)")
         self.lengths = np.zeros(self.batch, dtype=np.int64)
+        self._lock = threading.Lock()
         self._k = self._v = None
         self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY))
+
+    # A lock cannot be pickled or copied: a copy (pickle, copy.deepcopy) gets its own.
+    def __getstate__(self):
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _allocate(self, capacity):
         shape = (self.batch, self.num_kv_heads, capacity)
@@ -64,6 +102,11 @@ class KVCache:
             v[:, :, :n] = self._v[:, :, :n]
         self._k, self._v = k, v
 
+    def _filled(self):
+        """(keys view, values view, lengths) of one moment; the caller holds the lock."""
+        n = int(self.lengths.max(initial=0))
+        return self._k[:, :, :n], self._v[:, :, :n], self.lengths
+
     @property
     def capacity(self):
         return self._k.shape[2]
@@ -72,17 +115,20 @@ class KVCache:
     def keys(self):
         """View (batch, num_kv_heads, max(lengths), head_dim); sequence b's
         valid keys are the first lengths[b]."""
-        return self._k[:, :, :int(self.lengths.max(initial=0))]
+        with self._lock:
+            return self._filled()[0]
 
     @property
     def values(self):
         """View (batch, num_kv_heads, max(lengths), value_dim), as keys."""
-        return self._v[:, :, :int(self.lengths.max(initial=0))]
+        with self._lock:
+            return self._filled()[1]
 
     def append(self, k_new, v_new, lengths=None):
         """Append n positions to every sequence: k_new (batch, num_kv_heads, n,
         head_dim), v_new (..., value_dim).  With `lengths` (batch,) ints <= n,
         sequence b takes only its first lengths[b] new positions."""
+        # The arguments are checked before the lock: only the cache's state needs it.
         k_new = as_float_array(k_new, "k_new", min_ndim=4,
                                layout="(batch, num_kv_heads, n, head_dim)")
         v_new = as_float_array(v_new, "v_new", min_ndim=4,
@@ -103,23 +149,25 @@ class KVCache:
             if counts.size and (counts.min() < 0 or counts.max() > n):
                 raise ValueError(f"lengths must lie in [0, n] = [0, {n}]; got {counts}")
             counts = counts.astype(np.int64)
-        new_lengths = self.lengths + counts
-        needed = int(new_lengths.max(initial=0))
-        if self.max_len is not None and needed > self.max_len:
-            raise ValueError(f"the cache holds at most max_len = {self.max_len} positions; "
-                             f"appending would make {needed}")
-        if needed > self.capacity:
-            grown = max(needed, 2 * self.capacity)
-            self._allocate(grown if self.max_len is None else min(grown, self.max_len))
-        for b in range(self.batch):
-            start, c = int(self.lengths[b]), int(counts[b])
-            self._k[b, :, start:start + c] = k_new[b, :, :c]
-            self._v[b, :, start:start + c] = v_new[b, :, :c]
-        self.lengths = new_lengths
+        with self._lock:  # from reading the lengths to replacing them: one step
+            new_lengths = self.lengths + counts
+            needed = int(new_lengths.max(initial=0))
+            if self.max_len is not None and needed > self.max_len:
+                raise ValueError(f"the cache holds at most max_len = {self.max_len} positions; "
+                                 f"appending would make {needed}")
+            if needed > self.capacity:
+                grown = max(needed, 2 * self.capacity)
+                self._allocate(grown if self.max_len is None else min(grown, self.max_len))
+            for b in range(self.batch):
+                start, c = int(self.lengths[b]), int(counts[b])
+                self._k[b, :, start:start + c] = k_new[b, :, :c]
+                self._v[b, :, start:start + c] = v_new[b, :, :c]
+            self.lengths = new_lengths
 
     def reset(self):
         """Forget every position (the storage is kept)."""
-        self.lengths[:] = 0
+        with self._lock:
+            self.lengths = np.zeros(self.batch, dtype=np.int64)
 
     def truncate(self, n):
         """Keep at most the first n positions of every sequence (n an int, or
@@ -131,12 +179,14 @@ class KVCache:
             raise ValueError(f"n must be an int or {self.batch} ints; got shape {limit.shape}")
         if (limit < 0).any():
             raise ValueError(f"n must be non-negative; got {n!r}")
-        self.lengths = np.minimum(self.lengths, limit).astype(np.int64)
+        with self._lock:
+            self.lengths = np.minimum(self.lengths, limit).astype(np.int64)
 
     def __repr__(self):
-        return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, lengths={self.lengths.tolist()}, "
-                f"capacity={self.capacity}, dtype={self.dtype.name})")
+        with self._lock:
+            return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
+                    f"head_dim={self.head_dim}, lengths={self.lengths.tolist()}, "
+                    f"capacity={self.capacity}, dtype={self.dtype.name})")
 
 
 def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=None, **modifiers):
@@ -152,6 +202,9 @@ def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=No
         first; the rest are padding (zeros out).
     Other keywords (window, alibi_slopes, softcap, sinks, return_lse, out)
     are those of scaled_dot_product_attention.
+
+    The cache stays locked until the result is computed: another thread's
+    append or truncate waits rather than rewrite the keys being read.
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a pyattn.KVCache, got {type(cache).__name__}")
@@ -159,7 +212,9 @@ def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=No
     if q.ndim != 4 or q.shape[0] != cache.batch or q.shape[-1] != cache.head_dim:
         raise ValueError(f"query must have shape (batch={cache.batch}, num_heads, L, "
                          f"head_dim={cache.head_dim}); got {q.shape}")
-    return scaled_dot_product_attention(
-        q, cache.keys, cache.values, is_causal=True, alignment="lower_right", scale=scale,
-        enable_gqa=True, kv_lengths=cache.lengths, q_lengths=q_lengths,
-        num_threads=num_threads, **modifiers)
+    with cache._lock:
+        keys, values, lengths = cache._filled()
+        return scaled_dot_product_attention(
+            q, keys, values, is_causal=True, alignment="lower_right", scale=scale,
+            enable_gqa=True, kv_lengths=lengths, q_lengths=q_lengths,
+            num_threads=num_threads, **modifiers)

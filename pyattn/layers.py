@@ -10,14 +10,21 @@ the attention kernel reads Q, K, V from the projection's output and writes
 its result where the output projection reads it.
 """
 import math
+import sys
 from collections.abc import Mapping
 
 import numpy as np
 
 from ._validation import FLOAT_DTYPES, SUPPORTED_DTYPES, as_array, as_float_array, check_fits
 from .functional import attention
+from .kv_cache import check_dtype, check_size
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
+
+try:  # NumPy's bfloat16, from the optional ml_dtypes (as in _validation)
+    from ml_dtypes import bfloat16
+except ImportError:
+    bfloat16 = None
 
 
 def _generator(rng):
@@ -32,14 +39,7 @@ def _generator(rng):
 
 
 def _layer_dtype(dtype):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dtype is None or dt not in FLOAT_DTYPES:  # (np.dtype(None) would be float64)
-        got = "None" if dtype is None else dt.name
-        raise TypeError(f"dtype must be float32 or float64, got {got}")
-    return dt
+    return check_dtype(dtype, FLOAT_DTYPES, "float32 or float64")
 
 
 def _check_parameters(shapes, dtype, what):
@@ -47,10 +47,31 @@ def _check_parameters(shapes, dtype, what):
     check_fits(sum(math.prod(shape) for shape in shapes), dtype.itemsize, what)
 
 
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+def _is_real(dtype):
+    """Ints and floats, NumPy's own and ml_dtypes' bfloat16 (whose kind is "V")."""
+    return dtype.kind in "fiu" or dtype in SUPPORTED_DTYPES
+
+
+def _parameter_array(value, name):
+    """`value`, an array-like or a CPU torch tensor of any dtype (bfloat16
+    included), as an ndarray; ValueError naming `name` when it cannot be one.
+    torch is never imported here: a tensor means that the caller did."""
+    torch = sys.modules.get("torch")
+    is_tensor = torch is not None and isinstance(value, torch.Tensor)
+    if is_tensor and value.device.type != "cpu":  # meta: no data; cuda: not host memory
+        raise ValueError(f"{name} is a torch tensor on the {value.device} device; "
+                         f"load CPU tensors (move it there with .cpu())")
+    try:
+        if is_tensor:
+            value = value.detach()
+            if value.dtype == torch.bfloat16:  # NumPy cannot read it
+                if bfloat16 is None:  # no ml_dtypes: widen to float32, which is exact
+                    value = value.float()
+                else:  # reinterpret its bits: no conversion, no copy when contiguous
+                    value = value.contiguous().view(torch.int16).numpy().view(bfloat16)
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
 
 
 def _xavier_uniform(rng, shape, dtype):
@@ -63,7 +84,7 @@ def _as_input(x, name, dtype, width, width_name):
     """`x` in the layer's dtype (converted like a Linear layer's input), with
     `width` features in its last axis."""
     arr = as_array(x, name)
-    if arr.dtype.kind not in "fiu":
+    if not _is_real(arr.dtype):
         raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     arr = as_float_array(arr.astype(dtype, copy=False), name, min_ndim=1)
     if arr.shape[-1] != width:
@@ -103,9 +124,9 @@ class SelfAttention:
     """
 
     def __init__(self, embed_dim, kdim=None, vdim=None, bias=False, dtype=np.float32, rng=None):
-        self.embed_dim = _positive_int(embed_dim, "embed_dim")
-        self.kdim = self.embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        self.vdim = self.embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        self.embed_dim = check_size(embed_dim, "embed_dim")
+        self.kdim = self.embed_dim if kdim is None else check_size(kdim, "kdim")
+        self.vdim = self.embed_dim if vdim is None else check_size(vdim, "vdim")
         self.dtype = _layer_dtype(dtype)
         rng = _generator(rng)
         shapes = {"q": self.kdim, "k": self.kdim, "v": self.vdim}
@@ -155,13 +176,13 @@ class MultiHeadAttention:
 
     def __init__(self, embed_dim, num_heads, bias=True, kdim=None, vdim=None, batch_first=True,
                  dtype=np.float32, rng=None):
-        self.embed_dim = E = _positive_int(embed_dim, "embed_dim")
-        self.num_heads = _positive_int(num_heads, "num_heads")
+        self.embed_dim = E = check_size(embed_dim, "embed_dim")
+        self.num_heads = check_size(num_heads, "num_heads")
         if E % self.num_heads:
             raise ValueError(f"embed_dim ({E}) must be divisible by num_heads ({self.num_heads})")
         self.head_dim = E // self.num_heads
-        self.kdim = E if kdim is None else _positive_int(kdim, "kdim")
-        self.vdim = E if vdim is None else _positive_int(vdim, "vdim")
+        self.kdim = E if kdim is None else check_size(kdim, "kdim")
+        self.vdim = E if vdim is None else check_size(vdim, "vdim")
         self.batch_first = bool(batch_first)
         self.dtype = dt = _layer_dtype(dtype)
         rng = _generator(rng)
@@ -214,9 +235,12 @@ class MultiHeadAttention:
                 for key in self._parameter_shapes()}
 
     def load_state_dict(self, state_dict, strict=True):
-        """Load parameters saved by state_dict() here or by torch (tensors are
-        converted with numpy.asarray).  strict=False ignores missing and
-        unexpected keys; shapes are always checked."""
+        """Load parameters saved by state_dict() here or by torch: NumPy
+        arrays, or CPU torch tensors of any float dtype, bfloat16 included.
+        They take the layer's dtype (float32 or float64, as the inputs do):
+        float16 and bfloat16 widen exactly, float64 rounds into a float32
+        layer.  strict=False ignores missing and unexpected keys; shapes are
+        always checked."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of parameter names to arrays, "
                             f"got {type(state_dict).__name__}")
@@ -230,14 +254,8 @@ class MultiHeadAttention:
         for key, shape in shapes.items():
             if key not in state_dict:
                 continue
-            value = state_dict[key]
-            try:
-                arr = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(
-                    f"state_dict[{key!r}] cannot be converted to an array: {exc}"
-                ) from None
-            if arr.dtype.kind not in "fiu" or arr.shape != shape:
+            arr = _parameter_array(state_dict[key], f"state_dict[{key!r}]")
+            if not _is_real(arr.dtype) or arr.shape != shape:
                 raise ValueError(f"state_dict[{key!r}] must be a real array of shape {shape}; "
                                  f"got {arr.dtype} of shape {arr.shape}")
             loaded[key] = np.array(arr, dtype=self.dtype)  # a copy: no aliasing of the caller's

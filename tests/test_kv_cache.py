@@ -10,7 +10,11 @@
   * the GQA "query heads as rows" shortcut (functional._heads_as_rows): taken
     for one query per sequence, and never where it would change the result.
 """
+import copy
 import math
+import pickle
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -300,6 +304,32 @@ def test_numpy_integers_are_sizes():
     cache = pyattn.KVCache(np.int64(2), np.int32(3), np.uint8(4), max_len=np.int16(9))
     assert (cache.batch, cache.num_kv_heads, cache.head_dim, cache.max_len) == (2, 3, 4, 9)
     assert cache.capacity == 9
+
+
+SIZED = {
+    "KVCache-batch": lambda size: pyattn.KVCache(size, 1, 1),
+    "KVCache-head_dim": lambda size: pyattn.KVCache(1, 1, size),
+    "SelfAttention-embed_dim": lambda size: pyattn.SelfAttention(size),
+    "MultiHeadAttention-num_heads": lambda size: pyattn.MultiHeadAttention(8, size),
+}
+
+
+@pytest.mark.parametrize("make", SIZED.values(), ids=SIZED)
+@pytest.mark.parametrize("size, error", [
+    (8.0, TypeError), (np.float64(2), TypeError), ("2", TypeError), (True, TypeError),
+    (None, TypeError), (0, ValueError), (-1, ValueError),
+], ids=repr)
+def test_sizes_are_checked_alike_by_the_cache_and_the_layers(make, size, error):
+    """One rule (one helper): a wrong type is a TypeError, a wrong value a ValueError."""
+    with pytest.raises(error, match=r"must be a positive int, got"):
+        make(size)
+
+
+@pytest.mark.parametrize("dtype", [None, "banana", np.int32, object], ids=repr)
+def test_bad_dtype_is_a_type_error_naming_dtype(dtype):
+    """None too: np.dtype(None) is float64, which a cache must not become silently."""
+    with pytest.raises(TypeError, match=r"^dtype must be float32, float64, float16 or bfloat16"):
+        pyattn.KVCache(1, 1, 1, dtype=dtype)
 
 
 def _kv(shape_k, shape_v=None, dtype=np.float32):
@@ -648,3 +678,142 @@ def test_gqa_decode_of_ragged_sequences_runs_heads_as_rows(rng, helpers, spy_gro
     got = pyattn.decode_attention(q, cache)
     helpers.assert_close(got, reference_decode(q, cache), score_bound=helpers.score_bound(q, k))
     assert spy_grouping == [(2, 2, 4, 8)]
+
+
+# ==========================================================================
+# 4. Several Python threads on one cache
+# ==========================================================================
+
+@pytest.fixture
+def fast_thread_switching():
+    """Let the interpreter switch threads every microsecond (default 5 ms),
+    so that an unsynchronised read-modify-write interleaves within a few
+    calls instead of once in a long while."""
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(default)
+
+
+def run_together(n_threads, work):
+    """Run work(t) for t in range(n_threads) on as many threads, started at
+    once; re-raise the first exception one of them met."""
+    barrier = threading.Barrier(n_threads)
+    errors = []
+
+    def body(t):
+        barrier.wait()
+        try:
+            work(t)
+        except Exception as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(t,)) for t in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def test_appends_from_several_threads_all_land_once(monkeypatch, fast_thread_switching):
+    """4 threads x 300 appends of one or two positions each, through many
+    growths of the storage: every position lands exactly once, the positions
+    of one append stay together, each thread's appends keep their order, and
+    the values stay paired with their keys."""
+    monkeypatch.setattr(kv_cache, "INITIAL_CAPACITY", 2)  # grow often, under contention
+    n_threads, n_appends, B = 4, 300, 2
+    cache = pyattn.KVCache(B, 1, 3, value_dim=4)
+    per_append = [1 + i % 2 for i in range(n_appends)]
+
+    def appender(t):
+        for i, n in enumerate(per_append):
+            key = np.zeros((B, 1, n, 3), np.float32)
+            key[...] = [[[[t + 1, i, j] for j in range(n)]]]  # (thread, append, position)
+            value = np.concatenate([key, np.arange(B, dtype=np.float32)
+                                    .reshape(B, 1, 1, 1).repeat(n, axis=2)], axis=-1)
+            cache.append(key, value)
+
+    run_together(n_threads, appender)
+    total = n_threads * sum(per_append)
+    assert cache.lengths.tolist() == [total] * B
+    expected = sorted((t + 1, i, j) for t in range(n_threads)
+                      for i, n in enumerate(per_append) for j in range(n))
+    for b in range(B):
+        rows = [tuple(int(x) for x in row) for row in cache.keys[b, 0]]
+        assert sorted(rows) == expected  # each position once: none lost, none doubled
+        for t in range(n_threads):
+            own = [row[1:] for row in rows if row[0] == t + 1]
+            assert own == sorted(own), f"thread {t}'s appends out of order in sequence {b}"
+        for p, (t, i, j) in enumerate(rows):
+            if j == 1:  # the second position of an append follows its first
+                assert rows[p - 1] == (t, i, 0)
+        np.testing.assert_array_equal(cache.values[b, 0, :, :3], cache.keys[b, 0])
+        assert (cache.values[b, 0, :, 3] == b).all()
+
+
+def test_decode_keeps_another_threads_rewrite_waiting(rng, helpers, monkeypatch):
+    """Another thread rewrites the cache (truncate, append) while
+    decode_attention's kernel runs: the rewrite waits, and the result is that
+    of the cache as it was.  (The kernel is made to start the rewrite and give
+    it 0.2 s; without the lock the rewrite lands in the keys being read.)"""
+    S, E = 64, 16
+    old_k, old_v, new_k, new_v = (helpers.randn(rng, (1, 2, S, E)) for _ in range(4))
+    q = helpers.randn(rng, (1, 4, 1, E))
+    cache = pyattn.KVCache(1, 2, E, max_len=S)  # one storage: the rewrite reuses it
+    cache.append(old_k, old_v)
+    expected = pyattn.decode_attention(q, cache)
+
+    def rewrite():
+        cache.truncate(0)
+        cache.append(new_k, new_v)
+
+    rewriter = threading.Thread(target=rewrite)
+    kernel = kv_cache.scaled_dot_product_attention
+
+    def kernel_racing_a_rewrite(*args, **kwargs):
+        rewriter.start()
+        rewriter.join(timeout=0.2)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kv_cache, "scaled_dot_product_attention", kernel_racing_a_rewrite)
+    got = pyattn.decode_attention(q, cache)
+    rewriter.join()
+    np.testing.assert_array_equal(got, expected)
+    assert_holds(cache, new_k, new_v, [S])  # and the rewrite came after
+
+
+LOCKED_USES = {
+    "append": lambda c: c.append(np.ones((1, 1, 1, 2), np.float32),
+                                 np.ones((1, 1, 1, 2), np.float32)),
+    "truncate": lambda c: c.truncate(0),
+    "reset": lambda c: c.reset(),
+    "keys": lambda c: c.keys,
+    "values": lambda c: c.values,
+    "decode_attention": lambda c: pyattn.decode_attention(np.ones((1, 1, 1, 2), np.float32), c),
+    "repr": repr,
+}
+
+
+@pytest.mark.parametrize("use", LOCKED_USES.values(), ids=LOCKED_USES)
+def test_changes_and_reads_wait_while_the_cache_is_locked(use):
+    cache = pyattn.KVCache(1, 1, 2)
+    with cache._lock:
+        user = threading.Thread(target=use, args=(cache,))
+        user.start()
+        user.join(timeout=0.05)
+        assert user.is_alive(), "ran while another thread held the cache"
+    user.join()
+
+
+def test_a_copied_cache_has_its_own_lock(rng, helpers):
+    """pickle and copy.deepcopy work (a lock cannot be copied) and give an
+    independent cache."""
+    cache, k, v = filled(rng, helpers, [5, 3])
+    for twin in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert twin._lock is not cache._lock
+        assert_holds(twin, k, v, [5, 3])
+        twin.truncate(1)
+        twin.append(k[:, :, :1], v[:, :, :1])
+        assert_holds(cache, k, v, [5, 3])

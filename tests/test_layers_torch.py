@@ -370,6 +370,101 @@ def test_load_state_dict_accepts_torch_tensors():
         np.testing.assert_array_equal(got, val.numpy().astype(np.float32))
 
 
+@pytest.mark.parametrize("layer_dtype", [np.float32, np.float64], ids=["f32-layer", "f64-layer"])
+@pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.float64, torch.float16,
+                                          torch.bfloat16], ids=str)
+def test_load_state_dict_takes_torch_tensors_of_every_float_dtype(tensor_dtype, layer_dtype):
+    """CPU tensors of each float dtype load into the layer's own dtype: their
+    values rounded once (exact for float16 and bfloat16).  Parameters that
+    require grad and non-contiguous tensors load too."""
+    torch.manual_seed(0)
+    tm = torch.nn.MultiheadAttention(12, 3, kdim=5, vdim=7, batch_first=True, dtype=tensor_dtype)
+    params = dict(tm.named_parameters())
+    assert params["in_proj_bias"].requires_grad
+    params["q_proj_weight"] = params["q_proj_weight"].t().contiguous().t()
+    assert not params["q_proj_weight"].is_contiguous()
+    pm = pyattn.MultiHeadAttention(12, 3, kdim=5, vdim=7, dtype=layer_dtype, rng=0)
+    pm.load_state_dict(params)
+    assert pm.dtype == layer_dtype
+    for key, got in pm.state_dict().items():
+        assert got.dtype == layer_dtype, key
+        np.testing.assert_array_equal(
+            got, params[key].detach().double().numpy().astype(layer_dtype), err_msg=key)
+
+
+def test_bfloat16_tensors_load_without_ml_dtypes(monkeypatch):
+    """Without ml_dtypes NumPy has no bfloat16: the tensors widen to float32
+    in torch (exact), with the same result."""
+    torch.manual_seed(0)
+    sd = torch_module(8, 2, True, None, None, True, np.float32).to(torch.bfloat16).state_dict()
+    with_ml_dtypes = pyattn.MultiHeadAttention(8, 2, rng=0)
+    with_ml_dtypes.load_state_dict(sd)
+    monkeypatch.setattr(pyattn.layers, "bfloat16", None)
+    without = pyattn.MultiHeadAttention(8, 2, rng=1)
+    without.load_state_dict(sd)
+    for key, got in without.state_dict().items():
+        np.testing.assert_array_equal(got, with_ml_dtypes.state_dict()[key], err_msg=key)
+
+
+def test_bfloat16_torch_module_loads_and_matches_torch():
+    """A bfloat16 torch module's state_dict loads into a float32 layer, which
+    stays float32 (its inputs and outputs do): it holds the bfloat16 values,
+    exactly those of a float32 state_dict rounded to bfloat16 with ml_dtypes,
+    and its outputs and weights match torch's bfloat16 module within
+    bfloat16's rounding (torch rounds at every step, pyattn computes in float32)."""
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    E, H = 64, 8
+    torch.manual_seed(0)
+    t32 = torch_module(E, H, True, None, None, True, np.float32)
+    with torch.no_grad():
+        t32.in_proj_bias.normal_(0, 0.5)
+        t32.out_proj.bias.normal_(0, 0.5)
+    t16 = torch_module(E, H, True, None, None, True, np.float32).to(torch.bfloat16)
+    t16.load_state_dict(t32.state_dict())  # rounds to bfloat16 (to nearest even)
+    pm = pyattn.MultiHeadAttention(E, H, rng=0)
+    pm.load_state_dict(t16.state_dict())
+    assert pm.dtype == np.float32
+    rounded = {k: v.astype(bfloat16) for k, v in from_torch(t32.state_dict()).items()}
+    for key, got in pm.state_dict().items():
+        assert got.dtype == np.float32, key
+        np.testing.assert_array_equal(got, rounded[key].astype(np.float32), err_msg=key)
+    # the same from NumPy bfloat16 arrays
+    from_numpy = pyattn.MultiHeadAttention(E, H, rng=1)
+    from_numpy.load_state_dict(rounded)
+    for key, got in from_numpy.state_dict().items():
+        np.testing.assert_array_equal(got, pm.state_dict()[key], err_msg=key)
+
+    x = np.random.default_rng(0).standard_normal((3, 7, E)).astype(bfloat16)
+    tx = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+    with torch.inference_mode():
+        t_out, t_weights = (a.float().numpy() for a in t16(tx, tx, tx))
+    out, weights = pm(x, x, x)
+    assert out.dtype == weights.dtype == np.float32
+    bf16_rounding = 2.0 ** -8  # relative, per rounding; torch's module rounds a few times
+    np.testing.assert_allclose(out, t_out, rtol=0, atol=4 * bf16_rounding * np.abs(t_out).max())
+    np.testing.assert_allclose(weights, t_weights, rtol=0, atol=4 * bf16_rounding)
+
+
+def test_load_state_dict_refuses_tensors_off_the_cpu():
+    """A tensor without host memory (meta here; CUDA alike) raises ValueError
+    naming the key and the device; the layer is unchanged."""
+    meta = torch.nn.MultiheadAttention(8, 2, batch_first=True, device="meta")
+    pm = pyattn.MultiHeadAttention(8, 2, rng=0)
+    before = pm.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['in_proj_weight'\] is a torch tensor on "
+                                         r"the meta device; load CPU tensors .*\.cpu\(\)"):
+        pm.load_state_dict(meta.state_dict())
+    for key, value in pm.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def test_importing_pyattn_does_not_import_torch(helpers, tmp_path):
+    """torch stays optional: tensors are recognised through sys.modules."""
+    helpers.run_python("import sys, pyattn\n"
+                       "assert 'torch' not in sys.modules, 'import pyattn imported torch'",
+                       cwd=tmp_path)
+
+
 def test_torch_to_pyattn_to_torch_round_trip():
     """torch weights -> pyattn -> a fresh torch module: identical outputs."""
     rng = np.random.default_rng(11)
