@@ -20,22 +20,33 @@ subcommands:
 """
 
 
+PROG = "python -m pyattn"
+COMMANDS = ("bench", "demo")
+
+
+def _usage_error(message):
+    """argparse's form: the usage, then one `prog: error:` line; status 2."""
+    print(USAGE, end="", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+    if not argv:
+        return _usage_error(f"a subcommand is required ({', '.join(COMMANDS)})")
+    if argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
         from . import bench
-        return bench.main(rest, prog="python -m pyattn bench")
+        return bench.main(rest, prog=f"{PROG} bench")
     if command == "demo":
         from . import walkthrough
-        walkthrough.main(rest, prog="python -m pyattn demo")  # exits nonzero on failure
+        walkthrough.main(rest, prog=f"{PROG} demo")  # exits nonzero on failure
         return 0
-    print(f"python -m pyattn: unknown subcommand {command!r}\n", file=sys.stderr)
-    print(USAGE, end="", file=sys.stderr)
-    return 2
+    return _usage_error(f"unknown subcommand {command!r} (choose from {', '.join(COMMANDS)})")
 
 
 if __name__ == "__main__":

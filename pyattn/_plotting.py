@@ -1,9 +1,6 @@
 """What the --plot options of `python -m pyattn bench` and `demo` share:
-matplotlib is an optional extra, so it is imported only when asked for."""
-import os
-
-PLOT_INSTALL_HINT = ('--plot needs matplotlib, which is not installed: pip install matplotlib '
-                     '(or pip install "pyattn[bench]")')
+matplotlib is an optional extra, so it is imported only when asked for
+(pyattn._cli.plot_file checks it while the arguments are parsed)."""
 
 
 def import_figure():
@@ -13,13 +10,3 @@ def import_figure():
     except ImportError:
         return None
     return Figure
-
-
-def check_plot_option(parser, path):
-    """Exit through `parser` (an argparse parser) unless a plot can be written
-    to `path`: matplotlib is importable and the folder exists."""
-    if import_figure() is None:
-        parser.exit(2, f"{parser.prog}: error: {PLOT_INSTALL_HINT}\n")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        parser.error(f"--plot: no such directory: {folder}")

@@ -41,7 +41,9 @@ import numpy as np
 
 import pyattn
 from pyattn import _attention
-from pyattn._plotting import check_plot_option, import_figure
+from pyattn._cli import int_range, output_file, plot_file
+from pyattn._plotting import import_figure
+from pyattn._validation import MAX_THREADS
 
 __all__ = ["CASES", "IMPLEMENTATIONS", "PEERS", "SUITES", "Case", "NotApplicable", "Peer",
            "main", "run_case", "machine_info"]
@@ -734,16 +736,6 @@ def format_memory(m):
 
 
 # -------------------------------------------------------------------- CLI
-def _positive_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
-
-
 def _case_line(c):
     suites = [s for s, names in SUITES.items() if c.name in names]
     tags = ", ".join(suites) + (", --plot" if c.name in PLOT_SWEEP else "")
@@ -771,35 +763,40 @@ def build_parser(prog=None):
                         f"quick = {', '.join(SUITES['quick'])}; full = all)")
     p.add_argument("--cases", default=None,
                    help="comma-separated case names (overrides --suite)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads for pyattn and the peers (default: pyattn's default, "
-                        f"{_attention.max_threads()} here); also caps NumPy's BLAS "
-                        "pool for the reference when threadpoolctl is installed")
-    p.add_argument("--repeat", type=_positive_int, default=None,
+    # pyattn refuses more than MAX_THREADS, but only when the first case runs
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=None,
+                   help=f"threads for pyattn and the peers, 1 to {MAX_THREADS} (default: "
+                        f"pyattn's default, {_attention.max_threads()} here); also caps "
+                        "NumPy's BLAS pool for the reference when threadpoolctl is installed")
+    p.add_argument("--repeat", type=int_range(1), default=None,
                    help="timed runs per case, median reported (the reference does at "
                         f"most {REFERENCE_MAX_REPEAT}); default: as many as fit in "
                         f"{TIME_BUDGET_S:g} s, {DEFAULT_MIN_REPEAT} to {DEFAULT_MAX_REPEAT}")
     p.add_argument("--no-reference", action="store_true",
                    help="do not run the pure-NumPy baseline (results are then checked "
                         "against pyattn's)")
-    p.add_argument("--peers", default=",".join(PEERS), metavar="NAMES",
-                   help="comma-separated peers to measure when importable, or 'none' "
-                        f"(default: {','.join(PEERS)})")
-    p.add_argument("--no-peers", action="store_true", help="same as --peers none")
-    p.add_argument("--json", metavar="PATH",
+    peers = p.add_mutually_exclusive_group()
+    peers.add_argument("--peers", default=None, metavar="NAMES",
+                       help="comma-separated peers to measure when importable, or 'none' "
+                            f"(default: {','.join(PEERS)})")
+    peers.add_argument("--no-peers", action="store_true", help="same as --peers none")
+    p.add_argument("--json", metavar="PATH", type=output_file,
                    help="write all measurements, the machine and the peers' versions to PATH")
-    p.add_argument("--plot", metavar="PATH",
+    p.add_argument("--plot", metavar="PATH", type=plot_file,
                    help="also measure the prefill sweep (" + ", ".join(PLOT_SWEEP) + ") and "
                         "save a PNG of GFLOP/s against L = S for every implementation "
                         "(needs matplotlib: pip install \"pyattn[bench]\")")
-    p.add_argument("--memory", action="store_true",
-                   help=f"instead of the table: peak RSS of B{MEMORY_CASE.B} H{MEMORY_CASE.H} "
-                        f"L=S={MEMORY_CASE.L} D{MEMORY_CASE.D} {MEMORY_CASE.dtype} through "
-                        "pyattn, in a fresh process (the reference and peers are not run)")
-    p.add_argument("--layers", action="store_true",
-                   help="instead of the table: the whole MultiHeadAttention module (BERT-base "
-                        "block, B8 L128 E768 H12) against torch.nn.MultiheadAttention and a "
-                        "NumPy module with reference attention")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--memory", action="store_true",
+                       help=f"instead of the table: peak RSS of B{MEMORY_CASE.B} "
+                            f"H{MEMORY_CASE.H} L=S={MEMORY_CASE.L} D{MEMORY_CASE.D} "
+                            f"{MEMORY_CASE.dtype} through pyattn, in a fresh process (the "
+                            "reference and peers are not run)")
+    modes.add_argument("--layers", action="store_true",
+                       help="instead of the table: the whole MultiHeadAttention module "
+                            "(BERT-base block, B8 L128 E768 H12) against "
+                            "torch.nn.MultiheadAttention and a NumPy module with reference "
+                            "attention")
     return p
 
 
@@ -816,31 +813,48 @@ def _split(text):
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def main(argv=None, prog=None):
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
+# options of the table only: --memory and --layers would ignore them
+TABLE_OPTIONS = ("suite", "cases", "repeat", "no_reference", "peers", "no_peers", "plot")
+
+
+def _check_args(parser, args):
+    """The checks argparse cannot make alone; (case names, peer names).
+    Every failure is a usage error (exit 2) before anything runs."""
+    mode = "--memory" if args.memory else "--layers" if args.layers else None
+    for dest in TABLE_OPTIONS if mode else ():
+        if getattr(args, dest) not in (None, False):
+            parser.error(f"argument --{dest.replace('_', '-')}: not allowed with argument "
+                         f"{mode} (it applies to the table only)")
     if args.cases is not None:
         names = _split(args.cases)
         unknown = [n for n in names if n not in CASES]
         if unknown or not names:
-            parser.error(f"unknown case(s) {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(CASES)}")
+            parser.error(f"argument --cases: unknown case(s) "
+                         f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
     else:
         names = list(SUITES[args.suite or DEFAULT_SUITE])
-    peer_names = [] if args.no_peers else _split(args.peers)
-    if peer_names == ["none"]:
-        peer_names = []
-    unknown = [n for n in peer_names if n not in PEERS]
-    if unknown:
-        parser.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)} "
-                     "or none")
-    if args.plot and (args.memory or args.layers):
-        parser.error("--plot draws the table's measurements; "
-                     "it does not go with --memory or --layers")
-    if args.memory and args.layers:
-        parser.error("choose one of --memory and --layers")
+    if args.peers is None:
+        peer_names = [] if args.no_peers else list(PEERS)
+    else:
+        peer_names = _split(args.peers)
+        unknown = [n for n in peer_names if n not in PEERS]
+        if peer_names == ["none"]:
+            peer_names = []
+        elif unknown or not peer_names:
+            parser.error(f"argument --peers: unknown peer(s) "
+                         f"{', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(PEERS)}, or none alone")
+    # both would be written, the second over the first
+    if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):
+        parser.error("argument --json: the same file as --plot")
+    return names, peer_names
+
+
+def main(argv=None, prog=None):
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    names, peer_names = _check_args(parser, args)
     if args.plot:
-        check_plot_option(parser, args.plot)
         names += [n for n in PLOT_SWEEP if n not in names]
 
     threads = args.threads if args.threads is not None else _attention.max_threads()

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import pyattn
-from pyattn._plotting import check_plot_option, import_figure
+from pyattn._cli import int_range, plot_file
+from pyattn._plotting import import_figure
 
 TOKENS = ("我", "爱", "A", "I")
 TOKENS_TEXT = "".join(TOKENS)  # the characters a CJK font must have
@@ -192,11 +193,12 @@ def build_parser(prog=None):
         prog=prog or "python -m pyattn demo",
         description='Walk through self-attention and multi-head attention on "我爱AI", '
                     "step by step, and check the steps against pyattn's layers.")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the embeddings and of the layers' weights (default: 0)")
+    p.add_argument("--seed", type=int_range(0), default=0,  # NumPy takes no negative seed
+                   help="non-negative seed of the embeddings and of the layers' weights "
+                        "(default: 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of the layers and of the steps (default: float32)")
-    p.add_argument("--plot", metavar="PATH",
+    p.add_argument("--plot", metavar="PATH", type=plot_file,
                    help="save the attention weights as heatmaps in a PNG "
                         "(needs matplotlib: pip install matplotlib)")
     return p
@@ -223,8 +225,6 @@ def main(argv=None, prog=None):
     layer does not match the steps."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.plot:
-        check_plot_option(parser, args.plot)
 
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)

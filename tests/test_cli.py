@@ -1,0 +1,182 @@
+"""The command lines refuse every bad argument up front: ``python -m pyattn``,
+``python -m pyattn demo`` (pyattn.walkthrough) and ``python -m pyattn.bench``
+(also as ``python -m pyattn bench``).
+
+Each bad command runs in a child interpreter and must end while its
+arguments are parsed: exit status 2, nothing on stdout (no work started), no
+traceback, and a last stderr line ``PROG: error: ...`` that names the
+argument.  The children start in a pool as soon as the first test here runs;
+each takes about as long as ``import pyattn``.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pyattn import _cli, bench
+
+WORKERS = 2  # children at once
+TIMEOUT = 60  # s: a child that passes its argument checks starts a real run
+
+MAIN, DEMO, BENCH, SUB_BENCH = "main", "demo", "bench", "sub-bench"
+COMMANDS = {  # -> (arguments before the options, prog in the error line)
+    MAIN: (["-m", "pyattn"], "python -m pyattn"),
+    DEMO: (["-m", "pyattn", "demo"], "python -m pyattn demo"),
+    BENCH: (["-m", "pyattn.bench"], "python -m pyattn.bench"),
+    SUB_BENCH: (["-m", "pyattn", "bench"], "python -m pyattn bench"),
+}
+# Made in the children's working directory by the `runs` fixture.
+FILE, FOLDER, LOCKED = "file.txt", "folder", "locked"
+
+# command, its options, text the error line must contain (the argument), and
+# whether the child runs with matplotlib hidden
+Bad = namedtuple("Bad", "command args names no_matplotlib", defaults=(False,))
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+BAD = {
+    # python -m pyattn
+    "main-no-subcommand": Bad(MAIN, [], "subcommand"),
+    "main-unknown-subcommand": Bad(MAIN, ["frob"], "'frob'"),
+    # python -m pyattn demo
+    "demo-seed-negative": Bad(DEMO, ["--seed", "-1"], "--seed"),
+    "demo-seed-text": Bad(DEMO, ["--seed", "abc"], "--seed"),
+    "demo-dtype-unknown": Bad(DEMO, ["--dtype", "float16"], "--dtype"),
+    "demo-plot-missing-folder": Bad(DEMO, ["--plot", "/nonexistent/dir/w.png"], "--plot"),
+    "demo-plot-format": Bad(DEMO, ["--plot", "w.xyz"], "--plot"),
+    "demo-plot-no-matplotlib": Bad(DEMO, ["--plot", "w.png"], "--plot", True),
+    "demo-unknown-option": Bad(DEMO, ["--frob"], "--frob"),
+    # python -m pyattn.bench: numbers
+    "bench-threads-zero": Bad(BENCH, ["--threads", "0"], "--threads"),
+    "bench-threads-negative": Bad(BENCH, ["--threads", "-2"], "--threads"),
+    "bench-threads-huge": Bad(BENCH, ["--threads", "5000"], "--threads"),
+    "bench-threads-text": Bad(BENCH, ["--threads", "two"], "--threads"),
+    "bench-threads-missing": Bad(BENCH, ["--threads"], "--threads"),
+    "bench-repeat-zero": Bad(BENCH, ["--repeat", "0"], "--repeat"),
+    # names
+    "bench-suite-unknown": Bad(BENCH, ["--suite", "nope"], "--suite"),
+    "bench-cases-empty": Bad(BENCH, ["--cases", ""], "--cases"),
+    "bench-cases-unknown": Bad(BENCH, ["--cases", "bert,nope"], "--cases"),
+    "bench-peers-empty": Bad(BENCH, ["--peers", ""], "--peers"),
+    "bench-peers-unknown": Bad(BENCH, ["--peers", "jax"], "--peers"),
+    "bench-peers-none-and-a-name": Bad(BENCH, ["--peers", "torch,none"], "--peers"),
+    # options that do not go together
+    "bench-peers-and-no-peers": Bad(BENCH, ["--peers", "torch", "--no-peers"], "--no-peers"),
+    "bench-memory-and-layers": Bad(BENCH, ["--memory", "--layers"], "--layers"),
+    "bench-memory-and-cases": Bad(BENCH, ["--memory", "--cases", "bert"], "--cases"),
+    "bench-memory-and-plot": Bad(BENCH, ["--memory", "--plot", "t.png"], "--plot"),
+    "bench-layers-and-repeat": Bad(BENCH, ["--layers", "--repeat", "2"], "--repeat"),
+    "bench-layers-and-no-peers": Bad(BENCH, ["--layers", "--no-peers"], "--no-peers"),
+    # output paths: refused before the run, not at its end
+    "bench-json-missing-folder": Bad(BENCH, ["--json", "/nonexistent/dir/x.json"], "--json"),
+    "bench-json-is-folder": Bad(BENCH, ["--json", FOLDER], "--json"),
+    "bench-json-folder-name": Bad(BENCH, ["--json", "new/"], "--json"),
+    "bench-json-empty": Bad(BENCH, ["--json", ""], "--json"),
+    "bench-json-same-as-plot": Bad(BENCH, ["--json", "t.png", "--plot", "./t.png"], "--json"),
+    "bench-plot-missing-folder": Bad(BENCH, ["--plot", "/nonexistent/dir/t.png"], "--plot"),
+    "bench-plot-no-matplotlib": Bad(BENCH, ["--plot", "t.png"], "--plot", True),
+    # the rest
+    "bench-unknown-option": Bad(BENCH, ["--frob"], "--frob"),
+    "bench-ambiguous-option": Bad(BENCH, ["--no"], "--no"),
+    "bench-extra-argument": Bad(BENCH, ["extra"], "extra"),
+    "sub-bench-threads-huge": Bad(SUB_BENCH, ["--threads", "5000"], "--threads"),
+    "bench-json-unwritable-folder": Bad(BENCH, ["--json", f"{LOCKED}/x.json"], "--json"),
+    "demo-plot-unwritable-folder": Bad(DEMO, ["--plot", f"{LOCKED}/w.png"], "--plot"),
+}
+# root may write into any folder, so the check rightly lets these through
+# (and the child would start a real run): not run as root
+NOT_AS_ROOT = {"bench-json-unwritable-folder", "demo-plot-unwritable-folder"}
+
+
+def _run(bad, cwd, env):
+    """CompletedProcess of one bad command, or None when it did not end in time."""
+    head, _ = COMMANDS[bad.command]
+    try:
+        return subprocess.run([sys.executable, *head, *bad.args], cwd=cwd, env=env,
+                              capture_output=True, text=True, encoding="utf-8",
+                              timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+@pytest.fixture(scope="module")
+def runs(helpers, tmp_path_factory):
+    """{id: future CompletedProcess} for the BAD commands, all started at once."""
+    cwd = tmp_path_factory.mktemp("cli")
+    (cwd / FILE).write_text("")
+    (cwd / FOLDER).mkdir()
+    (cwd / LOCKED).mkdir(mode=0o555)
+    # a matplotlib that fails to import, first on the path
+    hidden = tmp_path_factory.mktemp("no_matplotlib")
+    (hidden / "matplotlib").mkdir()
+    (hidden / "matplotlib" / "__init__.py").write_text(
+        'raise ImportError("matplotlib hidden by test_cli")\n')
+    env = helpers.child_env(PYTHONIOENCODING="utf-8")
+    env_no_mpl = dict(env, PYTHONPATH=os.pathsep.join([str(hidden), env["PYTHONPATH"]]))
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        yield {name: pool.submit(_run, bad, cwd, env_no_mpl if bad.no_matplotlib else env)
+               for name, bad in BAD.items() if not (AS_ROOT and name in NOT_AS_ROOT)}
+    (cwd / LOCKED).chmod(0o755)  # so that pytest can remove it
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_argument_is_a_usage_error(name, runs):
+    if name not in runs:
+        pytest.skip("run as root, who may write into any folder")
+    bad = BAD[name]
+    head, prog = COMMANDS[bad.command]
+    command = shlex.join(["python", *head, *bad.args])
+    proc = runs[name].result()
+    assert proc is not None, f"{command}: still running after {TIMEOUT} s (it was not refused)"
+    detail = f"{command}\nexit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, detail
+    assert "Traceback" not in proc.stderr, detail
+    assert proc.stdout == "", detail  # refused before any work
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, detail
+    assert lines[-1].startswith(f"{prog}: error: "), detail
+    assert [line for line in lines if ": error:" in line] == lines[-1:], detail  # one line
+    assert bad.names in lines[-1], detail
+    if bad.no_matplotlib:
+        assert "needs matplotlib" in lines[-1], detail
+
+
+def test_bench_help(helpers, tmp_path):
+    """The one valid command run here: the parser builds, --help exits 0."""
+    proc = subprocess.run([sys.executable, "-m", "pyattn.bench", "--help"], cwd=tmp_path,
+                          env=helpers.child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m pyattn.bench") and proc.stderr == ""
+
+
+@pytest.mark.parametrize("args, names, peers", [
+    ([], list(bench.SUITES[bench.DEFAULT_SUITE]), list(bench.PEERS)),
+    (["--suite", "inference"], list(bench.SUITES["inference"]), list(bench.PEERS)),
+    (["--cases", " bert , causal ", "--suite", "full"], ["bert", "causal"], list(bench.PEERS)),
+    (["--peers", "none"], list(bench.SUITES["quick"]), []),
+    (["--no-peers", "--no-reference"], list(bench.SUITES["quick"]), []),
+    (["--peers", "onnxruntime,torch", "--threads", "1024", "--repeat", "1"],
+     list(bench.SUITES["quick"]), ["onnxruntime", "torch"]),
+    # --memory and --layers run no table: neither list is used
+    (["--memory", "--threads", "2", "--json", "m.json"], None, None),
+    (["--layers", "--json", "l.json"], None, None),
+])
+def test_valid_bench_arguments_still_parse(args, names, peers, tmp_path, monkeypatch):
+    """In this process, without running anything: what main() would run."""
+    monkeypatch.chdir(tmp_path)
+    parser = bench.build_parser()
+    got_names, got_peers = bench._check_args(parser, parser.parse_args(args))
+    if names is not None:
+        assert (got_names, got_peers) == (names, peers)
+
+
+def test_unwritable_path_is_refused(tmp_path, monkeypatch):
+    """The permission branch, in this process (as root no folder is unwritable)."""
+    monkeypatch.setattr(_cli.os, "access", lambda path, mode: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write to .*permission denied"):
+        _cli.output_file(str(tmp_path / "x.json"))
