@@ -7,7 +7,7 @@
     MQA, one and several new queries, ragged sequences, q_lengths, the score
     modifiers, split keys, and a step-by-step generation loop against
     recomputing causal attention over each whole prefix;
-  * the GQA "query heads as rows" shortcut (functional._heads_as_rows): taken
+  * the GQA "query heads as rows" shortcut (_plan.heads_as_rows): taken
     for one query per sequence, and never where it would change the result.
 """
 import copy
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import pyattn
-from pyattn import functional, kv_cache
+from pyattn import _plan, kv_cache
 from pyattn import reference as ref
 
 try:
@@ -82,17 +82,17 @@ def reference_decode(q, cache, **kwargs):
 
 @pytest.fixture
 def spy_grouping(monkeypatch):
-    """Records every call of functional._group_query_heads (the heads-as-rows
+    """Records every call of _plan.group_query_heads (the heads-as-rows
     path of a grouped-query call with one query row)."""
     calls = []
-    real = functional._group_query_heads
+    real = _plan.group_query_heads
 
     def spy(prob, *args):
         grouped = real(prob, *args)
         calls.append(grouped[0].q.shape)  # (..., Hkv, group, E)
         return grouped
 
-    monkeypatch.setattr(functional, "_group_query_heads", spy)
+    monkeypatch.setattr(_plan, "group_query_heads", spy)
     return calls
 
 
