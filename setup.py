@@ -8,6 +8,7 @@ import sys
 import tempfile
 import textwrap
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -61,8 +62,9 @@ extensions = [
     Extension(
         "pyattn._attention",
         sources=["pyattn/_attention.pyx", *CSRC],
-        include_dirs=["csrc"],
-        define_macros=[("PYATTN_KERNEL_SETS", "".join(f"PYATTN_SET({isa})" for isa in KERNEL_SETS))],
+        include_dirs=["csrc", numpy.get_include()],
+        define_macros=[("PYATTN_KERNEL_SETS", "".join(f"PYATTN_SET({isa})" for isa in KERNEL_SETS)),
+                       ("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
         depends=glob.glob("csrc/*.h") + ["pyattn/_kernels.pxd"],
         extra_compile_args=["-O3", "-std=gnu11", *extra_cflags],
         extra_link_args=[*extra_cflags],

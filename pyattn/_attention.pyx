@@ -9,15 +9,26 @@ strides), the inner strides in `problem` are in elements (the kernel indexes
 typed pointers).
 """
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport INFINITY
+from libc.float cimport FLT_MAX
+from libc.math cimport INFINITY, fabs, isfinite, sqrt
 from libc.stdint cimport SIZE_MAX, int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
+
+import os
+
+import numpy as np
+
+cimport numpy as cnp
 
 from ._kernels cimport *  # the C boundary, declared once in _kernels.pxd
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = PYATTN_MASK_NONE, PYATTN_MASK_BOOL, PYATTN_MASK_ADDITIVE
 KEY_CHUNK = PYATTN_KEY_CHUNK  # split-KV chunks are multiples of this many keys
+MAX_POSITIONS = 2**31 - 1  # queries or keys per sequence; claimed sizes beyond are refused
+MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
+
+cnp.import_array()
 
 # Storage dtypes of q, k, v and out, in the C registry's order; the half
 # types compute in float32, which is then the dtype of the mask, the
@@ -96,6 +107,38 @@ def kernel_exp2(str kernel, x, y):
     _dtype_kernel(kernel, x.dtype.name).exp2(&xb[0], &yb[0], x.size)
 
 
+# --------------------------------------------------------------------------
+# One launch: a problem, where its operands lie, and its score modifiers
+# --------------------------------------------------------------------------
+
+cdef struct launch:
+    const pyattn_dtype_kernel *dk
+    pyattn_problem prob
+    char *base[5]                  # q, k, v, mask, out (mask may be NULL)
+    const int64_t *batch_offsets   # (5, n_batch) byte offsets, or NULL: b * batch_stride
+    int64_t batch_stride[5]
+    int64_t head_stride[5]         # bytes; 0 = broadcast
+    int64_t n_batch, num_heads, kv_group
+    int64_t key_chunk, out_split_stride
+    char *lse
+    char *weights
+    int64_t weights_batch_stride
+    bint average_heads
+    const int64_t *diag            # per batch, or NULL: diag_all for every batch
+    int64_t diag_all
+    const double *alibi
+    const double *sinks
+    const int64_t *q_len
+    const int64_t *kv_len
+    int itemsize, real_size        # of out, and of the compute type (lse, weights)
+
+
+cdef inline int64_t _batch_offset(const launch *run, int which, int64_t b) noexcept nogil:
+    if run.batch_offsets != NULL:
+        return run.batch_offsets[which * run.n_batch + b]
+    return b * run.batch_stride[which]
+
+
 cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t chunk,
                                 int64_t key_chunk, int64_t S) noexcept nogil:
     cdef pyattn_block blk
@@ -122,6 +165,220 @@ cdef void _padding_rows(char *out, char *lse, int64_t r0, int64_t r1, const pyat
                 (<double *>lse)[r] = -INFINITY
 
 
+cdef inline int64_t _heads_per_item(const launch *run) noexcept nogil:
+    # The mean over heads is summed by one thread, in head order: an item then
+    # covers every head of its query block.
+    return run.num_heads if run.average_heads else 1
+
+
+cdef inline int64_t _n_chunks(const launch *run) noexcept nogil:
+    return 1 if run.key_chunk == 0 else (run.prob.S + run.key_chunk - 1) // run.key_chunk
+
+
+cdef inline int64_t _n_qblocks(const launch *run) noexcept nogil:
+    return (run.prob.L + run.dk.block_rows - 1) // run.dk.block_rows
+
+
+cdef int64_t _n_items(const launch *run) noexcept nogil:
+    return (run.n_batch * (run.num_heads // _heads_per_item(run)) * _n_qblocks(run)
+            * _n_chunks(run))
+
+
+cdef void _run_item(const launch *run, int64_t item, char *scratch) noexcept nogil:
+    """Work item `item`: one query block of one (batch, head or all heads),
+    against one key chunk."""
+    cdef const pyattn_problem *p = &run.prob
+    cdef int64_t n_chunks = _n_chunks(run), n_qblocks = _n_qblocks(run)
+    cdef int64_t heads_per_item = _heads_per_item(run)
+    cdef int64_t head_items = run.num_heads // heads_per_item
+    cdef int64_t chunk = item % n_chunks
+    cdef int64_t qb = (item // n_chunks) % n_qblocks
+    cdef int64_t hi = (item // (n_chunks * n_qblocks)) % head_items
+    cdef int64_t b = item // (n_chunks * n_qblocks * head_items)
+    cdef int64_t weights_head_stride = 0 if run.average_heads else p.L * p.S * run.real_size
+    cdef int64_t h, kvh, valid_rows
+    cdef char *o_item
+    cdef char *lse_item
+    cdef pyattn_block blk
+    for h in range(hi * heads_per_item, (hi + 1) * heads_per_item):
+        blk = _block(qb * run.dk.block_rows, run.dk.block_rows, p.L, chunk, run.key_chunk, p.S)
+        o_item = (run.base[4] + chunk * run.out_split_stride + _batch_offset(run, 4, b)
+                  + h * run.head_stride[4])
+        lse_item = NULL
+        if run.lse != NULL:
+            lse_item = run.lse + ((chunk * run.n_batch + b) * run.num_heads + h) * p.L * run.real_size
+            blk.lse = lse_item + blk.row0 * run.real_size
+        if run.weights != NULL:
+            blk.weights = run.weights + b * run.weights_batch_stride + h * weights_head_stride
+        blk.diag = run.diag[b] if run.diag != NULL else run.diag_all
+        if run.alibi != NULL:
+            blk.alibi_slope = run.alibi[h]
+        if run.sinks != NULL:
+            blk.sink = run.sinks[h]
+        if run.kv_len != NULL:
+            blk.key1 = min(blk.key1, run.kv_len[b])
+        valid_rows = blk.nrows
+        if run.q_len != NULL:
+            valid_rows = max(0, min(blk.nrows, run.q_len[b] - blk.row0))
+            _padding_rows(o_item, lse_item, blk.row0 + valid_rows, blk.row0 + blk.nrows, p,
+                          run.itemsize, run.real_size)
+            blk.nrows = valid_rows
+        if valid_rows == 0:
+            continue
+        kvh = h // run.kv_group
+        run.dk.attend(
+            p,
+            run.base[0] + _batch_offset(run, 0, b) + h * run.head_stride[0],
+            run.base[1] + _batch_offset(run, 1, b) + kvh * run.head_stride[1],
+            run.base[2] + _batch_offset(run, 2, b) + kvh * run.head_stride[2],
+            (run.base[3] + _batch_offset(run, 3, b) + h * run.head_stride[3])
+            if run.base[3] != NULL else NULL,
+            o_item, &blk, scratch)
+
+
+# --------------------------------------------------------------------------
+# Threads: a work-size cost model, and fork safety
+# --------------------------------------------------------------------------
+
+# A thread is worth waking only for work it would spend at least
+# MIN_WORK_NS_PER_THREAD on; the work is estimated from its FLOPs and the K/V
+# bytes it reads, at rates one core sustains (conservative: an estimate too
+# high only wakes a thread early).  Measured on 2-core VMs (docs/threads.md).
+MIN_WORK_NS_PER_THREAD = 40_000.0
+FLOPS_PER_NS = 60.0   # per thread, the tiled kernel on AVX-512
+BYTES_PER_NS = 12.0   # per thread, K/V read once per key/value head
+
+
+cdef int _team_size(const launch *run, int requested, int64_t n_items):
+    """Threads for this launch: at most `requested` and `n_items`, and no more
+    than its estimated work keeps busy.  Only the count changes, never the
+    plan: results stay bitwise the same for any team size."""
+    if requested <= 1 or n_items <= 1:
+        return 1
+    cdef const pyattn_problem *p = &run.prob
+    cdef double heads = <double>run.n_batch * run.num_heads
+    cdef double flops = 2.0 * heads * p.L * p.S * (p.E + p.Ev)
+    cdef double kv_bytes = heads / run.kv_group * p.S * (p.E + p.Ev) * run.itemsize
+    cdef double ns = max(flops / FLOPS_PER_NS, kv_bytes / BYTES_PER_NS)
+    cdef double min_ns = MIN_WORK_NS_PER_THREAD
+    cdef double useful = ns / min_ns if min_ns > 0 else <double>n_items
+    return <int>max(1.0, min(<double>requested, <double>n_items, useful))
+
+
+# libgomp keeps the worker threads of a parallel region as a pool of the
+# thread that started it.  A child forked after that inherits the pool's
+# bookkeeping but not its threads, and its next parallel region of more than
+# one thread waits for them forever.  So a process forked (at any depth) from
+# one that ran a multi-threaded region computes on one thread; a single
+# thread never touches the pool.  spawn and forkserver children are fresh.
+cdef bint _parallel_started = False  # this process may own a libgomp pool
+cdef bint _forked_after_parallel = False
+
+
+def _after_fork_in_child():
+    global _forked_after_parallel
+    _forked_after_parallel = _forked_after_parallel or _parallel_started
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --------------------------------------------------------------------------
+# Scratch: one buffer kept between calls, so small calls do not map memory
+# --------------------------------------------------------------------------
+
+SCRATCH_CACHE_LIMIT = 8 << 20  # bytes; larger calls amortise their allocation
+cdef char *_cached_scratch = NULL  # taken and given back under the GIL
+cdef size_t _cached_bytes = 0
+
+
+cdef char *_take_scratch(size_t nbytes):
+    global _cached_scratch, _cached_bytes
+    cdef char *buf
+    if _cached_scratch != NULL and _cached_bytes >= nbytes:
+        buf, _cached_scratch = _cached_scratch, NULL
+        return buf
+    return <char *>pyattn_aligned_alloc(nbytes)
+
+
+cdef void _give_back_scratch(char *buf, size_t nbytes):
+    global _cached_scratch, _cached_bytes
+    if nbytes > SCRATCH_CACHE_LIMIT or (_cached_scratch != NULL and _cached_bytes >= nbytes):
+        pyattn_aligned_free(buf)
+        return
+    pyattn_aligned_free(_cached_scratch)
+    _cached_scratch, _cached_bytes = buf, nbytes
+
+
+# Tests observe the team size of every launch, whichever entry made it.
+cdef object _launch_log = None
+
+
+def record_launches(log):
+    """Append the team size of every launch to the list `log` (None: stop)."""
+    global _launch_log
+    _launch_log = log
+
+
+cdef int _run(launch *run, int num_threads) except -1:
+    """Run every work item of `run` on at most `num_threads` threads; returns
+    the number of threads that ran them (0 when there is nothing to do)."""
+    global _parallel_started
+    cdef int64_t n_items = _n_items(run)
+    if n_items == 0:
+        return 0
+    cdef int threads = _team_size(run, num_threads, n_items)
+    if threads > 1:
+        if _forked_after_parallel:
+            threads = 1
+        else:
+            _parallel_started = True  # before the region: another thread may fork
+
+    # Per-thread scratch, indexed by thread id; each starts with a zeroed
+    # header: the kernel's cache of packed K/V is empty.  Checked sizes:
+    # claimed shapes (zero-stride views) may be absurd.
+    cdef size_t one = pyattn_size_add(run.dk.scratch_bytes(&run.prob), 63) // 64 * 64
+    cdef size_t total = pyattn_size_mul(one, threads)
+    if one >= SIZE_MAX - 63 or total > pyattn_physical_memory():
+        raise ValueError(
+            f"query/key width E = {run.prob.E} and value width Ev = {run.prob.Ev} need a "
+            f"per-thread workspace larger than this machine's memory "
+            f"({'beyond 2**64' if one >= SIZE_MAX - 63 else total} bytes for {threads} threads)")
+    cdef char *scratch = _take_scratch(total)
+    if scratch == NULL:
+        raise MemoryError(f"cannot allocate {total} bytes of scratch")
+    cdef int tid, used = 1
+    cdef int64_t item
+    cdef int team[1024]  # num_threads is at most 1024 (validated)
+    for tid in range(threads):
+        memset(scratch + tid * one, 0, PYATTN_SCRATCH_HEADER)
+    if threads == 1:  # tiny calls: no parallel region, no team to wake
+        with nogil:
+            for item in range(n_items):
+                _run_item(run, item, scratch)
+    else:
+        memset(team, 0, sizeof(int) * threads)
+        with nogil, parallel(num_threads=threads):
+            tid = threadid()
+            team[tid] = pyattn_team_size()
+            # Dynamic schedule: causal blocks differ in cost, and every item
+            # is computed the same way whichever thread takes it.
+            for item in prange(n_items, schedule="dynamic"):
+                _run_item(run, item, scratch + tid * one)
+        used = 0
+        for tid in range(threads):
+            used = max(used, team[tid])
+    _give_back_scratch(scratch, total)
+    if _launch_log is not None:
+        _launch_log.append(used)
+    return used
+
+
+# --------------------------------------------------------------------------
+# The general entry: a launch described by the validated Python layer
+# --------------------------------------------------------------------------
+
 def attend(str kernel, str dtype, *, tuple pointers,
            const int64_t[:, ::1] batch_offsets, tuple head_strides,
            int64_t num_heads, int64_t kv_group, tuple sizes,
@@ -144,6 +401,7 @@ def attend(str kernel, str dtype, *, tuple pointers,
                    o_row, o_col, mask_row, mask_col)
     window         (left, right): row i sees keys i + diag - left .. i + diag + right;
                    -1 leaves a side open; causal is (-1, 0)
+    num_threads    at most this many threads (see _team_size)
     key_chunk      0: every item reads all S keys.  Otherwise keys are split
                    into chunks of this many (a multiple of KEY_CHUNK); chunk c
                    writes its partial output at out + c * out_split_stride
@@ -161,15 +419,16 @@ def attend(str kernel, str dtype, *, tuple pointers,
     out_real       out holds the compute dtype rather than `dtype` (split-KV
                    partials of the half types)
 
-    Returns the number of threads in the OpenMP team that ran the work.
+    Returns the number of threads that ran the work.
     """
     if key_chunk % PYATTN_KEY_CHUNK:  # key tiles start on multiples of every BLOCK_N
         raise ValueError(f"key_chunk must be a multiple of {PYATTN_KEY_CHUNK}, got {key_chunk}")
-    cdef const pyattn_dtype_kernel *dk = _dtype_kernel(kernel, dtype)
-    cdef int real_size = COMPUTE_ITEMSIZE[dtype]  # of the logsumexp and the weights
-    cdef int itemsize = real_size if out_real or dtype not in ("float16", "bfloat16") else 2
-    cdef pyattn_problem prob
-    memset(&prob, 0, sizeof(prob))
+    cdef launch run
+    memset(&run, 0, sizeof(run))
+    run.dk = _dtype_kernel(kernel, dtype)
+    run.real_size = COMPUTE_ITEMSIZE[dtype]
+    run.itemsize = run.real_size if out_real or dtype not in ("float16", "bfloat16") else 2
+    cdef pyattn_problem *prob = &run.prob
     prob.L, prob.S, prob.E, prob.Ev = sizes
     (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,
      prob.o_row, prob.o_col, prob.mask_row, prob.mask_col) = inner_strides
@@ -180,110 +439,173 @@ def attend(str kernel, str dtype, *, tuple pointers,
     prob.out_real = out_real
     prob.w_row = prob.S
     prob.w_factor = 1.0 / num_heads if average_heads else 1.0
+    cdef int i
+    for i in range(5):
+        run.base[i] = <char *><uintptr_t>pointers[i]
+        run.head_stride[i] = head_strides[i]
+    run.n_batch = batch_offsets.shape[1]
+    run.batch_offsets = &batch_offsets[0, 0] if run.n_batch > 0 else NULL
+    run.num_heads, run.kv_group = num_heads, kv_group
+    run.key_chunk, run.out_split_stride = key_chunk, out_split_stride
+    run.lse = <char *>lse_address
+    run.weights = <char *>weights_address
+    run.weights_batch_stride = weights_batch_stride
+    run.average_heads = average_heads
+    run.diag = &diag[0] if diag is not None else NULL
+    run.alibi = &alibi[0] if alibi is not None else NULL
+    run.sinks = &sinks[0] if sinks is not None else NULL
+    run.q_len = &q_lengths[0] if q_lengths is not None else NULL
+    run.kv_len = &kv_lengths[0] if kv_lengths is not None else NULL
+    return _run(&run, num_threads)
 
-    cdef char *q = <char *><uintptr_t>pointers[0]
-    cdef char *k = <char *><uintptr_t>pointers[1]
-    cdef char *v = <char *><uintptr_t>pointers[2]
-    cdef char *m = <char *><uintptr_t>pointers[3]
-    cdef char *o = <char *><uintptr_t>pointers[4]
-    cdef int64_t q_hs = head_strides[0], k_hs = head_strides[1]
-    cdef int64_t v_hs = head_strides[2], m_hs = head_strides[3]
-    cdef int64_t o_hs = head_strides[4]
 
-    cdef char *weights = <char *>weights_address
-    cdef const int64_t *diag_p = &diag[0] if diag is not None else NULL
-    cdef const double *alibi_p = &alibi[0] if alibi is not None else NULL
-    cdef const double *sinks_p = &sinks[0] if sinks is not None else NULL
-    cdef const int64_t *q_len_p = &q_lengths[0] if q_lengths is not None else NULL
-    cdef const int64_t *kv_len_p = &kv_lengths[0] if kv_lengths is not None else NULL
-    cdef int64_t valid_rows
-    cdef char *o_item
-    cdef char *lse_item
-    # The mean over heads is summed by one thread, in head order: an item then
-    # covers every head of its query block.
-    cdef int64_t heads_per_item = num_heads if average_heads else 1
-    cdef int64_t head_items = num_heads // heads_per_item
-    cdef int64_t weights_head_stride = 0 if average_heads else prob.L * prob.S * real_size
+# --------------------------------------------------------------------------
+# The fast entry: the common call, checked and launched without Python-level
+# array work (inference calls it once per layer and token)
+# --------------------------------------------------------------------------
 
-    cdef int64_t block = dk.block_rows
-    cdef int64_t n_qblocks = (prob.L + block - 1) // block
-    cdef int64_t per_batch = head_items * n_qblocks
-    cdef int64_t n_chunks = 1 if key_chunk == 0 else (prob.S + key_chunk - 1) // key_chunk
-    cdef int64_t n_batch = batch_offsets.shape[1]
-    cdef int64_t n_items = n_batch * per_batch * n_chunks
-    cdef char *lse = <char *>lse_address
-    if n_items == 0:
-        return 0
+cdef object _plan_module = None  # pyattn._plan, imported on first use (it imports this)
+cdef dict _dtype_names = {}  # dtype -> name (NumPy computes dtype.name in Python: slow)
 
-    # Per-thread scratch, allocated once here and indexed by thread id.  Each
-    # starts with a zeroed header: the kernel's cache of packed K/V is empty.
-    # Checked sizes: claimed shapes (zero-stride views) may be absurd.
-    cdef size_t scratch_bytes = pyattn_size_add(dk.scratch_bytes(&prob), 63) // 64 * 64
-    cdef size_t scratch_total = pyattn_size_mul(scratch_bytes, num_threads)
-    if scratch_bytes >= SIZE_MAX - 63 or scratch_total > pyattn_physical_memory():
-        raise ValueError(
-            f"query/key width E = {prob.E} and value width Ev = {prob.Ev} need a per-thread "
-            f"workspace larger than this machine's memory "
-            f"({'beyond 2**64' if scratch_bytes >= SIZE_MAX - 63 else scratch_total} bytes "
-            f"for {num_threads} threads)")
-    cdef char *scratch = <char *>pyattn_aligned_alloc(scratch_total)
-    cdef int *team = <int *>malloc(sizeof(int) * num_threads)
-    if scratch == NULL or team == NULL:
-        pyattn_aligned_free(scratch)
-        free(team)
-        raise MemoryError(f"cannot allocate {scratch_total} bytes of scratch")
-    cdef int64_t item, b, h, hi, qb, chunk
-    cdef pyattn_block blk
-    cdef int tid
-    memset(team, 0, sizeof(int) * num_threads)
-    for tid in range(num_threads):
-        memset(scratch + tid * scratch_bytes, 0, PYATTN_SCRATCH_HEADER)
-    with nogil, parallel(num_threads=num_threads):
-        tid = threadid()
-        team[tid] = pyattn_team_size()
-        # Dynamic schedule: causal blocks differ in cost, and every item is
-        # computed the same way whichever thread takes it (thread-invariant).
-        for item in prange(n_items, schedule="dynamic"):
-            chunk = item % n_chunks
-            qb = (item // n_chunks) % n_qblocks
-            hi = (item // (n_chunks * n_qblocks)) % head_items
-            b = item // (n_chunks * per_batch)
-            for h in range(hi * heads_per_item, (hi + 1) * heads_per_item):
-                # Assigned whole, so that Cython makes it thread-private.
-                blk = _block(qb * block, block, prob.L, chunk, key_chunk, prob.S)
-                o_item = o + chunk * out_split_stride + batch_offsets[4, b] + h * o_hs
-                lse_item = NULL
-                if lse != NULL:
-                    lse_item = lse + ((chunk * n_batch + b) * num_heads + h) * prob.L * real_size
-                    blk.lse = lse_item + blk.row0 * real_size
-                if weights != NULL:
-                    blk.weights = weights + b * weights_batch_stride + h * weights_head_stride
-                if diag_p != NULL:
-                    blk.diag = diag_p[b]
-                if alibi_p != NULL:
-                    blk.alibi_slope = alibi_p[h]
-                if sinks_p != NULL:
-                    blk.sink = sinks_p[h]
-                if kv_len_p != NULL:
-                    blk.key1 = min(blk.key1, kv_len_p[b])
-                valid_rows = blk.nrows
-                if q_len_p != NULL:
-                    valid_rows = max(0, min(blk.nrows, q_len_p[b] - blk.row0))
-                    _padding_rows(o_item, lse_item, blk.row0 + valid_rows,
-                                  blk.row0 + blk.nrows, &prob, itemsize, real_size)
-                    blk.nrows = valid_rows
-                if valid_rows == 0:
-                    continue
-                dk.attend(
-                    &prob,
-                    q + batch_offsets[0, b] + h * q_hs,
-                    k + batch_offsets[1, b] + (h // kv_group) * k_hs,
-                    v + batch_offsets[2, b] + (h // kv_group) * v_hs,
-                    (m + batch_offsets[3, b] + h * m_hs) if m != NULL else NULL,
-                    o_item, &blk, scratch + tid * scratch_bytes)
-    cdef int used = 0
-    for tid in range(num_threads):
-        used = max(used, team[tid])
-    pyattn_aligned_free(scratch)
-    free(team)
-    return used
+
+cdef str _kernel_dtype_name(dtype):
+    """The name of a native dtype the kernels store, or None."""
+    name = _dtype_names.get(dtype)
+    if name is None and dtype.isnative and dtype.name in COMPUTE_ITEMSIZE:
+        name = _dtype_names[dtype] = dtype.name
+    return name
+
+
+cdef inline bint _typed(cnp.ndarray a, int64_t itemsize):
+    """Aligned data and strides in whole elements (C indexes typed pointers)."""
+    cdef int i
+    if not cnp.PyArray_ISALIGNED(a):
+        return False
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_STRIDES(a)[i] % itemsize:
+            return False
+    return True
+
+
+def simple_attention(query, key, value, is_causal, scale, enable_gqa, num_threads,
+                     str kernel, bint lower_right):
+    """scaled_dot_product_attention for the common call, or None when the call
+    is not one: then the general path (functional.py) validates it, and
+    raises whatever error it deserves.  Common means NumPy arrays of one
+    supported native dtype, aligned, of equal rank 3 or 4 with equal batch
+    sizes, nothing empty, no mask, no options beyond is_causal and the
+    alignment, scale a float the compute dtype holds, and no split-KV plan.
+    Both paths describe the same launch, so their results are bitwise equal.
+    """
+    global _plan_module
+    if not (cnp.PyArray_CheckExact(query) and cnp.PyArray_CheckExact(key)
+            and cnp.PyArray_CheckExact(value)):
+        return None
+    if not ((is_causal is True or is_causal is False)
+            and (enable_gqa is True or enable_gqa is False)):
+        return None
+    cdef cnp.ndarray q = query, k = key, v = value
+    cdef int nd = cnp.PyArray_NDIM(q)
+    if nd < 3 or nd > 4 or cnp.PyArray_NDIM(k) != nd or cnp.PyArray_NDIM(v) != nd:
+        return None
+    dtype = <object>cnp.PyArray_DESCR(q)
+    if <object>cnp.PyArray_DESCR(k) is not dtype or <object>cnp.PyArray_DESCR(v) is not dtype:
+        return None
+    cdef str dtype_name = _kernel_dtype_name(dtype)
+    if dtype_name is None:
+        return None
+    cdef int64_t itemsize = dtype.itemsize
+    cdef cnp.npy_intp *qd = cnp.PyArray_DIMS(q)
+    cdef cnp.npy_intp *kd = cnp.PyArray_DIMS(k)
+    cdef cnp.npy_intp *vd = cnp.PyArray_DIMS(v)
+    cdef int h = nd - 3  # the head axis
+    cdef int64_t B = qd[0] if nd == 4 else 1
+    if nd == 4 and (kd[0] != B or vd[0] != B):
+        return None
+    cdef int64_t hq = qd[h], hk = kd[h], L = qd[h + 1], E = qd[h + 2]
+    cdef int64_t S = kd[h + 1], Ev = vd[h + 2]
+    if (B < 1 or hq < 1 or hk < 1 or vd[h] != hk or L < 1 or S < 1 or E < 1 or Ev < 1
+            or kd[h + 2] != E or vd[h + 1] != S or L > MAX_POSITIONS or S > MAX_POSITIONS):
+        return None
+    if hq % hk or (hk not in (1, hq) and not enable_gqa):
+        return None
+    if not (_typed(q, itemsize) and _typed(k, itemsize) and _typed(v, itemsize)):
+        return None
+    cdef double scale_value
+    if scale is None:
+        scale_value = 1.0 / sqrt(<double>E)
+    elif type(scale) is float and isfinite(<double>scale):
+        scale_value = scale
+        if COMPUTE_ITEMSIZE[dtype_name] == 4 and fabs(scale_value) > FLT_MAX:
+            return None
+    else:
+        return None
+    cdef int threads
+    if num_threads is None:
+        threads = pyattn_max_threads()
+    elif type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
+        threads = num_threads
+    else:
+        return None
+    if B * hq * L * Ev * itemsize > <int64_t>pyattn_physical_memory():  # L, S < 2**31
+        return None
+
+    cdef launch run
+    memset(&run, 0, sizeof(run))
+    run.dk = _dtype_kernel(kernel, dtype_name)
+    run.real_size = COMPUTE_ITEMSIZE[dtype_name]
+    run.itemsize = itemsize
+    cdef int64_t g = hq // hk  # query heads per key/value head
+    # Heads as rows (see _plan.heads_as_rows): one query row per head, heads
+    # grouped on a key/value head, every key visible: the g heads of a group
+    # run as the g rows of one problem, so each key/value head is read once.
+    cdef bint as_rows = L == 1 and g > 1 and (not is_causal or lower_right or S == 1)
+    if _plan_module is None:
+        from . import _plan
+        _plan_module = _plan
+    cdef int64_t rows = g if as_rows else L
+    cdef int64_t n_qblocks = (rows + run.dk.block_rows - 1) // run.dk.block_rows
+    if _plan_module.split_keys(B * (hk if as_rows else hq) * n_qblocks, S):
+        return None  # split-KV partials and their merge: the general path
+
+    if nd == 4:
+        out = np.empty((B, hq, L, Ev), dtype)
+    else:
+        out = np.empty((hq, L, Ev), dtype)
+    cdef cnp.ndarray o = out
+    cdef pyattn_problem *p = &run.prob
+    cdef cnp.npy_intp *qs = cnp.PyArray_STRIDES(q)
+    cdef cnp.npy_intp *ks = cnp.PyArray_STRIDES(k)
+    cdef cnp.npy_intp *vs = cnp.PyArray_STRIDES(v)
+    cdef cnp.npy_intp *os = cnp.PyArray_STRIDES(o)
+    p.L, p.S, p.E, p.Ev = rows, S, E, Ev
+    p.k_row, p.k_col = ks[h + 1] // itemsize, ks[h + 2] // itemsize
+    p.v_row, p.v_col = vs[h + 1] // itemsize, vs[h + 2] // itemsize
+    p.q_col, p.o_col = qs[h + 2] // itemsize, os[h + 2] // itemsize
+    p.mask_kind = PYATTN_MASK_NONE
+    p.scale = scale_value
+    p.window_left, p.window_right = -1, -1
+    p.w_factor = 1
+    run.base[0] = <char *>cnp.PyArray_DATA(q)
+    run.base[1] = <char *>cnp.PyArray_DATA(k)
+    run.base[2] = <char *>cnp.PyArray_DATA(v)
+    run.base[4] = <char *>cnp.PyArray_DATA(o)
+    if nd == 4:
+        run.batch_stride[0], run.batch_stride[1] = qs[0], ks[0]
+        run.batch_stride[2], run.batch_stride[4] = vs[0], os[0]
+    run.n_batch = B
+    run.head_stride[1] = ks[h] if hk > 1 else 0
+    run.head_stride[2] = vs[h] if hk > 1 else 0
+    if as_rows:  # (..., Hkv * g, 1, E) read as (..., Hkv, g, E)
+        p.q_row, p.o_row = qs[h] // itemsize, os[h] // itemsize
+        run.head_stride[0], run.head_stride[4] = qs[h] * g, os[h] * g
+        run.num_heads, run.kv_group = hk, 1
+    else:
+        p.q_row, p.o_row = qs[h + 1] // itemsize, os[h + 1] // itemsize
+        run.head_stride[0], run.head_stride[4] = qs[h], os[h]
+        run.num_heads, run.kv_group = hq, g
+        if is_causal:
+            p.window_right = 0
+            run.diag_all = S - L if lower_right else 0
+    _run(&run, threads)
+    return out

@@ -42,8 +42,8 @@ def compute_dtype(dtype):
     weights are given in): float32 for the half types."""
     size = _attention.COMPUTE_ITEMSIZE.get(np.dtype(dtype).name, 4)
     return np.dtype(np.float64) if size == 8 else np.dtype(np.float32)
-MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
-MAX_POSITIONS = 2**31 - 1  # queries or keys per sequence; claimed sizes beyond are refused
+MAX_THREADS = _attention.MAX_THREADS
+MAX_POSITIONS = _attention.MAX_POSITIONS
 
 
 def physical_memory():

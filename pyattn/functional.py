@@ -4,8 +4,9 @@ import math
 
 import numpy as np
 
-from . import _attention, _launch, _plan
+from . import _attention, _dispatch, _launch, _plan
 from ._validation import (
+    ALIGNMENTS,
     as_float_array,
     check_fits,
     check_flag,
@@ -80,6 +81,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     ndarray, (..., Hq, L, Ev), the inputs' dtype.  A query row for which no
     key takes part is zeros.  With return_lse: (output, lse (..., Hq, L)).
     """
+    if (attn_mask is None and out is None and window is None and alibi_slopes is None
+            and softcap is None and sinks is None and q_lengths is None and kv_lengths is None
+            and return_lse is False and alignment in ALIGNMENTS):
+        # the common call, checked and launched in compiled code (or None)
+        result = _attention.simple_attention(query, key, value, is_causal, scale, enable_gqa,
+                                             num_threads, _dispatch.KERNEL,
+                                             alignment == "lower_right")
+        if result is not None:
+            return result
     result, _, lse = attention(
         query, key, value, attn_mask, is_causal, scale, enable_gqa, out=out,
         num_threads=num_threads, return_lse=return_lse, alignment=alignment, window=window,

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import pyattn
-from pyattn import _dispatch, _launch, _plan
+from pyattn import _attention, _dispatch, _plan
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=60, deadline=None, database=None,
@@ -139,19 +139,21 @@ def kernel(request, monkeypatch):
 
 
 @pytest.fixture
-def spy_threads(monkeypatch):
-    """Records the OpenMP team size of every kernel launch made through
-    pyattn.scaled_dot_product_attention (run_kernel's return value)."""
+def spy_threads():
+    """Records the team size of every kernel launch, made through the fast
+    or the general path."""
     used = []
-    real = _launch.run_kernel
+    _attention.record_launches(used)
+    yield used
+    _attention.record_launches(None)
 
-    def spy(*args, **kwargs):
-        n = real(*args, **kwargs)
-        used.append(n)
-        return n
 
-    monkeypatch.setattr(_launch, "run_kernel", spy)
-    return used
+@pytest.fixture
+def exact_threads(monkeypatch):
+    """Turns off the work-size cost model, so that num_threads=n runs exactly
+    n threads (at most one per work item) even on small problems: for tests
+    of results across team sizes."""
+    monkeypatch.setattr(_attention, "MIN_WORK_NS_PER_THREAD", 0.0)
 
 
 @pytest.fixture

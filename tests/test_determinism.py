@@ -84,7 +84,7 @@ CASES = ["plain", "causal_f64", "bool_mask_gqa", "additive_mask_broadcast_batch"
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bitwise_across_thread_counts_and_repeats(name, kernel, rng, spy_threads):
+def test_bitwise_across_thread_counts_and_repeats(name, kernel, rng, spy_threads, exact_threads):
     args, kwargs = case_inputs(name, rng, kernel)
     first = sdpa(*args, num_threads=1, **kwargs)
     # The shapes are meant to be what their names say.

@@ -24,7 +24,8 @@ def cpus():
         return os.cpu_count() or 1
 
 
-def small_problem(rng, L=130, heads=4):
+def small_problem(rng, L=520, heads=4):
+    """Small, but enough work for the cost model to give 5 threads 24 items."""
     q = rng.standard_normal((2, heads, L, 16)).astype(np.float32)
     return q, q[..., ::-1, :].copy(), q[..., :8].copy()
 
@@ -103,10 +104,29 @@ def test_run_kernel_uses_exactly_n_threads(n, rng):
 def test_num_threads_n_uses_exactly_n(n, rng, spy_threads):
     q, k, v = small_problem(rng)
     sdpa(q, k, v, num_threads=n)
-    sdpa(q, k, v, num_threads=np.int64(n))  # any integral type
-    # Even when there is less work than threads.
-    sdpa(q[0, 0, :1], k[0, 0, :3], v[0, 0, :3], num_threads=n)
-    assert spy_threads == [n, n, n]
+    sdpa(q, k, v, num_threads=np.int64(n))  # any integral type (the general path)
+    assert spy_threads == [n, n]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_num_threads_is_a_maximum_tiny_calls_run_on_the_caller(n, rng, spy_threads):
+    """The cost model: a call with microseconds of work wakes no team, and
+    one with fewer work items than threads uses one thread per item."""
+    q, k, v = small_problem(rng)
+    sdpa(q[0, 0, :1], k[0, 0, :3], v[0, 0, :3], num_threads=n)  # one item, tiny
+    sdpa(q[:1, :2, :8], k[:1, :2, :64], v[:1, :2, :64], num_threads=n)  # 2 items, tiny
+    assert spy_threads == [1, 1]
+
+
+def test_team_size_grows_with_the_work(rng, spy_threads):
+    """Decode against more and more keys: the team never shrinks as the work
+    grows, starts at one thread and reaches every requested thread."""
+    for S in (16, 256, 4096, 65536):
+        q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
+        k = rng.standard_normal((1, 8, S, 64)).astype(np.float32)
+        sdpa(q, k, k, num_threads=4)
+    assert spy_threads[0] == 1 and spy_threads[-1] == 4
+    assert spy_threads == sorted(spy_threads)
 
 
 def test_num_threads_none_uses_the_openmp_default(rng, spy_threads):
@@ -151,14 +171,10 @@ CHILD = textwrap.dedent("""
     import json
     import numpy as np
     import pyattn
-    from pyattn import _attention, _launch
+    from pyattn import _attention
     used = []
-    real = _launch.run_kernel
-    def spy(*a, **kw):
-        used.append(real(*a, **kw))
-        return used[-1]
-    _launch.run_kernel = spy
-    q = np.random.default_rng(0).standard_normal((2, 4, 130, 16)).astype(np.float32)
+    _attention.record_launches(used)
+    q = np.random.default_rng(0).standard_normal((2, 4, 520, 16)).astype(np.float32)
     pyattn.scaled_dot_product_attention(q, q, q)
     pyattn.scaled_dot_product_attention(q, q, q, num_threads=2)
     print(json.dumps({"max_threads": _attention.max_threads(), "used": used,
