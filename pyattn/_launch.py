@@ -1,8 +1,7 @@
-"""Launching the compiled kernel on a validated problem: byte offsets and
-element strides for the driver, the split-KV partials and their merge, and
-fork safety of the OpenMP pool."""
-import os
-
+"""Launching the compiled kernel on a validated problem (the general path):
+byte offsets and element strides for the driver, and the split-KV partials
+and their merge.  The driver itself (pyattn/_attention.pyx) owns the team
+size and fork safety."""
 import numpy as np
 
 from . import _attention, _dispatch, _plan
@@ -30,26 +29,6 @@ def _address(arr):
     return arr.__array_interface__["data"][0]
 
 
-# Fork safety.  libgomp keeps the worker threads of a parallel region as a
-# pool of the thread that started it.  A child forked after that inherits the
-# pool's bookkeeping but not its threads, and its next parallel region of more
-# than one thread waits for them forever.  So a process forked (at any depth)
-# from one that ran a multi-threaded region computes on one thread: a region
-# of one thread never touches the pool.  spawn and forkserver children are
-# fresh processes and use every thread.
-_parallel_started = False  # this process may own a libgomp worker pool
-_forked_after_parallel = False
-
-
-def _after_fork_in_child():
-    global _forked_after_parallel
-    _forked_after_parallel = _forked_after_parallel or _parallel_started
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts=None,
                lse=None):
     """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem
@@ -57,13 +36,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     zeroed C-contiguous array that receives the softmax probabilities:
     (*batch, H, L, S), or (*batch, L, S) averaged over heads with
     `average_heads`; `lse`, a C-contiguous (*batch, H, L) array for the rows'
-    logsumexp.  Returns the number of threads used."""
-    global _parallel_started
-    if nthreads > 1:
-        if _forked_after_parallel:
-            nthreads = 1  # see _after_fork_in_child
-        else:
-            _parallel_started = True  # before the region: another thread may fork
+    logsumexp.  Returns the number of threads used (at most nthreads)."""
     if opts is None:
         opts = prepare_options(prob)
     dest = work_out  # an `out` C cannot write as typed elements gets a stand-in
