@@ -14,6 +14,7 @@ from libc.math cimport INFINITY, fabs, isfinite, sqrt
 from libc.stdint cimport SIZE_MAX, int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import os
 
@@ -240,29 +241,49 @@ cdef void _run_item(const launch *run, int64_t item, char *scratch) noexcept nog
 # Threads: a work-size cost model, and fork safety
 # --------------------------------------------------------------------------
 
-# A thread is worth waking only for work it would spend at least
-# MIN_WORK_NS_PER_THREAD on; the work is estimated from its FLOPs and the K/V
-# bytes it reads, at rates one core sustains (conservative: an estimate too
-# high only wakes a thread early).  Measured on 2-core VMs (docs/threads.md).
-MIN_WORK_NS_PER_THREAD = 40_000.0
-FLOPS_PER_NS = 60.0   # per thread, the tiled kernel on AVX-512
-BYTES_PER_NS = 12.0   # per thread, K/V read once per key/value head
+# The team for a launch comes from a cost model: the launch's work on one
+# thread, estimated from its FLOPs and the K/V bytes it reads at rates one
+# core sustains, against what starting the team costs.  Workers that ran a
+# region in the last WARM_WINDOW_NS still spin and start at once; later they
+# sleep, and waking them costs tens of microseconds on a busy machine and
+# hundreds on an idle VM.  Both start-up costs are measured on every parallel
+# launch (the slowest worker's delay to start) and kept as moving averages.
+THREAD_COST_MODEL = True  # False: num_threads is exact (tests of team sizes)
+FLOPS_PER_NS = 60.0   # per thread, the tiled kernel on AVX-512 (measured: 50-100)
+BYTES_PER_NS = 12.0   # per thread, K/V read once per key/value head (measured: 12-30)
+WARM_WINDOW_NS = 50_000.0  # libgomp's spin at pyattn's GOMP_SPINCOUNT lasts longer
+cdef double _start_ns[2]   # moving averages of team start-up: warm, cold
+_start_ns[0], _start_ns[1] = 5_000.0, 100_000.0  # until measured
+cdef double _last_region_end = -1e18  # monotonic ns
+
+
+cdef double _now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec * 1e9 + t.tv_nsec
+
+
+def thread_start_costs():
+    """(warm, cold) moving averages of a team's start-up, in ns."""
+    return _start_ns[0], _start_ns[1]
 
 
 cdef int _team_size(const launch *run, int requested, int64_t n_items):
-    """Threads for this launch: at most `requested` and `n_items`, and no more
-    than its estimated work keeps busy.  Only the count changes, never the
-    plan: results stay bitwise the same for any team size."""
-    if requested <= 1 or n_items <= 1:
+    """Threads for this launch: 1, or as many as requested and useful (at most
+    one per work item), whichever the cost model says is faster.  Only the
+    count changes, never the plan: results are bitwise the same either way."""
+    cdef int most = <int>min(<int64_t>requested, n_items)
+    if most <= 1:
         return 1
+    if not THREAD_COST_MODEL:
+        return most
     cdef const pyattn_problem *p = &run.prob
     cdef double heads = <double>run.n_batch * run.num_heads
     cdef double flops = 2.0 * heads * p.L * p.S * (p.E + p.Ev)
     cdef double kv_bytes = heads / run.kv_group * p.S * (p.E + p.Ev) * run.itemsize
-    cdef double ns = max(flops / FLOPS_PER_NS, kv_bytes / BYTES_PER_NS)
-    cdef double min_ns = MIN_WORK_NS_PER_THREAD
-    cdef double useful = ns / min_ns if min_ns > 0 else <double>n_items
-    return <int>max(1.0, min(<double>requested, <double>n_items, useful))
+    cdef double alone = max(flops / FLOPS_PER_NS, kv_bytes / BYTES_PER_NS)
+    cdef bint warm = _now_ns() - _last_region_end < WARM_WINDOW_NS
+    return most if alone / most + _start_ns[0 if warm else 1] < alone else 1
 
 
 # libgomp keeps the worker threads of a parallel region as a pool of the
@@ -348,9 +369,13 @@ cdef int _run(launch *run, int num_threads) except -1:
     cdef char *scratch = _take_scratch(total)
     if scratch == NULL:
         raise MemoryError(f"cannot allocate {total} bytes of scratch")
+    global _last_region_end
     cdef int tid, used = 1
     cdef int64_t item
     cdef int team[1024]  # num_threads is at most 1024 (validated)
+    cdef double started[1024]  # when each thread began, for the start-up cost
+    cdef double t0, latest
+    cdef bint warm
     for tid in range(threads):
         memset(scratch + tid * one, 0, PYATTN_SCRATCH_HEADER)
     if threads == 1:  # tiny calls: no parallel region, no team to wake
@@ -359,16 +384,26 @@ cdef int _run(launch *run, int num_threads) except -1:
                 _run_item(run, item, scratch)
     else:
         memset(team, 0, sizeof(int) * threads)
+        t0 = _now_ns()
+        warm = t0 - _last_region_end < WARM_WINDOW_NS
         with nogil, parallel(num_threads=threads):
             tid = threadid()
+            started[tid] = _now_ns()
             team[tid] = pyattn_team_size()
             # Dynamic schedule: causal blocks differ in cost, and every item
             # is computed the same way whichever thread takes it.
             for item in prange(n_items, schedule="dynamic"):
                 _run_item(run, item, scratch + tid * one)
-        used = 0
+        used, latest = 0, t0
         for tid in range(threads):
             used = max(used, team[tid])
+            if team[tid]:
+                latest = max(latest, started[tid])
+        # a sample at most 4x the average: one preempted start must not
+        # keep every later launch on one thread
+        _start_ns[warm == 0] = (0.75 * _start_ns[warm == 0]
+                                + 0.25 * min(latest - t0, 4 * _start_ns[warm == 0]))
+        _last_region_end = _now_ns()
     _give_back_scratch(scratch, total)
     if _launch_log is not None:
         _launch_log.append(used)

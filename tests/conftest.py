@@ -150,10 +150,10 @@ def spy_threads():
 
 @pytest.fixture
 def exact_threads(monkeypatch):
-    """Turns off the work-size cost model, so that num_threads=n runs exactly
-    n threads (at most one per work item) even on small problems: for tests
-    of results across team sizes."""
-    monkeypatch.setattr(_attention, "MIN_WORK_NS_PER_THREAD", 0.0)
+    """Turns off the cost model, so that num_threads=n runs exactly n threads
+    (at most one per work item) even on small problems: for tests of results
+    across team sizes."""
+    monkeypatch.setattr(_attention, "THREAD_COST_MODEL", False)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ def cpus():
 
 
 def small_problem(rng, L=520, heads=4):
-    """Small, but enough work for the cost model to give 5 threads 24 items."""
+    """24 work items, enough for 5 threads."""
     q = rng.standard_normal((2, heads, L, 16)).astype(np.float32)
     return q, q[..., ::-1, :].copy(), q[..., :8].copy()
 
@@ -91,7 +91,7 @@ def test_show_config_prints_the_facts(capsys):
 # --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
-def test_run_kernel_uses_exactly_n_threads(n, rng):
+def test_run_kernel_uses_exactly_n_threads(n, rng, exact_threads):
     q, k, v = small_problem(rng)
     prob = prepare_attention(q, k, v, None, False, None, False)
     work = np.empty(prob.work_shape, np.float32)
@@ -101,7 +101,7 @@ def test_run_kernel_uses_exactly_n_threads(n, rng):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
-def test_num_threads_n_uses_exactly_n(n, rng, spy_threads):
+def test_num_threads_n_uses_exactly_n(n, rng, spy_threads, exact_threads):
     q, k, v = small_problem(rng)
     sdpa(q, k, v, num_threads=n)
     sdpa(q, k, v, num_threads=np.int64(n))  # any integral type (the general path)
@@ -129,7 +129,7 @@ def test_team_size_grows_with_the_work(rng, spy_threads):
     assert spy_threads == sorted(spy_threads)
 
 
-def test_num_threads_none_uses_the_openmp_default(rng, spy_threads):
+def test_num_threads_none_uses_the_openmp_default(rng, spy_threads, exact_threads):
     q, k, v = small_problem(rng)
     sdpa(q, k, v)
     sdpa(q, k, v, num_threads=None)
@@ -137,7 +137,7 @@ def test_num_threads_none_uses_the_openmp_default(rng, spy_threads):
 
 
 @pytest.mark.parametrize("back", range(1, 5))
-def test_negative_num_threads_counts_back_from_the_cpus(back, rng, spy_threads):
+def test_negative_num_threads_counts_back_from_the_cpus(back, rng, spy_threads, exact_threads):
     ncpu = cpus()
     q, k, v = small_problem(rng)
     if back > ncpu:
@@ -149,7 +149,7 @@ def test_negative_num_threads_counts_back_from_the_cpus(back, rng, spy_threads):
         assert spy_threads == [ncpu + 1 - back]
 
 
-def test_minus_one_is_all_cpus(rng, spy_threads):
+def test_minus_one_is_all_cpus(rng, spy_threads, exact_threads):
     q, k, v = small_problem(rng)
     sdpa(q, k, v, num_threads=-1)
     assert spy_threads == [cpus()]
@@ -174,6 +174,7 @@ CHILD = textwrap.dedent("""
     from pyattn import _attention
     used = []
     _attention.record_launches(used)
+    _attention.THREAD_COST_MODEL = False  # team sizes as requested
     q = np.random.default_rng(0).standard_normal((2, 4, 520, 16)).astype(np.float32)
     pyattn.scaled_dot_product_attention(q, q, q)
     pyattn.scaled_dot_product_attention(q, q, q, num_threads=2)
@@ -202,7 +203,7 @@ def test_without_omp_num_threads_default_is_all_cpus(helpers, tmp_path):
     assert got["max_threads"] == got["config"] == got["used"][0] == cpus()
 
 
-def test_threadpoolctl_limits_are_respected(rng, spy_threads):
+def test_threadpoolctl_limits_are_respected(rng, spy_threads, exact_threads):
     q, k, v = small_problem(rng)
     before = _attention.max_threads()
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
