@@ -112,12 +112,24 @@ static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t cols_pad = FN(round_up)(nb, NR);
-    /* Rows of K^T are written contiguously and K is read strided: half the
-     * cost of the opposite order (contiguous reads, strided writes). */
     const STORE *src = k + j0 * p->k_row;
+    /* Contiguous key rows: LANES x LANES blocks transposed in registers.
+     * What is left (and strided rows) goes element by element, rows of K^T
+     * written contiguously and K read strided: half the cost of the
+     * opposite order. */
+    const int64_t c_full = p->k_col == 1 ? nb - nb % LANES : 0;
+    const int64_t e_full = p->k_col == 1 ? E - E % LANES : 0;
+    for (int64_t c0 = 0; c0 < c_full; c0 += LANES)
+        for (int64_t e0 = 0; e0 < e_full; e0 += LANES) {
+            VEC r[LANES];
+            for (int i = 0; i < LANES; i++) r[i] = FN(vload_store)(src + (c0 + i) * p->k_row + e0);
+            FN(transpose)(r);
+            for (int i = 0; i < LANES; i++) FN(vstore)(kt + (e0 + i) * BLOCK_N + c0, r[i]);
+        }
     for (int64_t e = 0; e < E; e++) {
         REAL *dst = kt + e * BLOCK_N;
-        for (int64_t c = 0; c < nb; c++) dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
+        for (int64_t c = e < e_full ? c_full : 0; c < nb; c++)
+            dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
         for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
     }
     for (int64_t c = 0; c < nb; c++) {

@@ -150,6 +150,41 @@ static inline VEC FN(vswap)(VEC v, int level)
     return __builtin_shuffle(v, idx);
 }
 
+/* Transpose LANES vectors in place (r[i][x] becomes r[x][i]): log2(LANES)
+ * stages, each swapping the off-diagonal d x d blocks of row pairs (i, i + d)
+ * with two-input shuffles (one vpermt2ps each on AVX-512).  The shuffle
+ * masks are constants: lo keeps a[x] where bit d of x is clear and takes
+ * b[x - d] where it is set; hi takes a[x + d], or keeps b[x]. */
+#define PA_LO(x, d) (((x) & (d)) ? (x) - (d) + LANES : (x))
+#define PA_HI(x, d) (((x) & (d)) ? (x) + LANES : (x) + (d))
+#define PA_MASK(f, d) {f(0, d), f(1, d), f(2, d), f(3, d), f(4, d), f(5, d), f(6, d), \
+                       f(7, d), f(8, d), f(9, d), f(10, d), f(11, d), f(12, d), f(13, d), \
+                       f(14, d), f(15, d)}
+static const UINT FN(transpose_masks)[4][2][16] = {
+    {PA_MASK(PA_LO, 1), PA_MASK(PA_HI, 1)}, {PA_MASK(PA_LO, 2), PA_MASK(PA_HI, 2)},
+    {PA_MASK(PA_LO, 4), PA_MASK(PA_HI, 4)}, {PA_MASK(PA_LO, 8), PA_MASK(PA_HI, 8)}};
+#undef PA_MASK
+#undef PA_HI
+#undef PA_LO
+
+static inline void FN(transpose)(VEC r[LANES])
+{
+#pragma GCC unroll 4
+    for (int level = 0; (1 << level) < LANES; level++) {
+        const int d = 1 << level;
+        UVEC lo, hi;
+        memcpy(&lo, FN(transpose_masks)[level][0], sizeof lo);
+        memcpy(&hi, FN(transpose_masks)[level][1], sizeof hi);
+#pragma GCC unroll 16
+        for (int i = 0; i < LANES; i++) {
+            if (i & d) continue;
+            const VEC a = r[i], b = r[i + d];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + d] = __builtin_shuffle(a, b, hi);
+        }
+    }
+}
+
 /* Horizontal max and sum by butterfly: log2(lanes) shuffles, the same order
  * on every call, so results never depend on where a row is computed. */
 static inline REAL FN(hmax)(VEC v)
