@@ -16,24 +16,56 @@ from . import _attention
 _TooHardError = getattr(np, "exceptions", np).TooHardError
 
 
-def _numpy_dtype(name):
-    """The NumPy dtype called `name`, or None: bfloat16 is NumPy's only
-    through ml_dtypes, an optional dependency."""
+# The kernels' storage dtypes, by name, from the C registry; the half types are
+# stored as such and computed in float32.  bfloat16 is NumPy's only through
+# ml_dtypes, an optional dependency imported only when a name asks for it (an
+# array of it means that the caller already did).
+KERNEL_DTYPE_NAMES = _attention.DTYPES
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # computed in their own precision
+
+
+def is_kernel_dtype(dtype):
+    """Whether the kernels store arrays of `dtype` as they are."""
+    return dtype.isnative and dtype.name in KERNEL_DTYPE_NAMES
+
+
+def resolve_dtype(dtype):
+    """np.dtype(dtype), with "bfloat16" found in ml_dtypes."""
     try:
-        return np.dtype(name)
+        return np.dtype(dtype)
     except TypeError:
+        if dtype != "bfloat16":
+            raise
         try:
             import ml_dtypes
         except ImportError:
-            return None
-        return np.dtype(getattr(ml_dtypes, name))
+            raise TypeError("bfloat16 needs ml_dtypes: pip install ml_dtypes") from None
+        return np.dtype(ml_dtypes.bfloat16)
 
 
-# The kernels' storage dtypes, from the C registry; the half types are stored
-# as such and computed in float32.
-SUPPORTED_DTYPES = tuple(dt for dt in map(_numpy_dtype, _attention.DTYPES) if dt is not None)
-FLOAT_DTYPES = tuple(dt for dt in SUPPORTED_DTYPES
-                     if _attention.COMPUTE_ITEMSIZE[dt.name] == dt.itemsize)  # own precision
+def check_size(value, name):
+    """`value` as a positive int (NumPy integers too): TypeError for any other
+    type (bool and floats such as 8.0 included), ValueError below 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_dtype(dtype, allowed_names, names):
+    """resolve_dtype(dtype) when its name is one of `allowed_names`, else a
+    TypeError naming `dtype`; `names` lists them for the message.  None is
+    refused: np.dtype(None) would silently be float64."""
+    try:
+        dt = None if dtype is None else resolve_dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"dtype must be {names}, got {dtype!r}") from None
+    if dt is None or not dt.isnative or dt.name not in allowed_names:
+        raise TypeError(f"dtype must be {names}, got {'None' if dt is None else dt.name}")
+    return dt
+
+
 _SUPPORTED_NAMES = "float32, float64, float16 or bfloat16 (with ml_dtypes)"
 
 
@@ -101,7 +133,7 @@ def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
     arr = as_array(x, name, f"an array of {_SUPPORTED_NAMES}")
     if arr.dtype.kind == "f" and not arr.dtype.isnative:  # e.g. '>f4'
         arr = convert_stored(arr)
-    if arr.dtype not in SUPPORTED_DTYPES:
+    if not is_kernel_dtype(arr.dtype):
         raise TypeError(f"{name} has dtype {arr.dtype}; supported dtypes are {_SUPPORTED_NAMES}")
     if arr.ndim < min_ndim:
         raise ValueError(
@@ -234,7 +266,7 @@ def _heads(hq, hk, hv, enable_gqa):
 
 def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
     mask = as_array(attn_mask, "attn_mask")
-    if mask.dtype != np.bool_ and mask.dtype.kind != "f" and mask.dtype not in SUPPORTED_DTYPES:
+    if mask.dtype != np.bool_ and mask.dtype.kind != "f" and not is_kernel_dtype(mask.dtype):
         raise TypeError(
             f"attn_mask has dtype {mask.dtype}; it must be bool (True = take part) "
             f"or floating (added to the scores)"

@@ -1,39 +1,14 @@
 """A key/value cache for autoregressive decoding, and attention against it."""
-import numbers
 import threading
 
 import numpy as np
 
-from ._validation import SUPPORTED_DTYPES, as_float_array
+from ._validation import KERNEL_DTYPE_NAMES, as_float_array, check_dtype, check_size
 from .functional import scaled_dot_product_attention
 
 __all__ = ["KVCache", "decode_attention"]
 
 INITIAL_CAPACITY = 256  # positions; storage then doubles (amortised O(1) appends)
-
-
-def check_size(value, name):
-    """`value` as a positive int (NumPy integers too): TypeError for any other
-    type (bool and floats such as 8.0 included), ValueError below 1.  The
-    layers' sizes use it as well."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def check_dtype(dtype, allowed, names):
-    """np.dtype(dtype) when it is one of `allowed`, else a TypeError naming
-    `dtype`; `names` lists the allowed ones for the message.  None is refused:
-    np.dtype(None) would silently be float64 (and compares equal to it)."""
-    try:
-        dt = None if dtype is None else np.dtype(dtype)
-    except (TypeError, ValueError):
-        raise TypeError(f"dtype must be {names}, got {dtype!r}") from None
-    if dt is None or dt not in allowed:
-        raise TypeError(f"dtype must be {names}, got {'None' if dt is None else dt.name}")
-    return dt
 
 
 class KVCache:
@@ -72,7 +47,7 @@ class KVCache:
         self.head_dim = check_size(head_dim, "head_dim")
         self.value_dim = self.head_dim if value_dim is None else check_size(value_dim, "value_dim")
         self.max_len = None if max_len is None else check_size(max_len, "max_len")
-        self.dtype = check_dtype(dtype, SUPPORTED_DTYPES,
+        self.dtype = check_dtype(dtype, KERNEL_DTYPE_NAMES,
                                  "float32, float64, float16 or bfloat16 (with ml_dtypes)")
         self.lengths = np.zeros(self.batch, dtype=np.int64)
         self._lock = threading.Lock()

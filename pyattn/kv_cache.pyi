@@ -7,8 +7,6 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 INITIAL_CAPACITY: int
 
-def check_size(value: object, name: str) -> int: ...
-def check_dtype(dtype: object, allowed: tuple[np.dtype[Any], ...], names: str) -> np.dtype[Any]: ...
 
 class KVCache:
     batch: int

@@ -15,17 +15,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import FLOAT_DTYPES, SUPPORTED_DTYPES, as_array, as_float_array, check_fits
+from ._validation import (
+    as_array,
+    as_float_array,
+    check_dtype,
+    check_fits,
+    check_size,
+    is_kernel_dtype,
+    resolve_dtype,
+)
 from .functional import attention
-from .kv_cache import check_dtype, check_size
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
-
-try:  # NumPy's bfloat16, from the optional ml_dtypes (as in _validation)
-    from ml_dtypes import bfloat16
-except ImportError:
-    bfloat16 = None
-
 
 def _generator(rng):
     if isinstance(rng, np.random.Generator):
@@ -39,7 +40,7 @@ def _generator(rng):
 
 
 def _layer_dtype(dtype):
-    return check_dtype(dtype, FLOAT_DTYPES, "float32 or float64")
+    return check_dtype(dtype, ("float32", "float64"), "float32 or float64")
 
 
 def _check_parameters(shapes, dtype, what):
@@ -49,7 +50,7 @@ def _check_parameters(shapes, dtype, what):
 
 def _is_real(dtype):
     """Ints and floats, NumPy's own and ml_dtypes' bfloat16 (whose kind is "V")."""
-    return dtype.kind in "fiu" or dtype in SUPPORTED_DTYPES
+    return dtype.kind in "fiu" or is_kernel_dtype(dtype)
 
 
 def _parameter_array(value, name):
@@ -65,10 +66,11 @@ def _parameter_array(value, name):
         if is_tensor:
             value = value.detach()
             if value.dtype == torch.bfloat16:  # NumPy cannot read it
-                if bfloat16 is None:  # no ml_dtypes: widen to float32, which is exact
-                    value = value.float()
-                else:  # reinterpret its bits: no conversion, no copy when contiguous
+                try:  # reinterpret its bits: no conversion, no copy when contiguous
+                    bfloat16 = resolve_dtype("bfloat16")
                     value = value.contiguous().view(torch.int16).numpy().view(bfloat16)
+                except TypeError:  # no ml_dtypes: widen to float32, which is exact
+                    value = value.float()
         return np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
@@ -388,7 +390,7 @@ class MultiHeadAttention:
         arr = as_array(mask, name)
         if arr.dtype == np.bool_:
             return arr
-        if arr.dtype.kind != "f" and arr.dtype not in SUPPORTED_DTYPES:
+        if arr.dtype.kind != "f" and not is_kernel_dtype(arr.dtype):
             raise TypeError(f"{name} must be bool (True = masked out) or float (added to the "
                             f"scores); got dtype {arr.dtype}")
         return arr  # cast once its shape is known to be right
