@@ -49,9 +49,9 @@ def test_version_matches_installed_metadata():
         dist = metadata.distribution("pyattn")
     except metadata.PackageNotFoundError:
         dist = None
-    if dist is not None and os.path.samefile(
-            os.path.dirname(str(dist.locate_file("pyattn/__init__.py"))),
-            os.path.dirname(pyattn.__file__)):
+    installed = None if dist is None else str(dist.locate_file("pyattn/__init__.py"))
+    if installed and os.path.exists(installed) and os.path.samefile(  # (editable: elsewhere)
+            os.path.dirname(installed), os.path.dirname(pyattn.__file__)):
         assert dist.version == pyattn.__version__
     # Either way the version is importable the documented way.
     from pyattn import __version__
