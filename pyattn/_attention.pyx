@@ -332,14 +332,22 @@ cdef void _give_back_scratch(char *buf, size_t nbytes):
     _cached_scratch, _cached_bytes = buf, nbytes
 
 
-# Tests observe the team size of every launch, whichever entry made it.
+# Tests observe every launch, whichever entry made it: its team size, and
+# the problem it ran, (batch items, heads, query rows, width E).
 cdef object _launch_log = None
+cdef object _problem_log = None
 
 
 def record_launches(log):
     """Append the team size of every launch to the list `log` (None: stop)."""
     global _launch_log
     _launch_log = log
+
+
+def record_problems(log):
+    """Append (batch items, heads, rows, E) of every launch to `log` (None: stop)."""
+    global _problem_log
+    _problem_log = log
 
 
 cdef int _run(launch *run, int num_threads) except -1:
@@ -407,6 +415,8 @@ cdef int _run(launch *run, int num_threads) except -1:
     _give_back_scratch(scratch, total)
     if _launch_log is not None:
         _launch_log.append(used)
+    if _problem_log is not None:
+        _problem_log.append((run.n_batch, run.num_heads, run.prob.L, run.prob.E))
     return used
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import pyattn
-from pyattn import _plan, kv_cache
+from pyattn import _attention, kv_cache
 from pyattn import reference as ref
 
 try:
@@ -80,20 +80,23 @@ def reference_decode(q, cache, **kwargs):
         kv_lengths=cache.lengths, enable_gqa=True, **kwargs)
 
 
+class GroupedLaunches(list):
+    """The launches (batch items, heads, rows, E) with more than one query row,
+    recorded while the test calls with one query row: those ran their heads
+    as rows (the key/value heads as heads, each group's query heads as rows),
+    whichever path launched them."""
+
+    def append(self, launch):
+        if launch[2] > 1:
+            super().append(launch)
+
+
 @pytest.fixture
-def spy_grouping(monkeypatch):
-    """Records every call of _plan.group_query_heads (the heads-as-rows
-    path of a grouped-query call with one query row)."""
-    calls = []
-    real = _plan.group_query_heads
-
-    def spy(prob, *args):
-        grouped = real(prob, *args)
-        calls.append(grouped[0].q.shape)  # (..., Hkv, group, E)
-        return grouped
-
-    monkeypatch.setattr(_plan, "group_query_heads", spy)
-    return calls
+def spy_grouping():
+    launches = GroupedLaunches()
+    _attention.record_problems(launches)
+    yield launches
+    _attention.record_problems(None)
 
 
 # ==========================================================================
@@ -603,7 +606,7 @@ def test_heads_as_rows_through_sdpa(kernel, rng, helpers, spy_grouping):
     for kwargs in [{}, dict(window=(None, 8)), dict(softcap=1.0, kv_lengths=[[4, 9]])]:
         spy_grouping.clear()
         got = sdpa(q, k, v, enable_gqa=True, **kwargs)
-        assert len(spy_grouping) == 1
+        assert spy_grouping == [(6, 2, 3, 8)]  # batch (3, 2); 2 KV heads of 3 query rows
         helpers.assert_close(got, ref.scaled_dot_product_attention(q, k, v, enable_gqa=True,
                                                                    **kwargs))
     qb = np.broadcast_to(helpers.randn(rng, (3, 1, 1, 1, 8)), (3, 1, 6, 1, 8))
