@@ -11,6 +11,8 @@ trap 'rm -rf "$work"' EXIT
 cp -r "$top/pyattn" "$top/csrc" "$top/tests" "$top/examples" "$top/setup.py" "$top/pyproject.toml" "$work/"
 rm -f "$work"/pyattn/*.so "$work"/pyattn/_attention.c
 cd "$work"
+# A fixed small budget for the differential fuzzer (tests/test_differential_fuzz.py).
+export PYATTN_FUZZ_EXAMPLES=10
 PYATTN_EXTRA_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -O1" \
     python setup.py build_ext --inplace -q
 # The Python binary is not instrumented, so the runtimes are preloaded.
