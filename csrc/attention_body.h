@@ -362,8 +362,13 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
      * beyond its range is -inf (the validation refuses +inf). */
     const REAL sink = (REAL)blk->sink;
     if (blk->key0 == 0 && sink > -(REAL)INFINITY)
-        for (int64_t r = 0; r < nrows; r++)
+        for (int64_t r = 0; r < nrows; r++) {
+            /* A row that saw no key has output 0; its accumulator may hold
+             * 0 * inf from a value row no key of it could weigh. */
+            if (w.row_max[r] == -(REAL)INFINITY)
+                memset(w.acc + r * evp, 0, sizeof(REAL) * (size_t)evp);
             FN(add_sink)(sink, w.row_max + r, w.row_sum + r, w.acc + r * evp, evp);
+        }
     if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
 
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
@@ -378,9 +383,13 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
             for (int64_t x = 0; x < Ev; x++)
                 dst[x * p->o_col] = FROM_REAL(l == 0 ? 0 : w.acc[r * evp + x] * inv);
         }
-        /* logsumexp of the scaled, masked scores. */
-        if (blk->lse)
+        /* logsumexp of the scaled, masked scores, or its two parts. */
+        if (blk->row_sum) {
+            ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY : w.row_max[r];
+            ((REAL *)blk->row_sum)[r] = l;
+        } else if (blk->lse) {
             ((REAL *)blk->lse)[r] = l == 0 ? -(REAL)INFINITY : w.row_max[r] + (REAL)log((double)l);
+        }
     }
 }
 

@@ -73,13 +73,17 @@ typedef struct pyattn_problem {
  * PYATTN_KEY_CHUNK.  lse, when not NULL, receives each row's logsumexp of its
  * scaled and masked scores (natural log; -inf when no key takes part), nrows
  * contiguous values of the kernel's dtype: with it, outputs over disjoint key
- * ranges merge exactly.  weights, when not NULL, points at the (batch, head)
+ * ranges merge exactly.  row_sum, when not NULL (split-KV partials), splits
+ * that logsumexp in two: lse then receives the rows' max score m and row_sum
+ * their sum l of e^(s - m), as lse = m + log l cannot keep log l where m is
+ * huge (a finfo.min mask).  weights, when not NULL, points at the (batch, head)
  * origin of a zeroed L x S array (row stride w_row) to which the softmax
  * probabilities are added times w_factor. */
 typedef struct pyattn_block {
     int64_t row0, nrows;
     int64_t key0, key1;
     void *lse;
+    void *row_sum;
     void *weights;
     int64_t diag;        /* row i's diagonal is key i + diag: 0 top-left, S - L lower-right */
     double alibi_slope;  /* 0, or the ALiBi bias -slope * |i + diag - j| is added */

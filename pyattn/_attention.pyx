@@ -122,6 +122,7 @@ cdef struct launch:
     int64_t n_batch, num_heads, kv_group
     int64_t key_chunk, out_split_stride
     char *lse
+    char *row_sum                  # with lse: the split-KV state (max, sum), not lse
     char *weights
     int64_t weights_batch_stride
     bint average_heads
@@ -152,9 +153,10 @@ cdef inline pyattn_block _block(int64_t row0, int64_t block, int64_t L, int64_t 
     return blk
 
 
-cdef void _padding_rows(char *out, char *lse, int64_t r0, int64_t r1, const pyattn_problem *p,
-                        int itemsize, int lse_itemsize) noexcept nogil:
-    """Rows [r0, r1) past a sequence's length: zeros, and logsumexp -inf."""
+cdef void _padding_rows(char *out, char *lse, char *row_sum, int64_t r0, int64_t r1,
+                        const pyattn_problem *p, int itemsize, int lse_itemsize) noexcept nogil:
+    """Rows [r0, r1) past a sequence's length: zeros, logsumexp -inf (max
+    -inf and sum 0 for split-KV partials)."""
     cdef int64_t r, x
     for r in range(r0, r1):
         for x in range(p.Ev):
@@ -164,6 +166,8 @@ cdef void _padding_rows(char *out, char *lse, int64_t r0, int64_t r1, const pyat
                 (<float *>lse)[r] = -INFINITY
             else:
                 (<double *>lse)[r] = -INFINITY
+        if row_sum != NULL:
+            memset(row_sum + r * lse_itemsize, 0, lse_itemsize)
 
 
 cdef inline int64_t _heads_per_item(const launch *run) noexcept nogil:
@@ -200,15 +204,19 @@ cdef void _run_item(const launch *run, int64_t item, char *scratch) noexcept nog
     cdef int64_t h, kvh, valid_rows
     cdef char *o_item
     cdef char *lse_item
+    cdef char *sum_item
     cdef pyattn_block blk
     for h in range(hi * heads_per_item, (hi + 1) * heads_per_item):
         blk = _block(qb * run.dk.block_rows, run.dk.block_rows, p.L, chunk, run.key_chunk, p.S)
         o_item = (run.base[4] + chunk * run.out_split_stride + _batch_offset(run, 4, b)
                   + h * run.head_stride[4])
-        lse_item = NULL
+        lse_item = sum_item = NULL
         if run.lse != NULL:
             lse_item = run.lse + ((chunk * run.n_batch + b) * run.num_heads + h) * p.L * run.real_size
             blk.lse = lse_item + blk.row0 * run.real_size
+            if run.row_sum != NULL:
+                sum_item = run.row_sum + (lse_item - run.lse)
+                blk.row_sum = sum_item + blk.row0 * run.real_size
         if run.weights != NULL:
             blk.weights = run.weights + b * run.weights_batch_stride + h * weights_head_stride
         blk.diag = run.diag[b] if run.diag != NULL else run.diag_all
@@ -221,8 +229,8 @@ cdef void _run_item(const launch *run, int64_t item, char *scratch) noexcept nog
         valid_rows = blk.nrows
         if run.q_len != NULL:
             valid_rows = max(0, min(blk.nrows, run.q_len[b] - blk.row0))
-            _padding_rows(o_item, lse_item, blk.row0 + valid_rows, blk.row0 + blk.nrows, p,
-                          run.itemsize, run.real_size)
+            _padding_rows(o_item, lse_item, sum_item, blk.row0 + valid_rows,
+                          blk.row0 + blk.nrows, p, run.itemsize, run.real_size)
             blk.nrows = valid_rows
         if valid_rows == 0:
             continue
@@ -429,7 +437,7 @@ def attend(str kernel, str dtype, *, tuple pointers,
            int64_t num_heads, int64_t kv_group, tuple sizes,
            tuple inner_strides, int mask_kind, tuple window, double scale,
            int num_threads, int64_t key_chunk=0, int64_t out_split_stride=0,
-           uintptr_t lse_address=0, uintptr_t weights_address=0,
+           uintptr_t lse_address=0, uintptr_t row_sum_address=0, uintptr_t weights_address=0,
            int64_t weights_batch_stride=0, bint average_heads=False,
            double softcap=0, const int64_t[::1] diag=None, const double[::1] alibi=None,
            const double[::1] sinks=None, const int64_t[::1] q_lengths=None,
@@ -452,6 +460,9 @@ def attend(str kernel, str dtype, *, tuple pointers,
                    writes its partial output at out + c * out_split_stride
                    bytes and, at lse_address, the rows' logsumexp as a
                    contiguous (chunks, B, H, L) array of the compute dtype.
+    row_sum_address  0, or an array like the logsumexp's: then lse_address
+                   receives the rows' max score and this their sum of
+                   exp(score - max) (the split-KV state that merges exactly).
     weights_address  0, or a zeroed contiguous array that receives the
                    softmax probabilities: (B, H, L, S), or (B, L, S) with
                    average_heads (the mean over heads).  Needs key_chunk 0.
@@ -493,6 +504,7 @@ def attend(str kernel, str dtype, *, tuple pointers,
     run.num_heads, run.kv_group = num_heads, kv_group
     run.key_chunk, run.out_split_stride = key_chunk, out_split_stride
     run.lse = <char *>lse_address
+    run.row_sum = <char *>row_sum_address if lse_address else NULL
     run.weights = <char *>weights_address
     run.weights_batch_stride = weights_batch_stride
     run.average_heads = average_heads

@@ -32,6 +32,7 @@ cdef extern from "pyattn_kernels.h" nogil:
     ctypedef struct pyattn_block:
         int64_t row0, nrows, key0, key1
         void *lse
+        void *row_sum
         void *weights
         int64_t diag
         double alibi_slope

@@ -59,7 +59,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.dtype.name))
     n_items = n_batch * prob.num_heads * n_qblocks
     key_chunk = 0 if weights is not None else _plan.split_keys(n_items, S)
-    partial, chunk_lse = None, lse
+    partial, chunk_lse, chunk_sum = None, lse, None
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
         check_fits((n_chunks + 1) * dest.size, prob.compute_dtype.itemsize,
@@ -67,6 +67,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         # in the compute dtype: a half result is rounded once, after the merge
         partial = np.empty((n_chunks,) + dest.shape, dtype=prob.compute_dtype)
         chunk_lse = np.empty((n_chunks,) + dest.shape[:-1], dtype=prob.compute_dtype)
+        chunk_sum = np.empty_like(chunk_lse)  # with chunk_lse: each chunk's (max, sum)
         arrays[4] = partial[0]
         os_ = _element_strides(partial[0])
 
@@ -89,6 +90,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         mask_kind=mask_kind, window=opts.window, scale=prob.scale, num_threads=nthreads,
         key_chunk=key_chunk, out_split_stride=0 if partial is None else partial.strides[0],
         lse_address=0 if chunk_lse is None else _address(chunk_lse),
+        row_sum_address=0 if chunk_sum is None else _address(chunk_sum),
         weights_address=0 if weights is None else _address(weights),
         weights_batch_stride=0 if weights is None else weights[(0,) * len(batch)].nbytes,
         average_heads=average_heads, softcap=opts.softcap, diag=opts.diag, alibi=opts.alibi,
@@ -96,7 +98,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         out_real=partial is not None and partial.dtype != dest.dtype,
     )
     if partial is not None:
-        _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse)
+        _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse, sums=chunk_sum)
     if dest is not work_out:
         work_out[...] = dest
     return used

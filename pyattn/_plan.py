@@ -69,14 +69,19 @@ def split_keys(n_items, S):
     return -(-chunk // SPLIT_MIN_KEYS) * SPLIT_MIN_KEYS
 
 
-def merge_partials(outputs, lses, out=None, lse_out=None):
+def merge_partials(outputs, lses, out=None, lse_out=None, sums=None):
     """Combine attention over disjoint key ranges into attention over all of
     them: outputs (n, ..., L, Ev) each normalised over its keys, lses (n, ...,
-    L) their logsumexps.  Rows with no key anywhere (all lse -inf) are zeros.
-    Returns (output, lse), written into `out` and `lse_out` when given."""
+    L) their logsumexps.  With `sums` (the kernel's split-KV partials), lses
+    are the parts' max scores and sums their sums of exp(score - max), so that
+    a part's key count survives a max as large as finfo.min.  Rows with no key
+    anywhere (all lse -inf) are zeros.  Returns (output, lse), written into
+    `out` and `lse_out` when given."""
     top = lses.max(axis=0)
     top = np.where(np.isneginf(top), 0, top)  # all -inf: weights 0, not NaN
     weights = np.exp(lses - top)
+    if sums is not None:
+        weights = weights * sums
     total = weights.sum(axis=0)
     merged = np.einsum("n...l,n...le->...le", weights, outputs)
     merged = np.divide(merged, total[..., None], out=np.zeros_like(merged),

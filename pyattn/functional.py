@@ -120,7 +120,7 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
         probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.compute_dtype)
     if return_lse:
         check_fits(math.prod(prob.work_shape[:-1]), prob.compute_dtype.itemsize,
-                   f"the logsumexp, of shape {prob.work_shape[:-1]},")
+                   f"return_lse: the logsumexp, of shape {prob.work_shape[:-1]},")
         lse = np.empty(prob.work_shape[:-1], dtype=prob.compute_dtype)
     work = result
     if work.size == 0 and any(a is not None and a.size for a in (lse, probs)):
