@@ -264,9 +264,14 @@ def _heads(hq, hk, hv, enable_gqa):
     return hq, hq // hkv
 
 
+def is_mask_dtype(dtype):
+    """Masks are bool, or any float (bfloat16 included) added to the scores."""
+    return dtype == np.bool_ or dtype.kind == "f" or is_kernel_dtype(dtype)
+
+
 def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
     mask = as_array(attn_mask, "attn_mask")
-    if mask.dtype != np.bool_ and mask.dtype.kind != "f" and not is_kernel_dtype(mask.dtype):
+    if not is_mask_dtype(mask.dtype):
         raise TypeError(
             f"attn_mask has dtype {mask.dtype}; it must be bool (True = take part) "
             f"or floating (added to the scores)"

@@ -22,6 +22,7 @@ from ._validation import (
     check_fits,
     check_size,
     is_kernel_dtype,
+    is_mask_dtype,
     resolve_dtype,
 )
 from .functional import attention
@@ -388,9 +389,7 @@ class MultiHeadAttention:
 
     def _mask_array(self, mask, name):
         arr = as_array(mask, name)
-        if arr.dtype == np.bool_:
-            return arr
-        if arr.dtype.kind != "f" and not is_kernel_dtype(arr.dtype):
+        if not is_mask_dtype(arr.dtype):
             raise TypeError(f"{name} must be bool (True = masked out) or float (added to the "
                             f"scores); got dtype {arr.dtype}")
         return arr  # cast once its shape is known to be right
