@@ -79,7 +79,8 @@ def merge_partials(outputs, lses, out=None, lse_out=None, sums=None):
     `out` and `lse_out` when given."""
     top = lses.max(axis=0)
     top = np.where(np.isneginf(top), 0, top)  # all -inf: weights 0, not NaN
-    weights = np.exp(lses - top)
+    with np.errstate(invalid="ignore"):  # +inf - +inf: NaN rows stay NaN, quietly
+        weights = np.exp(lses - top)
     if sums is not None:
         weights = weights * sums
     total = weights.sum(axis=0)
