@@ -29,10 +29,11 @@ enum pyattn_dtype {
     PYATTN_NUM_DTYPES
 };
 
-/* What Python needs to know of a dtype: its NumPy name and the itemsize of
- * the type it is computed in (that of the mask, logsumexp and weights). */
+/* What Python needs to know of a dtype: its NumPy name, its itemsize and
+ * that of the type it is computed in (of the mask, logsumexp and weights). */
 typedef struct pyattn_dtype_info {
     const char *name;
+    int itemsize;          /* of the storage type */
     int compute_itemsize;
 } pyattn_dtype_info;
 extern const pyattn_dtype_info pyattn_dtypes[PYATTN_NUM_DTYPES];

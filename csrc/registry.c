@@ -12,10 +12,10 @@
 #endif
 
 const pyattn_dtype_info pyattn_dtypes[PYATTN_NUM_DTYPES] = {
-    [PYATTN_FLOAT32] = {"float32", 4},
-    [PYATTN_FLOAT64] = {"float64", 8},
-    [PYATTN_FLOAT16] = {"float16", 4},
-    [PYATTN_BFLOAT16] = {"bfloat16", 4},
+    [PYATTN_FLOAT32] = {"float32", 4, 4},
+    [PYATTN_FLOAT64] = {"float64", 8, 8},
+    [PYATTN_FLOAT16] = {"float16", 2, 4},
+    [PYATTN_BFLOAT16] = {"bfloat16", 2, 4},
 };
 
 /* setup.py defines PYATTN_KERNEL_SETS as PYATTN_SET(avx512) PYATTN_SET(avx2)

@@ -35,6 +35,8 @@ cnp.import_array()
 # types compute in float32, which is then the dtype of the mask, the
 # logsumexp and the weights.
 DTYPES = tuple(pyattn_dtypes[i].name.decode() for i in range(PYATTN_NUM_DTYPES))
+ITEMSIZE = {pyattn_dtypes[i].name.decode(): pyattn_dtypes[i].itemsize
+            for i in range(PYATTN_NUM_DTYPES)}
 COMPUTE_ITEMSIZE = {pyattn_dtypes[i].name.decode(): pyattn_dtypes[i].compute_itemsize
                     for i in range(PYATTN_NUM_DTYPES)}
 
@@ -483,7 +485,7 @@ def attend(str kernel, str dtype, *, tuple pointers,
     memset(&run, 0, sizeof(run))
     run.dk = _dtype_kernel(kernel, dtype)
     run.real_size = COMPUTE_ITEMSIZE[dtype]
-    run.itemsize = run.real_size if out_real or dtype not in ("float16", "bfloat16") else 2
+    run.itemsize = run.real_size if out_real else ITEMSIZE[dtype]
     cdef pyattn_problem *prob = &run.prob
     prob.L, prob.S, prob.E, prob.Ev = sizes
     (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,

@@ -7,6 +7,7 @@ cdef extern from "pyattn_kernels.h" nogil:
         PYATTN_NUM_DTYPES
     ctypedef struct pyattn_dtype_info:
         const char *name
+        int itemsize
         int compute_itemsize
     const pyattn_dtype_info pyattn_dtypes[]
 

@@ -303,7 +303,7 @@ def check_flag(value, name):
 
 
 def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa):
-    """Validate a scaled_dot_product_attention call; see the README's rules."""
+    """Validate a scaled_dot_product_attention call; see docs/api.md for the rules."""
     is_causal = check_flag(is_causal, "is_causal")
     enable_gqa = check_flag(enable_gqa, "enable_gqa")
     q = as_float_array(query, "query", layout="(..., L, E)")

@@ -51,8 +51,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         Written in place and returned; must have the result's shape and dtype,
         be writable and not overlap the inputs.
     num_threads : int, optional
-        None: OpenMP's default (``OMP_NUM_THREADS``, threadpoolctl).  n > 0:
-        exactly n threads.  -1: all CPUs, -2: all but one, ...
+        At most this many threads.  None: OpenMP's default
+        (``OMP_NUM_THREADS``, threadpoolctl).  n > 0: n.  -1: all CPUs, -2:
+        all but one, ...  A call with too little work for a team runs on the
+        calling thread (docs/threads.md).
     alignment : "top_left" or "lower_right"
         Where query i's diagonal key lies, for ``is_causal``, ``window`` and
         ALiBi: key i (PyTorch's ``is_causal``), or key i + S - L (PyTorch's
