@@ -9,6 +9,7 @@ argument.  The children start in a pool as soon as the first test here runs;
 each takes about as long as ``import pyattn``.
 """
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pyattn import _cli, bench
+from pyattn.bench import cli as bench_cli
 
 WORKERS = 2  # children at once
 TIMEOUT = 60  # s: a child that passes its argument checks starts a real run
@@ -157,6 +159,8 @@ def test_bench_help(helpers, tmp_path):
 @pytest.mark.parametrize("args, names, peers", [
     ([], list(bench.SUITES[bench.DEFAULT_SUITE]), list(bench.PEERS)),
     (["--suite", "inference"], list(bench.SUITES["inference"]), list(bench.PEERS)),
+    (["--suite", "latency"], list(bench.SUITES["latency"]), list(bench.PEERS)),
+    (["--cases", "trivial,bert"], ["trivial", "bert"], list(bench.PEERS)),
     (["--cases", " bert , causal ", "--suite", "full"], ["bert", "causal"], list(bench.PEERS)),
     (["--peers", "none"], list(bench.SUITES["quick"]), []),
     (["--no-peers", "--no-reference"], list(bench.SUITES["quick"]), []),
@@ -169,8 +173,8 @@ def test_bench_help(helpers, tmp_path):
 def test_valid_bench_arguments_still_parse(args, names, peers, tmp_path, monkeypatch):
     """In this process, without running anything: what main() would run."""
     monkeypatch.chdir(tmp_path)
-    parser = bench.build_parser()
-    got_names, got_peers = bench._check_args(parser, parser.parse_args(args))
+    parser = bench_cli.build_parser()
+    got_names, got_peers = bench_cli._check_args(parser, parser.parse_args(args))
     if names is not None:
         assert (got_names, got_peers) == (names, peers)
 
@@ -180,3 +184,23 @@ def test_unwritable_path_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(_cli.os, "access", lambda path, mode: False)
     with pytest.raises(argparse.ArgumentTypeError, match="cannot write to .*permission denied"):
         _cli.output_file(str(tmp_path / "x.json"))
+
+
+def test_latency_suite_runs(helpers, tmp_path):
+    """The latency suite end to end, shortened (2 calls each, torch the only
+    peer): exit 0, a row per case, every case in the JSON, pyattn right on each."""
+    names = bench.SUITES["latency"]
+    proc = subprocess.run([sys.executable, "-m", "pyattn.bench", "--suite", "latency",
+                           "--repeat", "2", "--threads", "1", "--peers", "torch",
+                           "--json", "latency.json"],
+                          cwd=tmp_path, env=helpers.child_env(PYTHONIOENCODING="utf-8"),
+                          capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert all(name in rows for name in names), proc.stdout
+    assert "pyattn µs" in proc.stdout and "p10-p90" in proc.stdout, proc.stdout
+    results = json.loads((tmp_path / "latency.json").read_text())["results"]
+    assert [r["name"] for r in results] == list(names)
+    for r in results:
+        assert r["timing"] == "interleaved" and r["matches_reference"], r["name"]
+        assert r["impls"]["pyattn"]["repeat"] == 2, r["name"]

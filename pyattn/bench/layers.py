@@ -9,24 +9,22 @@ process, the idle threads that one library leaves spinning after its calls
 (torch's OpenMP pool, OpenBLAS's workers) would slow the next library down.
 The NumPy baseline is the same module with pyattn.reference attention (the
 same BLAS projections), so its gap to pyattn is the attention kernel's.
-Every output is compared with the baseline's outside the timing.
+Every output is compared with the baseline's outside the timing; the
+timing is pyattn.bench.timing's.
 """
 import json
-import os
-import statistics
-import subprocess
-import sys
-import time
 
 import numpy as np
 
 import pyattn
+from pyattn.bench.cases import TOLERANCE
+from pyattn.bench.child import ChildFailed, run_child
+from pyattn.bench.timing import summarize, time_calls
 from pyattn.layers import MultiHeadAttention
 
 MODULE_CASES = [  # (name, B, L, E, H): BERT-base's attention block
     ("mha-bert-base", 8, 128, 768, 12),
 ]
-TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 # label: (implementation, need_weights, extra environment)
 RUNS = {
     "pyattn (no weights)": ("pyattn", False, {}),
@@ -54,16 +52,10 @@ class _ReferenceMHA(MultiHeadAttention):
     _attention = staticmethod(_reference_attention)
 
 
-def _median_ms(fn, budget_s=3.0, max_repeat=60):
-    t0 = time.perf_counter()
-    result = fn()  # warm-up
-    n = max(5, min(max_repeat, int(budget_s / max(time.perf_counter() - t0, 1e-9))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, result
+def _median_ms(fn):
+    """fn's median time in ms and its last result."""
+    timed = time_calls({"module": fn})
+    return summarize(timed.times["module"])["median_ms"], timed.results["module"]
 
 
 def _problem(B, L, E, H):
@@ -97,19 +89,20 @@ def _worker(impl, need_weights, case_index, threads):
         with torch.inference_mode():
             ms, (tout, _) = _median_ms(lambda: tm(xt, xt, xt, need_weights=need_weights))
         out, info = tout.numpy(), {"version": torch.__version__}
-    print(json.dumps(dict(info, median_ms=ms, matches=bool(np.allclose(out, want, **TOLERANCE)))))
+    matches = bool(np.allclose(out, want, **TOLERANCE["float32"]))
+    print(json.dumps(dict(info, median_ms=ms, matches=matches)))
 
 
 def _run_worker(impl, need_weights, case_index, threads, env):
-    code = (f"from pyattn.bench_layers import _worker; "
+    """The worker's JSON, or None when it needs torch and torch is absent."""
+    code = (f"from pyattn.bench.layers import _worker; "
             f"_worker({impl!r}, {need_weights!r}, {case_index}, {threads})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, **env))
-    if proc.returncode != 0:
-        if impl == "torch" and "No module named 'torch'" in proc.stderr:
+    try:
+        return run_child(f"{impl} worker", code, env=env)
+    except ChildFailed as exc:
+        if impl == "torch" and "No module named 'torch'" in exc.stderr:
             return None
-        raise RuntimeError(f"{impl} worker failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise
 
 
 def run_layers(threads):
