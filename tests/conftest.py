@@ -4,10 +4,14 @@ Hypothesis profiles: "ci" (the default: derandomised, so every run draws the
 same examples) and "dev" (random, more examples); choose with the
 HYPOTHESIS_PROFILE environment variable.
 
-The helpers are handed out as fixtures rather than imported, because the suite
-runs under pytest's ``--import-mode=importlib``, where test modules cannot
-import one another or this file.  ``helpers`` and ``kernels`` are
-session-scoped so that Hypothesis tests may use them too.
+The suite runs under pytest's default import mode, "prepend" (pyproject.toml
+sets no ``--import-mode``): the directory of this file is put on ``sys.path``,
+so test modules import plain helpers and constants (parametrize lists, ids,
+mask builders) from ``tests/support.py``; helpers that tests take as
+arguments are fixtures here.  Under this mode a test module's name is its
+file's basename, so basenames must stay unique across tests/ and its
+subfolders (which have no ``__init__.py``).  ``helpers`` is session-scoped so
+that Hypothesis tests may use it too.
 """
 import os
 import subprocess
@@ -17,6 +21,7 @@ import zlib
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+from support import USABLE_KERNELS, randn
 
 import pyattn
 from pyattn import _attention, _dispatch, _plan
@@ -30,7 +35,6 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-USABLE_KERNELS = _dispatch.usable_kernels()
 
 # Environment variables that change what a child interpreter does.
 _CHILD_ENV_DROP = ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "OMP_DYNAMIC", "OMP_PROC_BIND",
@@ -40,10 +44,7 @@ _CHILD_ENV_DROP = ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "OMP_DYNAMIC", "OMP_PR
 class Helpers:
     """Namespace of test helpers (see the `helpers` fixture)."""
 
-    @staticmethod
-    def randn(rng, shape, dtype=np.float32, scale=1.0):
-        """Standard-normal array of `dtype` (times `scale`)."""
-        return (rng.standard_normal(shape) * scale).astype(dtype)
+    randn = staticmethod(randn)  # support.randn
 
     @staticmethod
     def qkv(rng, qshape, kshape, vshape, dtype=np.float32):

@@ -20,14 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from support import randn
 
 import pyattn
 
 sdpa = pyattn.scaled_dot_product_attention
-
-
-def randn(rng, shape, dtype=np.float32):
-    return rng.standard_normal(shape).astype(dtype)
 
 
 def make_tasks(rng):

@@ -25,6 +25,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from support import randn
 
 import pyattn
 from pyattn import _attention, _plan, functional
@@ -32,10 +33,6 @@ from pyattn import reference as ref
 
 sdpa = pyattn.scaled_dot_product_attention
 THREADS = (1, 2, 3, 4)
-
-
-def randn(rng, shape, dtype=np.float32):
-    return rng.standard_normal(shape).astype(dtype)
 
 
 def case_inputs(name, rng, kernel):

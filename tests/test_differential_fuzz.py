@@ -1,4 +1,4 @@
-"""Differential fuzzer (the hardening issue): adversarial calls, each run
+"""Differential fuzzer: adversarial calls, each run
 through pyattn and through its NumPy oracle pyattn.reference with the same
 arguments, on every kernel this machine can run.
 
@@ -30,9 +30,10 @@ Legitimately ill-conditioned places are excluded from some of these checks
 only; each exclusion is computed per row or per element in `Analysis`, with
 the reason next to it.
 
-The deterministic tests at the end pin the exact examples of the issue.
+The deterministic tests at the end, (a)-(h), pin known hard inputs: zero-stride
+and claimed-huge sizes, zero heads, finfo.min masks, huge softcaps and ALiBi
+slopes, sinks on rows with no key, and misaligned or big-endian broadcasts.
 """
-import contextlib
 import math
 import os
 import re
@@ -44,17 +45,18 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import SDPA_IMPLS, USABLE_KERNELS, using_kernel
 
 import pyattn
-from pyattn import _attention, _dispatch
+from pyattn import _dispatch
 from pyattn import reference as ref
 
 # The example budget, PYATTN_FUZZ_EXAMPLES: Hypothesis examples per fuzz test
 # and kernel.  The default, 100, keeps this file well under a minute on 2
 # cores with three kernels, inside CI's time; the examples are drawn
 # derandomised (the same every run).  tools/sanitize.sh sets a small fixed
-# budget; run 100x the default (PYATTN_FUZZ_EXAMPLES=10000) before closing a
-# hardening issue.
+# budget; run 100x the default (PYATTN_FUZZ_EXAMPLES=10000) after changing the
+# kernels, the planner or input validation.
 FUZZ_EXAMPLES = int(os.environ.get("PYATTN_FUZZ_EXAMPLES", "100"))
 
 FUZZ = settings(
@@ -63,7 +65,7 @@ FUZZ = settings(
                            HealthCheck.filter_too_much, HealthCheck.large_base_example],
 )
 
-KERNELS = _dispatch.usable_kernels()
+KERNELS = USABLE_KERNELS
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BF16]
 DTYPE_IDS = [d.name for d in DTYPES]
@@ -92,24 +94,6 @@ def cast(x, dtype):
     """float64 value(s) `x` rounded to `dtype` and back (overflow gives inf)."""
     with np.errstate(all="ignore"):
         return np.asarray(x, np.float64).astype(native(dtype)).astype(np.float64)
-
-
-@contextlib.contextmanager
-def using_kernel(name):
-    """Switch pyattn's kernel (what conftest's `kernel` fixture does, for
-    Hypothesis tests, which cannot take function-scoped fixtures), with the
-    thread cost model off (conftest's `exact_threads`), so that
-    num_threads=2 runs two threads even on the small problems drawn here."""
-    saved = _dispatch.KERNEL, getattr(_attention, "THREAD_COST_MODEL", None)
-    _dispatch.KERNEL = name
-    if saved[1] is not None:
-        _attention.THREAD_COST_MODEL = False
-    try:
-        yield
-    finally:
-        _dispatch.KERNEL = saved[0]
-        if saved[1] is not None:
-            _attention.THREAD_COST_MODEL = saved[1]
 
 
 # --------------------------------------------------------------------------
@@ -522,7 +506,7 @@ def check_call(helpers, case, kernel):
 
 def _check_call(helpers, case, kernel):
     q, k, v, kwargs = case.q, case.k, case.v, case.kwargs
-    with using_kernel(kernel):
+    with using_kernel(kernel, exact_threads=True):
         (got, gexc), (want, wexc) = run_both(q, k, v, kwargs)
     shape, may_raise = expected_shape(q.shape, k.shape, v.shape, kwargs.get("enable_gqa", False))
     if gexc is not None or wexc is not None:
@@ -841,13 +825,8 @@ def test_degenerate_and_mismatched_shapes(helpers, kernel_name, case):
 
 
 # --------------------------------------------------------------------------
-# the issue's examples, deterministic
+# known hard inputs (a)-(h), deterministic
 # --------------------------------------------------------------------------
-
-def _sdpa_both():
-    return (("pyattn", pyattn.scaled_dot_product_attention),
-            ("reference", ref.scaled_dot_product_attention))
-
 
 def _run_child(helpers, tmp_path, code, kernel=None, timeout=120):
     """Run `code` in a fresh interpreter (a crash fails the test, not
@@ -915,7 +894,7 @@ def test_zero_heads_broadcast_like_numpy(kernel, rng, helpers, case):
     qs, ks, vs = ZERO_HEAD_CASES[case]
     q, k, v = helpers.qkv(rng, qs, ks, vs)
     shape, _ = expected_shape(qs, ks, vs, False)
-    for who, sdpa in _sdpa_both():
+    for who, sdpa in SDPA_IMPLS.items():
         if shape is None:
             with pytest.raises(ValueError, match=NAMES_AN_ARGUMENT):
                 sdpa(q, k, v, return_lse=True)
@@ -929,7 +908,7 @@ def test_zero_kv_heads_with_gqa_is_a_value_error(kernel, rng, helpers, hq):
     """(c) 0 key/value heads with enable_gqa=True: ValueError (Hq = 1 is a
     broadcast, 0 heads), never ZeroDivisionError."""
     q, k, v = helpers.qkv(rng, (2, hq, 3, 4), (2, 0, 5, 4), (2, 0, 5, 6))
-    for who, sdpa in _sdpa_both():
+    for who, sdpa in SDPA_IMPLS.items():
         if hq == 1:
             assert sdpa(q, k, v, enable_gqa=True).shape == (2, 0, 3, 6), who
             continue
@@ -987,7 +966,7 @@ def test_huge_softcap_caps_nothing(kernel, rng, helpers, dtype, value):
     q, k, v = helpers.qkv(rng, (2, 2, 5, 8), (2, 2, 150, 8), (2, 2, 150, 4), dtype)
     plain = ref.scaled_dot_product_attention(q, k, v)
     rtol, atol = half_ulp_tol(dtype)
-    for who, sdpa in _sdpa_both():
+    for who, sdpa in SDPA_IMPLS.items():
         if not _representable(value, dtype):
             try:
                 got = sdpa(q, k, v, softcap=value)
@@ -1012,7 +991,7 @@ def test_huge_alibi_slope_attends_to_the_diagonal(kernel, rng, helpers, dtype, v
     up = [a.astype(np.float64) for a in (q, k)]
     own = (up[0] * up[1][..., :L, :]).sum(-1) / math.sqrt(8)
     rtol, atol = half_ulp_tol(dtype)
-    for who, sdpa in _sdpa_both():
+    for who, sdpa in SDPA_IMPLS.items():
         try:
             got, lse = sdpa(q, k, v, alibi_slopes=slopes, return_lse=True)
         except ValueError as exc:
@@ -1044,7 +1023,7 @@ def test_sink_below_float32_on_a_row_with_no_key(kernel, rng, helpers, dtype, ho
     plain = {n: a for n, a in kwargs.items() if n != "sinks"}
     want, wlse = ref.scaled_dot_product_attention(q, k, v, return_lse=True, **plain)
     rtol, atol = half_ulp_tol(dtype)
-    for who, sdpa in _sdpa_both():
+    for who, sdpa in SDPA_IMPLS.items():
         got, lse = sdpa(q, k, v, return_lse=True, **kwargs)
         assert not np.isnan(got).any() and not np.isnan(lse).any(), (who, got, lse)
         assert (got[0] == 0).all(), (who, got[0])

@@ -1,4 +1,4 @@
-"""Property tests over the whole functional API (issue 6's fuzzing): random
+"""Property tests over the whole functional API: random
 shapes, dtypes, strides, masks and flags, each call checked for
 
 - agreement with pyattn.reference,
@@ -11,12 +11,13 @@ The "ci" Hypothesis profile (tests/conftest.py) fixes the example budget.
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
+from support import FULL
 
 import pyattn
 from pyattn import _dispatch, functional
 from pyattn import reference as ref
 
-DTYPES = [np.float32, np.float64, np.float16]
+DTYPES = FULL + [np.float16]
 
 
 @st.composite

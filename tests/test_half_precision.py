@@ -15,27 +15,17 @@ cases), layouts, out=, masks, errors, and a half-precision KVCache.
 """
 import numpy as np
 import pytest
+from support import HALVES, bfloat16, ids, needs_bf16
 
 import pyattn
 from pyattn import _attention, _plan, functional
 from pyattn import reference as ref
 
-try:
-    from ml_dtypes import bfloat16
-except ImportError:  # CI installs ml_dtypes; elsewhere the bfloat16 cases skip
-    bfloat16 = None
-
-needs_bf16 = pytest.mark.skipif(bfloat16 is None, reason="needs ml_dtypes")
-HALVES = [np.float16, pytest.param(bfloat16, marks=needs_bf16, id="bfloat16")]
 sdpa = pyattn.scaled_dot_product_attention
 
 # significand bits (with the implicit one) and the exponent of the smallest
 # normal number, as frexp counts it (x = m * 2**e, 0.5 <= m < 1)
 FORMAT = {"float16": (11, -13), "bfloat16": (8, -125)}
-
-
-def ids(v):
-    return getattr(v, "__name__", str(v))
 
 
 def ulp(x, dtype):

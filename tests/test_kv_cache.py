@@ -18,23 +18,11 @@ import threading
 
 import numpy as np
 import pytest
+from support import HALF_AND_FULL, ids
 
 import pyattn
 from pyattn import _attention, kv_cache
 from pyattn import reference as ref
-
-try:
-    from ml_dtypes import bfloat16
-except ImportError:  # CI installs ml_dtypes; elsewhere the bfloat16 cases skip
-    bfloat16 = None
-
-needs_bf16 = pytest.mark.skipif(bfloat16 is None, reason="needs ml_dtypes")
-HALF_AND_FULL = [np.float32, np.float64, np.float16,
-                 pytest.param(bfloat16, marks=needs_bf16, id="bfloat16")]
-
-
-def ids(v):
-    return getattr(v, "__name__", str(v))
 
 
 def filled(rng, helpers, lengths, hkv=2, E=16, Ev=None, dtype=np.float32, **kwargs):

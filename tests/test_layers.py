@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import FULL as DTYPES
+from support import f32, ids, randn
 
 import pyattn
 from pyattn import functional
 from pyattn import reference as ref
-
-DTYPES = [np.float32, np.float64]
-
-
-def ids(v):
-    return getattr(v, "__name__", str(v))
 
 
 def tols(dtype):
@@ -27,10 +23,6 @@ def tols(dtype):
 def close(helpers, actual, expected, dtype):
     rtol, atol = tols(dtype)
     helpers.assert_close(actual, expected, dtype=dtype, rtol=rtol, atol=atol)
-
-
-def randn(rng, shape, dtype=np.float64, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
 def explicit_softmax(scores):
@@ -625,7 +617,7 @@ def test_mha_num_threads(rng, helpers):
 
 
 def test_mha_walkthrough_shapes(rng, helpers):
-    """The issue's example: 4 tokens (我, 爱, A, I), 512-d, 8 heads of 64."""
+    """The walk-through example: 4 tokens (我, 爱, A, I), 512-d, 8 heads of 64."""
     mha = pyattn.MultiHeadAttention(512, 8, rng=0)
     x = randn(rng, (1, 4, 512), np.float32)
     out, w_h = mha(x, x, x, average_attn_weights=False)
@@ -825,10 +817,6 @@ def test_load_state_dict_not_strict():
 @pytest.fixture
 def err_mha():
     return pyattn.MultiHeadAttention(8, 2, kdim=6, vdim=4, rng=0)
-
-
-def f32(*shape):
-    return np.ones(shape, np.float32)
 
 
 MHA_ERRORS = {

@@ -18,7 +18,7 @@ TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 TOL = {np.float32: dict(rtol=1e-5, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
 
 # (embed_dim, num_heads): one head, head_dim 1, odd head counts (torch's fast
-# path needs an even count), the 512 / 8 walk-through
+# path needs an even count), the 512 / 8 walk-through example
 HEAD_COMBOS = [(8, 1), (8, 2), (12, 3), (16, 4), (16, 8), (24, 6), (32, 4), (6, 6), (10, 5),
                (64, 8), (512, 8), (20, 2)]
 MODES = ["self", "cross", "kvdim", "kv_same"]  # kvdim: cross attention, kdim/vdim != embed_dim

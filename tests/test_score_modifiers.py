@@ -1,4 +1,4 @@
-"""Score modifiers (issue 5, items 2-6): alignment, sliding windows, ALiBi,
+"""Score modifiers: alignment, sliding windows, ALiBi,
 soft-capping, attention sinks, q/kv lengths, return_lse and merge_attention.
 
 Three kinds of checks:
@@ -10,7 +10,6 @@ Three kinds of checks:
     shows up;
   * PyTorch's lower-right causal bias, when torch is installed.
 """
-import contextlib
 import functools
 import warnings
 import zlib
@@ -19,30 +18,15 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import FULL as DTYPES
+from support import USABLE_KERNELS, draw_batch, ids, random_mask, using_kernel
 
 import pyattn
-from pyattn import _attention, _dispatch, _plan, functional
+from pyattn import _attention, _plan, functional
 from pyattn import reference as ref
 
 sdpa = pyattn.scaled_dot_product_attention
-DTYPES = [np.float32, np.float64]
-USABLE_KERNELS = _dispatch.usable_kernels()
 LSE_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
-
-
-def ids(v):
-    return getattr(v, "__name__", str(v))
-
-
-@contextlib.contextmanager
-def using_kernel(name):
-    """The `kernel` fixture's switch, for Hypothesis tests (no function fixtures)."""
-    saved = _dispatch.KERNEL
-    _dispatch.KERNEL = name
-    try:
-        yield
-    finally:
-        _dispatch.KERNEL = saved
 
 
 def assert_lse_close(got, want, dtype):
@@ -108,13 +92,11 @@ ALIBI = np.array([0.5, 0.25, 0.125, 0.0625])
 
 
 def make_mask(rng, kind, shape, dtype):
-    if kind is None:
-        return None
-    if kind == "bool":
-        return rng.random(shape) < 0.75
-    bias = (rng.standard_normal(shape) * 0.5).astype(dtype)
-    bias[rng.random(shape) < 0.15] = -np.inf
-    return bias
+    """random_mask with this file's mix: "float" masks are 0.5 * normal
+    with 15% -inf; bool masks keep 75%."""
+    kind = "float_neginf" if kind == "float" else kind
+    return random_mask(rng, kind, shape, dtype, keep=0.75, scale=0.5, neginf=0.15,
+                       both_values=False)
 
 
 def lengths(rng, n, hi, with_zero=False):
@@ -276,8 +258,7 @@ SIDE = st.one_of(st.none(), st.integers(0, 40))
 @st.composite
 def modifier_problems(draw):
     dtype = draw(st.sampled_from(DTYPES))
-    nbatch = draw(st.integers(0, 2))
-    batch = tuple(draw(st.integers(1, 3)) for _ in range(nbatch))
+    batch = draw_batch(draw)
     hkv = draw(st.integers(1, 2))
     hq = hkv * draw(st.integers(1, 3))
     L, S = draw(SEQ), draw(SEQ)

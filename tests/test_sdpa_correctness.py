@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import FULL as DTYPES
+from support import draw_batch, ids, random_mask
 
 import pyattn
 from pyattn import _attention
 from pyattn import reference as ref
 
 sdpa = pyattn.scaled_dot_product_attention
-DTYPES = [np.float32, np.float64]
-
-
-def ids(v):
-    return getattr(v, "__name__", str(v))
 
 
 # --------------------------------------------------------------------------
@@ -152,27 +149,13 @@ MASK_SHAPES = {
 }
 
 
-def make_mask(rng, kind, shape, dtype):
-    """A random mask: bool (True = take part; both values present when it has
-    two or more elements), float (normal values) or float with some -inf."""
-    if kind == "bool":
-        m = np.asarray(rng.random(shape) < 0.7)
-        if m.size > 1:
-            m.flat[0], m.flat[-1] = True, False
-        return m
-    m = np.asarray(rng.standard_normal(shape)).astype(dtype)
-    if kind == "float_neginf":
-        m[np.asarray(rng.random(shape) < 0.3)] = -np.inf
-    return m
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["nocausal", "causal"])
 @pytest.mark.parametrize("shape", list(MASK_SHAPES))
 @pytest.mark.parametrize("kind", ["bool", "float", "float_neginf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 def test_mask_kinds_and_broadcasts(kernel, dtype, kind, shape, causal, rng, helpers):
     q, k, v = helpers.qkv(rng, (B, HQ, L_, E_), (B, HQ, S_, E_), (B, HQ, S_, 8), dtype)
-    mask = make_mask(rng, kind, MASK_SHAPES[shape], dtype)
+    mask = random_mask(rng, kind, MASK_SHAPES[shape], dtype)
     got = sdpa(q, k, v, attn_mask=mask, is_causal=causal)
     expected = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     assert not np.isnan(got).any()
@@ -683,7 +666,7 @@ def test_thread_count_does_not_change_the_result(kernel, case, dtype, rng, helpe
         k, v = np.asfortranarray(k), v[..., ::-1, :].copy()[..., ::-1, :]
     if kind is not None:
         scores = qs[:-1] + (ks[-2],)
-        kwargs["attn_mask"] = make_mask(rng, kind, scores, dtype)
+        kwargs["attn_mask"] = random_mask(rng, kind, scores, dtype)
     results = [sdpa(q, k, v, num_threads=n, **kwargs) for n in (1, 2, 3)]
     assert np.array_equal(results[0], results[1])
     assert np.array_equal(results[0], results[2])
@@ -702,13 +685,12 @@ SEQ = st.one_of(st.integers(1, 9),
 @st.composite
 def problems(draw):
     dtype = draw(st.sampled_from(DTYPES))
-    nbatch = draw(st.integers(0, 2))
-    batch = tuple(draw(st.integers(1, 3)) for _ in range(nbatch))
+    batch = draw_batch(draw)
     hkv = draw(st.integers(1, 3))
     group = draw(st.integers(1, 3))
     hq = hkv * group
     gqa = group > 1 and hkv > 1 or draw(st.booleans())
-    two_d = nbatch == 0 and hq == 1 and draw(st.booleans())
+    two_d = not batch and hq == 1 and draw(st.booleans())
     L = draw(st.one_of(SEQ, st.integers(0, 3)))
     S = draw(SEQ)
     E = draw(st.one_of(st.integers(1, 20), st.sampled_from([32, 64, 65, 128])))
@@ -750,7 +732,7 @@ def laid_out(arr, layout):
 def test_property_matches_reference(helpers, p):
     rng = np.random.default_rng(p["seed"])
     q, k, v = helpers.qkv(rng, p["qs"], p["ks"], p["vs"], p["dtype"])
-    mask = None if p["mask_kind"] is None else make_mask(rng, p["mask_kind"], p["mask_shape"],
+    mask = None if p["mask_kind"] is None else random_mask(rng, p["mask_kind"], p["mask_shape"],
                                                          p["dtype"])
     kwargs = dict(attn_mask=mask, is_causal=p["is_causal"], scale=p["scale"],
                   enable_gqa=p["enable_gqa"])
@@ -773,7 +755,7 @@ def test_property_key_permutation_invariance(helpers, p, with_mask):
     kwargs = dict(scale=p["scale"], enable_gqa=p["enable_gqa"])
     mask = pmask = None
     if with_mask and p["mask_kind"] is not None:
-        mask = make_mask(rng, p["mask_kind"], p["mask_shape"], p["dtype"])
+        mask = random_mask(rng, p["mask_kind"], p["mask_shape"], p["dtype"])
         pmask = mask[..., perm] if mask.ndim and mask.shape[-1] == S else mask
     got = sdpa(q, k, v, attn_mask=mask, **kwargs)
     permuted = sdpa(q, k[..., perm, :], v[..., perm, :], attn_mask=pmask, **kwargs)
