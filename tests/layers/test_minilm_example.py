@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minilm_embeddings.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "minilm_embeddings.py"
 
 # Lengths from a handful of tokens to about a hundred, so that a batch pads a lot.
 TEXTS = [

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "generate.py"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pyattn
 from pyattn import walkthrough
 from pyattn.__main__ import main as pyattn_main
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "examples", "walkthrough.py")
 
 
