@@ -11,15 +11,15 @@ trap 'rm -rf "$work"' EXIT
 cp -r "$top/pyattn" "$top/csrc" "$top/tests" "$top/examples" "$top/setup.py" "$top/pyproject.toml" "$work/"
 rm -f "$work"/pyattn/*.so "$work"/pyattn/_attention.c
 cd "$work"
-# A fixed small budget for the differential fuzzer (tests/test_differential_fuzz.py).
+# A fixed small budget for the differential fuzzer (tests/kernel/test_differential_fuzz.py).
 export PYATTN_FUZZ_EXAMPLES=10
 PYATTN_EXTRA_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -O1" \
     python setup.py build_ext --inplace -q
 # The Python binary is not instrumented, so the runtimes are preloaded.
 # Leak checking is off: CPython's own allocations would drown the report.
-# test_memory.py is skipped: ASan's shadow memory inflates RSS by design.
+# tests/system/test_memory.py is skipped: ASan's shadow memory inflates RSS by design.
 # -s: pytest must not capture fd 2, or a report is lost when ASan aborts.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-    python -m pytest tests -q -s -p no:cacheprovider --ignore=tests/test_memory.py "$@"
+    python -m pytest tests -q -s -p no:cacheprovider --ignore=tests/system/test_memory.py "$@"
