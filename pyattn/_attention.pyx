@@ -28,6 +28,8 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = PYATTN_MASK_NONE, PYATTN_MASK_BOOL, PYATTN
 KEY_CHUNK = PYATTN_KEY_CHUNK  # split-KV chunks are multiples of this many keys
 MAX_POSITIONS = 2**31 - 1  # queries or keys per sequence; claimed sizes beyond are refused
 MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
+_cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+    os.cpu_count() or 1)
 
 cnp.import_array()
 
@@ -282,7 +284,9 @@ cdef int _team_size(const launch *run, int requested, int64_t n_items):
     """Threads for this launch: 1, or as many as requested and useful (at most
     one per work item), whichever the cost model says is faster.  Only the
     count changes, never the plan: results are bitwise the same either way."""
-    cdef int most = <int>min(<int64_t>requested, n_items)
+    # at most MAX_THREADS (the driver's per-thread tables), whatever OpenMP's
+    # default says
+    cdef int most = <int>min(<int64_t>requested, n_items, <int64_t>MAX_THREADS)
     if most <= 1:
         return 1
     if not THREAD_COST_MODEL:
@@ -292,6 +296,8 @@ cdef int _team_size(const launch *run, int requested, int64_t n_items):
     cdef double flops = 2.0 * heads * p.L * p.S * (p.E + p.Ev)
     cdef double kv_bytes = heads / run.kv_group * p.S * (p.E + p.Ev) * run.itemsize
     cdef double alone = max(flops / FLOPS_PER_NS, kv_bytes / BYTES_PER_NS)
+    # more threads than CPUs never run faster, and thousands may not be had
+    most = min(most, _cpu_count)
     cdef bint warm = _now_ns() - _last_region_end < WARM_WINDOW_NS
     return most if alone / most + _start_ns[0 if warm else 1] < alone else 1
 
@@ -378,6 +384,8 @@ cdef int _run(launch *run, int num_threads) except -1:
     # header: the kernel's cache of packed K/V is empty.  Checked sizes:
     # claimed shapes (zero-stride views) may be absurd.
     cdef size_t one = pyattn_size_add(run.dk.scratch_bytes(&run.prob), 63) // 64 * 64
+    if one < SIZE_MAX - 63 and threads > 1:  # num_threads is a maximum: fewer that fit
+        threads = <int>max(1, min(<size_t>threads, pyattn_physical_memory() // 2 // one))
     cdef size_t total = pyattn_size_mul(one, threads)
     if one >= SIZE_MAX - 63 or total > pyattn_physical_memory():
         raise ValueError(
@@ -606,7 +614,9 @@ def simple_attention(query, key, value, is_causal, scale, enable_gqa, num_thread
         threads = num_threads
     else:
         return None
-    if B * hq * L * Ev * itemsize > <int64_t>pyattn_physical_memory():  # L, S < 2**31
+    cdef size_t out_bytes = pyattn_size_mul(pyattn_size_mul(pyattn_size_mul(
+        pyattn_size_mul(<size_t>B, <size_t>hq), <size_t>L), <size_t>Ev), <size_t>itemsize)
+    if out_bytes > pyattn_physical_memory():  # checked: Ev may claim anything
         return None
 
     cdef launch run

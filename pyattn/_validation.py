@@ -463,7 +463,11 @@ def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, 
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError("softcap must be a positive number or None, "
                             f"got {type(softcap).__name__}")
-        softcap = float(softcap)
+        try:
+            softcap = float(softcap)
+        except OverflowError:  # an int beyond float range
+            raise ValueError(f"softcap must be finite, got an integer of "
+                             f"{softcap.bit_length()} bits") from None
         if not (math.isfinite(softcap) and softcap > 0):
             raise ValueError(f"softcap must be positive and finite, got {softcap}")
         representable(softcap, "softcap", prob.compute_dtype, positive=True)
@@ -490,6 +494,19 @@ def _overlaps(a, b):
         return True  # cannot prove otherwise: refuse rather than risk it
 
 
+def _self_overlapping(arr):
+    """Whether two elements of `arr` may share memory: with its axes sorted by
+    stride, each stride must clear the extent of the axes below it."""
+    if arr.size == 0:
+        return False
+    extent = arr.itemsize
+    for stride, n in sorted((abs(st), n) for n, st in zip(arr.shape, arr.strides) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * (n - 1) + extent
+    return False
+
+
 def prepare_out(out, shape, dtype, inputs):
     """The array to write a result of `shape` and `dtype` into: `out` after
     checks, or a new one.  `inputs` names the arrays it must not overlap."""
@@ -503,6 +520,9 @@ def prepare_out(out, shape, dtype, inputs):
         raise ValueError(f"out has shape {out.shape}; the result has shape {tuple(shape)}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
+    if _self_overlapping(out):
+        raise ValueError("out has elements that share memory (zero or overlapping strides); "
+                         "pass an array whose every element is its own")
     for name, arr in inputs.items():
         if arr is not None and _overlaps(out, arr):
             raise ValueError(f"out overlaps {name} in memory; pass a separate array")

@@ -1091,3 +1091,44 @@ def test_huge_claimed_size_is_refused(case, isolated_runs):
     if not re.search(case.match, result["message"], re.S):
         pytest.fail(f"{call} raised {result['type']}: {result['message']}\n  does not match "
                     f"{case.match!r}", pytrace=False)
+
+
+# --------------------------------------------------------------------------
+# Found by an adversarial review: teams beyond the driver's tables, a claimed
+# result size that overflows int64 on the fast path, an int softcap beyond
+# float range, and an `out` whose elements share memory
+# --------------------------------------------------------------------------
+
+def test_openmp_default_beyond_1024_threads_is_capped(helpers, tmp_path):
+    proc = helpers.run_python(
+        "import numpy as np, pyattn\n"
+        "q = np.ones((1, 1100, 64, 64), np.float32)\n"
+        "print(pyattn.scaled_dot_product_attention(q, q, q).shape)\n",
+        cwd=tmp_path, OMP_NUM_THREADS=1100)
+    assert proc.stdout.strip() == "(1, 1100, 64, 64)"
+
+
+def test_claimed_result_beyond_int64_is_value_error():
+    z = np.zeros(1, np.float32)
+    strided = np.lib.stride_tricks.as_strided
+    q, k = strided(z, (1, 2**40, 1, 1), (0,) * 4), strided(z, (1, 1, 1, 1), (0,) * 4)
+    v = strided(z, (1, 1, 1, 2**40), (0,) * 4)
+    with pytest.raises(ValueError, match="the result, of shape"):
+        pyattn.scaled_dot_product_attention(q, k, v)
+
+
+def test_softcap_int_beyond_float_range_is_value_error():
+    q = np.ones((1, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="softcap must be finite"):
+        pyattn.scaled_dot_product_attention(q, q, q, softcap=2**1030)
+
+
+def test_out_with_elements_sharing_memory_is_value_error():
+    q = np.ones((1, 2, 3, 4), np.float32)
+    shared = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), q.shape, (0,) * 4,
+                                             writeable=True)
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        pyattn.scaled_dot_product_attention(q, q, q, out=shared)
+    transposed = np.zeros(q.shape[::-1], np.float32).transpose(3, 2, 1, 0)  # fine
+    pyattn.scaled_dot_product_attention(q, q, q, out=transposed)
+    np.testing.assert_array_equal(transposed, pyattn.scaled_dot_product_attention(q, q, q))

@@ -120,12 +120,13 @@ def test_num_threads_is_a_maximum_tiny_calls_run_on_the_caller(n, rng, spy_threa
 
 def test_team_size_grows_with_the_work(rng, spy_threads):
     """Decode against more and more keys: the team never shrinks as the work
-    grows, starts at one thread and reaches every requested thread."""
+    grows, starts at one thread and reaches every requested thread the
+    machine has CPUs for (more never run faster)."""
     for S in (16, 256, 4096, 65536):
         q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
         k = rng.standard_normal((1, 8, S, 64)).astype(np.float32)
         sdpa(q, k, k, num_threads=4)
-    assert spy_threads[0] == 1 and spy_threads[-1] == 4
+    assert spy_threads[0] == 1 and spy_threads[-1] == min(4, cpus())
     assert spy_threads == sorted(spy_threads)
 
 
