@@ -65,7 +65,7 @@ extensions = [
         include_dirs=["csrc", numpy.get_include()],
         define_macros=[("PYATTN_KERNEL_SETS", "".join(f"PYATTN_SET({isa})" for isa in KERNEL_SETS)),
                        ("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
-        depends=glob.glob("csrc/*.h") + ["pyattn/_kernels.pxd"],
+        depends=glob.glob("csrc/*.h") + glob.glob("pyattn/*.pxi") + ["pyattn/_kernels.pxd"],
         extra_compile_args=["-O3", "-std=gnu11", *extra_cflags],
         extra_link_args=[*extra_cflags],
     )

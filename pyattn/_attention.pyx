@@ -9,18 +9,11 @@ strides), the inner strides in `problem` are in elements (the kernel indexes
 typed pointers).
 """
 from cython.parallel cimport parallel, prange, threadid
-from libc.float cimport FLT_MAX
-from libc.math cimport INFINITY, fabs, isfinite, sqrt
+from libc.math cimport INFINITY
 from libc.stdint cimport SIZE_MAX, int64_t, uintptr_t
-from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import os
-
-import numpy as np
-
-cimport numpy as cnp
 
 from ._kernels cimport *  # the C boundary, declared once in _kernels.pxd
 
@@ -31,7 +24,6 @@ MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
 _cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
     os.cpu_count() or 1)
 
-cnp.import_array()
 
 # Storage dtypes of q, k, v and out, in the C registry's order; the half
 # types compute in float32, which is then the dtype of the mask, the
@@ -216,7 +208,8 @@ cdef void _run_item(const launch *run, int64_t item, char *scratch) noexcept nog
                   + h * run.head_stride[4])
         lse_item = sum_item = NULL
         if run.lse != NULL:
-            lse_item = run.lse + ((chunk * run.n_batch + b) * run.num_heads + h) * p.L * run.real_size
+            lse_item = (run.lse + ((chunk * run.n_batch + b) * run.num_heads + h)
+                        * p.L * run.real_size)
             blk.lse = lse_item + blk.row0 * run.real_size
             if run.row_sum != NULL:
                 sum_item = run.row_sum + (lse_item - run.lse)
@@ -249,103 +242,7 @@ cdef void _run_item(const launch *run, int64_t item, char *scratch) noexcept nog
             o_item, &blk, scratch)
 
 
-# --------------------------------------------------------------------------
-# Threads: a work-size cost model, and fork safety
-# --------------------------------------------------------------------------
-
-# The team for a launch comes from a cost model: the launch's work on one
-# thread, estimated from its FLOPs and the K/V bytes it reads at rates one
-# core sustains, against what starting the team costs.  Workers that ran a
-# region in the last WARM_WINDOW_NS still spin and start at once; later they
-# sleep, and waking them costs tens of microseconds on a busy machine and
-# hundreds on an idle VM.  Both start-up costs are measured on every parallel
-# launch (the slowest worker's delay to start) and kept as moving averages.
-THREAD_COST_MODEL = True  # False: num_threads is exact (tests of team sizes)
-FLOPS_PER_NS = 60.0   # per thread, the tiled kernel on AVX-512 (measured: 50-100)
-BYTES_PER_NS = 12.0   # per thread, K/V read once per key/value head (measured: 12-30)
-WARM_WINDOW_NS = 50_000.0  # libgomp's spin at pyattn's GOMP_SPINCOUNT lasts longer
-cdef double _start_ns[2]   # moving averages of team start-up: warm, cold
-_start_ns[0], _start_ns[1] = 5_000.0, 100_000.0  # until measured
-cdef double _last_region_end = -1e18  # monotonic ns
-
-
-cdef double _now_ns() noexcept nogil:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return t.tv_sec * 1e9 + t.tv_nsec
-
-
-def thread_start_costs():
-    """(warm, cold) moving averages of a team's start-up, in ns."""
-    return _start_ns[0], _start_ns[1]
-
-
-cdef int _team_size(const launch *run, int requested, int64_t n_items):
-    """Threads for this launch: 1, or as many as requested and useful (at most
-    one per work item), whichever the cost model says is faster.  Only the
-    count changes, never the plan: results are bitwise the same either way."""
-    # at most MAX_THREADS (the driver's per-thread tables), whatever OpenMP's
-    # default says
-    cdef int most = <int>min(<int64_t>requested, n_items, <int64_t>MAX_THREADS)
-    if most <= 1:
-        return 1
-    if not THREAD_COST_MODEL:
-        return most
-    cdef const pyattn_problem *p = &run.prob
-    cdef double heads = <double>run.n_batch * run.num_heads
-    cdef double flops = 2.0 * heads * p.L * p.S * (p.E + p.Ev)
-    cdef double kv_bytes = heads / run.kv_group * p.S * (p.E + p.Ev) * run.itemsize
-    cdef double alone = max(flops / FLOPS_PER_NS, kv_bytes / BYTES_PER_NS)
-    # more threads than CPUs never run faster, and thousands may not be had
-    most = min(most, _cpu_count)
-    cdef bint warm = _now_ns() - _last_region_end < WARM_WINDOW_NS
-    return most if alone / most + _start_ns[0 if warm else 1] < alone else 1
-
-
-# libgomp keeps the worker threads of a parallel region as a pool of the
-# thread that started it.  A child forked after that inherits the pool's
-# bookkeeping but not its threads, and its next parallel region of more than
-# one thread waits for them forever.  So a process forked (at any depth) from
-# one that ran a multi-threaded region computes on one thread; a single
-# thread never touches the pool.  spawn and forkserver children are fresh.
-cdef bint _parallel_started = False  # this process may own a libgomp pool
-cdef bint _forked_after_parallel = False
-
-
-def _after_fork_in_child():
-    global _forked_after_parallel
-    _forked_after_parallel = _forked_after_parallel or _parallel_started
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-# --------------------------------------------------------------------------
-# Scratch: one buffer kept between calls, so small calls do not map memory
-# --------------------------------------------------------------------------
-
-SCRATCH_CACHE_LIMIT = 8 << 20  # bytes; larger calls amortise their allocation
-cdef char *_cached_scratch = NULL  # taken and given back under the GIL
-cdef size_t _cached_bytes = 0
-
-
-cdef char *_take_scratch(size_t nbytes):
-    global _cached_scratch, _cached_bytes
-    cdef char *buf
-    if _cached_scratch != NULL and _cached_bytes >= nbytes:
-        buf, _cached_scratch = _cached_scratch, NULL
-        return buf
-    return <char *>pyattn_aligned_alloc(nbytes)
-
-
-cdef void _give_back_scratch(char *buf, size_t nbytes):
-    global _cached_scratch, _cached_bytes
-    if nbytes > SCRATCH_CACHE_LIMIT or (_cached_scratch != NULL and _cached_bytes >= nbytes):
-        pyattn_aligned_free(buf)
-        return
-    pyattn_aligned_free(_cached_scratch)
-    _cached_scratch, _cached_bytes = buf, nbytes
+include "_team.pxi"  # the thread cost model, fork safety, the scratch kept between calls
 
 
 # Tests observe every launch, whichever entry made it: its team size, and
@@ -526,155 +423,4 @@ def attend(str kernel, str dtype, *, tuple pointers,
     return _run(&run, num_threads)
 
 
-# --------------------------------------------------------------------------
-# The fast entry: the common call, checked and launched without Python-level
-# array work (inference calls it once per layer and token)
-# --------------------------------------------------------------------------
-
-cdef object _plan_module = None  # pyattn._plan, imported on first use (it imports this)
-cdef dict _dtype_names = {}  # dtype -> name (NumPy computes dtype.name in Python: slow)
-
-
-cdef str _kernel_dtype_name(dtype):
-    """The name of a native dtype the kernels store, or None."""
-    name = _dtype_names.get(dtype)
-    if name is None and dtype.isnative and dtype.name in COMPUTE_ITEMSIZE:
-        name = _dtype_names[dtype] = dtype.name
-    return name
-
-
-cdef inline bint _typed(cnp.ndarray a, int64_t itemsize):
-    """Aligned data and strides in whole elements (C indexes typed pointers)."""
-    cdef int i
-    if not cnp.PyArray_ISALIGNED(a):
-        return False
-    for i in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_STRIDES(a)[i] % itemsize:
-            return False
-    return True
-
-
-def simple_attention(query, key, value, is_causal, scale, enable_gqa, num_threads,
-                     str kernel, bint lower_right):
-    """scaled_dot_product_attention for the common call, or None when the call
-    is not one: then the general path (functional.py) validates it, and
-    raises whatever error it deserves.  Common means NumPy arrays of one
-    supported native dtype, aligned, of equal rank 3 or 4 with equal batch
-    sizes, nothing empty, no mask, no options beyond is_causal and the
-    alignment, scale a float the compute dtype holds, and no split-KV plan.
-    Both paths describe the same launch, so their results are bitwise equal.
-    """
-    global _plan_module
-    if not (cnp.PyArray_CheckExact(query) and cnp.PyArray_CheckExact(key)
-            and cnp.PyArray_CheckExact(value)):
-        return None
-    if not ((is_causal is True or is_causal is False)
-            and (enable_gqa is True or enable_gqa is False)):
-        return None
-    cdef cnp.ndarray q = query, k = key, v = value
-    cdef int nd = cnp.PyArray_NDIM(q)
-    if nd < 3 or nd > 4 or cnp.PyArray_NDIM(k) != nd or cnp.PyArray_NDIM(v) != nd:
-        return None
-    dtype = <object>cnp.PyArray_DESCR(q)
-    if <object>cnp.PyArray_DESCR(k) is not dtype or <object>cnp.PyArray_DESCR(v) is not dtype:
-        return None
-    cdef str dtype_name = _kernel_dtype_name(dtype)
-    if dtype_name is None:
-        return None
-    cdef int64_t itemsize = dtype.itemsize
-    cdef cnp.npy_intp *qd = cnp.PyArray_DIMS(q)
-    cdef cnp.npy_intp *kd = cnp.PyArray_DIMS(k)
-    cdef cnp.npy_intp *vd = cnp.PyArray_DIMS(v)
-    cdef int h = nd - 3  # the head axis
-    cdef int64_t B = qd[0] if nd == 4 else 1
-    if nd == 4 and (kd[0] != B or vd[0] != B):
-        return None
-    cdef int64_t hq = qd[h], hk = kd[h], L = qd[h + 1], E = qd[h + 2]
-    cdef int64_t S = kd[h + 1], Ev = vd[h + 2]
-    if (B < 1 or hq < 1 or hk < 1 or vd[h] != hk or L < 1 or S < 1 or E < 1 or Ev < 1
-            or kd[h + 2] != E or vd[h + 1] != S or L > MAX_POSITIONS or S > MAX_POSITIONS):
-        return None
-    if hq % hk or (hk not in (1, hq) and not enable_gqa):
-        return None
-    if not (_typed(q, itemsize) and _typed(k, itemsize) and _typed(v, itemsize)):
-        return None
-    cdef double scale_value
-    if scale is None:
-        scale_value = 1.0 / sqrt(<double>E)
-    elif type(scale) is float and isfinite(<double>scale):
-        scale_value = scale
-        if COMPUTE_ITEMSIZE[dtype_name] == 4 and fabs(scale_value) > FLT_MAX:
-            return None
-    else:
-        return None
-    cdef int threads
-    if num_threads is None:
-        threads = pyattn_max_threads()
-    elif type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
-        threads = num_threads
-    else:
-        return None
-    cdef size_t out_bytes = pyattn_size_mul(pyattn_size_mul(pyattn_size_mul(
-        pyattn_size_mul(<size_t>B, <size_t>hq), <size_t>L), <size_t>Ev), <size_t>itemsize)
-    if out_bytes > pyattn_physical_memory():  # checked: Ev may claim anything
-        return None
-
-    cdef launch run
-    memset(&run, 0, sizeof(run))
-    run.dk = _dtype_kernel(kernel, dtype_name)
-    run.real_size = COMPUTE_ITEMSIZE[dtype_name]
-    run.itemsize = itemsize
-    cdef int64_t g = hq // hk  # query heads per key/value head
-    # Heads as rows (see _plan.heads_as_rows): one query row per head, heads
-    # grouped on a key/value head, every key visible: the g heads of a group
-    # run as the g rows of one problem, so each key/value head is read once.
-    cdef bint as_rows = L == 1 and g > 1 and (not is_causal or lower_right or S == 1)
-    if _plan_module is None:
-        from . import _plan
-        _plan_module = _plan
-    cdef int64_t rows = g if as_rows else L
-    cdef int64_t n_qblocks = (rows + run.dk.block_rows - 1) // run.dk.block_rows
-    if _plan_module.split_keys(B * (hk if as_rows else hq) * n_qblocks, S):
-        return None  # split-KV partials and their merge: the general path
-
-    if nd == 4:
-        out = np.empty((B, hq, L, Ev), dtype)
-    else:
-        out = np.empty((hq, L, Ev), dtype)
-    cdef cnp.ndarray o = out
-    cdef pyattn_problem *p = &run.prob
-    cdef cnp.npy_intp *qs = cnp.PyArray_STRIDES(q)
-    cdef cnp.npy_intp *ks = cnp.PyArray_STRIDES(k)
-    cdef cnp.npy_intp *vs = cnp.PyArray_STRIDES(v)
-    cdef cnp.npy_intp *os = cnp.PyArray_STRIDES(o)
-    p.L, p.S, p.E, p.Ev = rows, S, E, Ev
-    p.k_row, p.k_col = ks[h + 1] // itemsize, ks[h + 2] // itemsize
-    p.v_row, p.v_col = vs[h + 1] // itemsize, vs[h + 2] // itemsize
-    p.q_col, p.o_col = qs[h + 2] // itemsize, os[h + 2] // itemsize
-    p.mask_kind = PYATTN_MASK_NONE
-    p.scale = scale_value
-    p.window_left, p.window_right = -1, -1
-    p.w_factor = 1
-    run.base[0] = <char *>cnp.PyArray_DATA(q)
-    run.base[1] = <char *>cnp.PyArray_DATA(k)
-    run.base[2] = <char *>cnp.PyArray_DATA(v)
-    run.base[4] = <char *>cnp.PyArray_DATA(o)
-    if nd == 4:
-        run.batch_stride[0], run.batch_stride[1] = qs[0], ks[0]
-        run.batch_stride[2], run.batch_stride[4] = vs[0], os[0]
-    run.n_batch = B
-    run.head_stride[1] = ks[h] if hk > 1 else 0
-    run.head_stride[2] = vs[h] if hk > 1 else 0
-    if as_rows:  # (..., Hkv * g, 1, E) read as (..., Hkv, g, E)
-        p.q_row, p.o_row = qs[h] // itemsize, os[h] // itemsize
-        run.head_stride[0], run.head_stride[4] = qs[h] * g, os[h] * g
-        run.num_heads, run.kv_group = hk, 1
-    else:
-        p.q_row, p.o_row = qs[h + 1] // itemsize, os[h + 1] // itemsize
-        run.head_stride[0], run.head_stride[4] = qs[h], os[h]
-        run.num_heads, run.kv_group = hq, g
-        if is_causal:
-            p.window_right = 0
-            run.diag_all = S - L if lower_right else 0
-    _run(&run, threads)
-    return out
+include "_fast_path.pxi"  # the common call, checked and launched without Python array work
