@@ -1,4 +1,5 @@
 """A key/value cache for autoregressive decoding, and attention against it."""
+import copy
 import threading
 
 import numpy as np
@@ -64,6 +65,11 @@ class KVCache:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+    def __copy__(self):
+        # a shallow copy would share the storage but not the lock: appends to
+        # either would overwrite the other's positions, so copies are whole
+        return copy.deepcopy(self)
 
     def _allocate(self, capacity):
         shape = (self.batch, self.num_kv_heads, capacity)

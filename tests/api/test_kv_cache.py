@@ -808,3 +808,15 @@ def test_a_copied_cache_has_its_own_lock(rng, helpers):
         twin.truncate(1)
         twin.append(k[:, :, :1], v[:, :, :1])
         assert_holds(cache, k, v, [5, 3])
+
+
+def test_copy_of_a_cache_is_independent(rng, helpers):
+    """copy.copy gives a cache of its own: appending to it leaves the original."""
+    import copy
+
+    cache, _, _ = filled(rng, helpers, [5, 5], hkv=2, E=8)
+    before = cache.keys.copy()
+    twin = copy.copy(cache)
+    twin.append(np.ones((2, 2, 1, 8), np.float32), np.ones((2, 2, 1, 8), np.float32))
+    np.testing.assert_array_equal(cache.keys, before)
+    assert list(cache.lengths) == [5, 5] and list(twin.lengths) == [6, 6]
