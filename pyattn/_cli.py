@@ -53,16 +53,17 @@ def plot_file(text):
     Without matplotlib (an optional extra) this is a usage error too: the
     option cannot be honoured here, and saying so before the work, exit
     status 2, is what a script calling the command can act on."""
+    if text and not os.path.splitext(text)[1]:
+        text += ".png"  # what matplotlib writes for a name without an extension
     path = output_file(text)
     Figure = import_figure()
     if Figure is None:
         raise argparse.ArgumentTypeError(
             'needs matplotlib, which is not installed: pip install matplotlib '
             '(or pip install "pyattn[bench]")')
-    # no extension: matplotlib saves its default format (PNG)
     ext = os.path.splitext(path)[1][1:].lower()
     formats = Figure().canvas.get_supported_filetypes()
-    if ext and ext not in formats:
+    if ext not in formats:
         raise argparse.ArgumentTypeError(
             f"matplotlib cannot save .{ext} files; use one of "
             + ", ".join("." + f for f in sorted(formats)))

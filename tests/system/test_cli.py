@@ -34,6 +34,7 @@ COMMANDS = {  # -> (arguments before the options, prog in the error line)
 }
 # Made in the children's working directory by the `runs` fixture.
 FILE, FOLDER, LOCKED = "file.txt", "folder", "locked"
+PNG_FOLDER = "plotdir"  # a folder called plotdir.png: what --plot plotdir would write
 
 # command, its options, text the error line must contain (the argument), and
 # whether the child runs with matplotlib hidden
@@ -51,6 +52,7 @@ BAD = {
     "demo-dtype-unknown": Bad(DEMO, ["--dtype", "float16"], "--dtype"),
     "demo-plot-missing-folder": Bad(DEMO, ["--plot", "/nonexistent/dir/w.png"], "--plot"),
     "demo-plot-format": Bad(DEMO, ["--plot", "w.xyz"], "--plot"),
+    "demo-plot-no-extension": Bad(DEMO, ["--plot", PNG_FOLDER], "--plot"),
     "demo-plot-no-matplotlib": Bad(DEMO, ["--plot", "w.png"], "--plot", True),
     "demo-unknown-option": Bad(DEMO, ["--frob"], "--frob"),
     # python -m pyattn.bench: numbers
@@ -112,6 +114,7 @@ def runs(helpers, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")
     (cwd / FILE).write_text("")
     (cwd / FOLDER).mkdir()
+    (cwd / (PNG_FOLDER + ".png")).mkdir()
     (cwd / LOCKED).mkdir(mode=0o555)
     # a matplotlib that fails to import, first on the path
     hidden = tmp_path_factory.mktemp("no_matplotlib")
