@@ -5,15 +5,14 @@ import math
 import numpy as np
 
 from . import _attention, _dispatch, _launch, _plan
+from ._options import ALIGNMENTS, prepare_options
 from ._validation import (
-    ALIGNMENTS,
     as_float_array,
     check_fits,
     check_flag,
     check_num_threads,
     compute_dtype,
     prepare_attention,
-    prepare_options,
     prepare_out,
 )
 

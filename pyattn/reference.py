@@ -4,12 +4,12 @@ written as the classic four steps; it materialises the full (..., L, S) score
 matrix, which is exactly what the compiled kernel avoids."""
 import numpy as np
 
+from ._options import prepare_options
 from ._validation import (
     check_flag,
     check_num_threads,
     cpu_count,
     prepare_attention,
-    prepare_options,
     prepare_out,
 )
 

@@ -1,0 +1,134 @@
+"""The optional score modifiers of a call (alignment, windows, ALiBi,
+soft-capping, sinks, sequence lengths), validated and put in the kernel's
+terms, in the dtype the kernel computes with them."""
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from ._validation import representable
+
+
+@dataclass
+class ScoreOptions:
+    """The optional score modifiers of a call, in the kernel's terms."""
+
+    window: Tuple[int, int]          # (left, right) keys around the diagonal; -1: open
+    diag: np.ndarray                 # int64 per flat batch: row i's diagonal key is i + diag
+    alibi: Optional[np.ndarray]      # float64 per head: ALiBi slopes
+    softcap: float                   # 0: none
+    sinks: Optional[np.ndarray]      # float64 per head: sink logits
+    q_lengths: Optional[np.ndarray]  # int64 per flat batch
+    kv_lengths: Optional[np.ndarray]
+
+
+ALIGNMENTS = ("top_left", "lower_right")
+
+
+def _window_side(value, name):
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+    return int(value)
+
+
+def _check_window(window):
+    if window is None:
+        return -1, -1
+    if isinstance(window, numbers.Integral) and not isinstance(window, bool):
+        window = (window, window)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be an int or a (left, right) pair of ints or None; "
+                         f"got {window!r}")
+    return (_window_side(window[0], "window's left size"),
+            _window_side(window[1], "window's right size"))
+
+
+def _per_head(values, name, num_heads, dtype):
+    """Per-head values as float64 holding exactly their `dtype` (compute)
+    roundings, which the kernel and the reference both use."""
+    if values is None:
+        return None
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.shape != (num_heads,):
+        raise ValueError(f"{name} must have shape (Hq,) = ({num_heads},), one value per query "
+                         f"head; got shape {arr.shape}")
+    allow_neginf = name == "sinks"  # a sink of -inf weighs nothing: no sink
+    if (np.isnan(arr) | (np.isposinf(arr) if allow_neginf else np.isinf(arr))).any():
+        also = " or -inf" if allow_neginf else ""
+        raise ValueError(f"{name} must be finite{also}; got {arr}")
+    with np.errstate(over="ignore"):
+        rounded = arr.astype(dtype)
+    if np.isposinf(rounded).any() or (not allow_neginf and np.isinf(rounded).any()):
+        # a sink below the range is -inf, which is the limit: it weighs nothing
+        raise ValueError(f"{name} = {arr} is outside the range of {np.dtype(dtype)}, the dtype "
+                         f"the kernel computes in for these inputs")
+    return rounded.astype(np.float64)
+
+
+def _per_batch_lengths(lengths, name, batch, limit, limit_name):
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+    try:
+        arr = np.broadcast_to(arr, batch)
+    except ValueError:
+        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to the batch "
+                         f"dimensions {batch}") from None
+    if arr.size and (arr.min() < 0 or arr.max() > limit):
+        raise ValueError(f"{name} must lie in [0, {limit_name}] = [0, {limit}]; got values "
+                         f"from {arr.min()} to {arr.max()}")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+
+def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, softcap=None,
+                    sinks=None, q_lengths=None, kv_lengths=None):
+    """Validate the score modifiers of a call whose problem is `prob`."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {alignment!r}")
+    left, right = _check_window(window)
+    if prob.is_causal:
+        right = 0
+    L, S = prob.q.shape[-2], prob.k.shape[-2]
+    # beyond L + S keys a side hides nothing; the kernel's int64 sums stay safe
+    left, right = (min(side, L + S) for side in (left, right))
+    q_len = _per_batch_lengths(q_lengths, "q_lengths", prob.batch, L, "L")
+    kv_len = _per_batch_lengths(kv_lengths, "kv_lengths", prob.batch, S, "S")
+    n_batch = int(np.prod(prob.batch, dtype=np.int64))
+    diag = np.zeros(n_batch, dtype=np.int64)
+    if alignment == "lower_right":  # each sequence's last query sits on its last key
+        diag = (S if kv_len is None else kv_len) - (L if q_len is None else q_len) + diag
+    if softcap is None:
+        softcap = 0.0
+    else:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError("softcap must be a positive number or None, "
+                            f"got {type(softcap).__name__}")
+        try:
+            softcap = float(softcap)
+        except OverflowError:  # an int beyond float range
+            raise ValueError(f"softcap must be finite, got an integer of "
+                             f"{softcap.bit_length()} bits") from None
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be positive and finite, got {softcap}")
+        representable(softcap, "softcap", prob.compute_dtype, positive=True)
+    alibi = _per_head(alibi_slopes, "alibi_slopes", prob.num_heads, prob.compute_dtype)
+    if alibi is not None and alibi.size:
+        # the bias -slope |d| must stay finite at every query-key distance d
+        representable(float(np.abs(alibi).max()) * max(L + S, 1),
+                      "max |alibi_slopes| * (L + S), the largest ALiBi bias,",
+                      prob.compute_dtype)
+    return ScoreOptions(
+        window=(left, right), diag=np.ascontiguousarray(diag, dtype=np.int64),
+        alibi=alibi, softcap=softcap,
+        sinks=_per_head(sinks, "sinks", prob.num_heads, prob.compute_dtype),
+        q_lengths=q_len, kv_lengths=kv_len,
+    )
