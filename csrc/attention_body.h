@@ -40,102 +40,106 @@
 #include "simd.h"
 #include "micro_kernel.h"
 #include "score_modifiers.h"
+#if defined(BF16_PRODUCTS) && BF16_PRODUCTS
+#include "products_bf16.h"
+#else
+#include "products_exact.h"
+#endif
 
 
 /*
  * Scratch layout, per thread.  The K^T and V panels hold every key tile of one
  * (batch, key/value head) when that fits PANEL_BUDGET, so the head is packed
  * once per thread and reused by all the query blocks the thread takes; a
- * longer sequence gets a one-tile panel, repacked per tile.
+ * longer sequence gets a one-tile panel, repacked per tile.  The panels also
+ * serve the direct path, which gathers strided key and value rows there.
  */
 #define PANEL_BUDGET ((int64_t)32 << 20) /* bytes per thread */
 
 typedef struct {
-    REAL *q_block;         /* BLOCK_M x E, scaled Q */
-    REAL *kt_panel;        /* tiles of E x BLOCK_N: K^T, zero past the last key */
-    REAL *v_panel;         /* tiles of BLOCK_N x evp: V, zero past Ev */
+    PANEL *q_block;        /* BLOCK_M x q_width: Q as the products read it */
+    REAL *q_real;          /* the same region as BLOCK_M x E of REAL: the direct path's Q */
+    PANEL *kt_panel;       /* tiles of packed K^T, zero past the last key */
+    PANEL *v_panel;        /* tiles of packed V, zero past Ev */
     REAL *scores;          /* BLOCK_M x BLOCK_N: scores, then weights */
+    PANEL *p_block;        /* the weights as the products read them, if they differ */
     REAL *acc;             /* BLOCK_M x evp: unnormalised output */
     REAL *row_max, *row_sum; /* BLOCK_M each */
     int whole_head;        /* the panels hold all tiles of the head */
 } FN(workspace);
 
-/* Elements of one packed key tile: E x BLOCK_N of K^T and BLOCK_N x evp of V
- * (SIZE_MAX when not representable: sizes are checked, never wrapped). */
-static size_t FN(tile_elems)(const pyattn_problem *p)
+/* Bytes of one packed key tile (SIZE_MAX when not representable: sizes are
+ * checked, never wrapped). */
+static size_t FN(tile_bytes)(const pyattn_problem *p)
 {
-    const size_t evp = pyattn_size_mul(pyattn_size_add((size_t)p->Ev, NR - 1) / NR, NR);
-    return pyattn_size_mul(BLOCK_N, pyattn_size_add((size_t)p->E, evp));
+    return pyattn_size_mul(pyattn_size_add(FN(kt_tile_elems)(p), FN(v_tile_elems)(p)),
+                           sizeof(PANEL));
 }
 
 static int64_t FN(panel_tiles)(const pyattn_problem *p)
 {
     const int64_t tiles = (p->S + BLOCK_N - 1) / BLOCK_N;
-    const size_t bytes = pyattn_size_mul(pyattn_size_mul(FN(tile_elems)(p), sizeof(REAL)),
-                                         (size_t)tiles);
+    const size_t bytes = pyattn_size_mul(FN(tile_bytes)(p), (size_t)tiles);
     return bytes <= (size_t)PANEL_BUDGET ? tiles : 1;
 }
 
+/* The byte sizes of the regions, in carve's order. */
+typedef struct {
+    size_t q, kt, v, scores, p_block, acc, rows;
+} FN(regions);
+
+static FN(regions) FN(region_bytes)(const pyattn_problem *p)
+{
+    const size_t E = (size_t)p->E, Ev = (size_t)p->Ev;
+    const size_t tiles = (size_t)FN(panel_tiles)(p);
+    const size_t evp = pyattn_size_mul(pyattn_size_add(Ev, NR - 1) / NR, NR);
+    const size_t q_width = (size_t)FN(q_width)(p->E);
+    FN(regions) b;
+    b.q = pyattn_size_mul(BLOCK_M, q_width > E ? q_width : E);
+    b.q = pyattn_size_mul(b.q, sizeof(REAL) > sizeof(PANEL) ? sizeof(REAL) : sizeof(PANEL));
+    b.kt = pyattn_size_mul(pyattn_size_mul(tiles, FN(kt_tile_elems)(p)), sizeof(PANEL));
+    b.v = pyattn_size_mul(pyattn_size_mul(tiles, FN(v_tile_elems)(p)), sizeof(PANEL));
+    /* the direct path's gathered rows: BLOCK_N x E and BLOCK_N x Ev of STORE */
+    const size_t k_rows = pyattn_size_mul(BLOCK_N * sizeof(STORE), E);
+    const size_t v_rows = pyattn_size_mul(BLOCK_N * sizeof(STORE), Ev);
+    b.kt = b.kt > k_rows ? b.kt : k_rows;
+    b.v = b.v > v_rows ? b.v : v_rows;
+    b.scores = BLOCK_M * BLOCK_N * sizeof(REAL);
+    b.p_block = FN(p_block_elems) * sizeof(PANEL);
+    b.acc = pyattn_size_mul(BLOCK_M * sizeof(REAL), evp);
+    b.rows = 2 * BLOCK_M * sizeof(REAL);
+    return b;
+}
+
+/* Each region starts on a 64-byte boundary. */
+static inline size_t FN(aligned)(size_t n) { return pyattn_size_add(n, 63) / 64 * 64; }
+
 static size_t FN(scratch_bytes)(const pyattn_problem *p)
 {
-    const size_t E = (size_t)p->E;
-    const size_t evp = pyattn_size_mul(pyattn_size_add((size_t)p->Ev, NR - 1) / NR, NR);
-    size_t elems = pyattn_size_mul(BLOCK_M, E); /* q_block */
-    elems = pyattn_size_add(elems, pyattn_size_mul((size_t)FN(panel_tiles)(p),
-                                                   FN(tile_elems)(p))); /* panels */
-    elems = pyattn_size_add(elems, BLOCK_M * BLOCK_N + 2 * BLOCK_M); /* scores, max, sum */
-    elems = pyattn_size_add(elems, pyattn_size_mul(BLOCK_M, evp)); /* acc */
-    return pyattn_size_add(PYATTN_SCRATCH_HEADER, pyattn_size_mul(elems, sizeof(REAL)));
+    const FN(regions) b = FN(region_bytes)(p);
+    const size_t sizes[] = {b.q, b.kt, b.v, b.scores, b.p_block, b.acc, b.rows};
+    size_t total = PYATTN_SCRATCH_HEADER;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        total = pyattn_size_add(total, FN(aligned)(sizes[i]));
+    return total;
 }
 
 static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
 {
-    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
+    const FN(regions) b = FN(region_bytes)(p);
     const int64_t tiles = FN(panel_tiles)(p);
     FN(workspace) w;
-    REAL *next = (REAL *)((char *)scratch + PYATTN_SCRATCH_HEADER);
-    w.q_block = next, next += BLOCK_M * E;
-    w.kt_panel = next, next += tiles * E * BLOCK_N;
-    w.v_panel = next, next += tiles * BLOCK_N * evp;
-    w.scores = next, next += BLOCK_M * BLOCK_N;
-    w.acc = next, next += BLOCK_M * evp;
-    w.row_max = next, next += BLOCK_M;
-    w.row_sum = next;
+    char *next = (char *)scratch + PYATTN_SCRATCH_HEADER;
+    w.q_block = (PANEL *)next, w.q_real = (REAL *)next, next += FN(aligned)(b.q);
+    w.kt_panel = (PANEL *)next, next += FN(aligned)(b.kt);
+    w.v_panel = (PANEL *)next, next += FN(aligned)(b.v);
+    w.scores = (REAL *)next, next += FN(aligned)(b.scores);
+    w.p_block = (PANEL *)next, next += FN(aligned)(b.p_block);
+    w.acc = (REAL *)next, next += FN(aligned)(b.acc);
+    w.row_max = (REAL *)next;
+    w.row_sum = w.row_max + BLOCK_M;
     w.whole_head = tiles > 1 || p->S <= BLOCK_N;
     return w;
-}
-
-/* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
- * (nb x evp, zero columns past Ev). */
-static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
-                          int64_t j0, int64_t nb, REAL *kt, REAL *vp)
-{
-    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
-    const int64_t cols_pad = FN(round_up)(nb, NR);
-    const STORE *src = k + j0 * p->k_row;
-    /* Contiguous key rows: LANES x LANES blocks transposed in registers.
-     * What is left (and strided rows) goes element by element, rows of K^T
-     * written contiguously and K read strided: half the cost of the
-     * opposite order. */
-    const int64_t c_full = p->k_col == 1 ? nb - nb % LANES : 0;
-    const int64_t e_full = p->k_col == 1 ? E - E % LANES : 0;
-    for (int64_t c0 = 0; c0 < c_full; c0 += LANES)
-        for (int64_t e0 = 0; e0 < e_full; e0 += LANES) {
-            VEC r[LANES];
-            for (int i = 0; i < LANES; i++) r[i] = FN(vload_store)(src + (c0 + i) * p->k_row + e0);
-            FN(transpose)(r);
-            for (int i = 0; i < LANES; i++) FN(vstore)(kt + (e0 + i) * BLOCK_N + c0, r[i]);
-        }
-    for (int64_t e = 0; e < E; e++) {
-        REAL *dst = kt + e * BLOCK_N;
-        for (int64_t c = e < e_full ? c_full : 0; c < nb; c++)
-            dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
-        for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
-    }
-    for (int64_t c = 0; c < nb; c++) {
-        FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vp + c * evp);
-        for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
-    }
 }
 
 /* The running max moves only when a tile beats it by more than this: weights
@@ -184,12 +188,13 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
  * accumulated key by key.  Same masking and online softmax as the tiled path.
  */
 static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STORE *v,
-                              const void *mask, const pyattn_block *blk, REAL *qs,
-                              REAL *kbuf, REAL *vbuf, REAL *sc, REAL *acc, REAL *mrow,
+                              const void *mask, const pyattn_block *blk, const REAL *qs,
+                              void *kbuf, void *vbuf, REAL *sc, REAL *acc, REAL *mrow,
                               REAL *lrow)
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t row0 = blk->row0, nrows = blk->nrows;
+    const VEC vscale = FN(vsplat)((REAL)p->scale);
     int64_t kv_begin, kv_end;
     FN(key_range)(p, blk, &kv_begin, &kv_end);
     for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
@@ -218,6 +223,7 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
                 FN(dots)(qs + r * E, kr + c * k_stride, k_stride, E, s + c);
             for (int64_t c = full; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
             for (int64_t c = nb; c < cols_pad; c++) s[c] = 0; /* read by softcap_row */
+            for (int64_t c = 0; c < cols_pad; c += LANES) FN(vstore)(s + c, FN(vload)(s + c) * vscale);
             if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
                 FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
             FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
@@ -233,10 +239,10 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
  * Returns 0 when no row sees the tile. */
 static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE *v,
                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
-                           const FN(workspace) *w, int64_t j0, int64_t nb, const REAL **vp,
+                           const FN(workspace) *w, int64_t j0, int64_t nb, const PANEL **vp,
                            int64_t *r_begin, int64_t *r_end)
 {
-    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR), cols_pad = FN(round_up)(nb, NR);
+    const int64_t cols_pad = FN(round_up)(nb, NR);
     const int64_t row0 = blk->row0, nrows = blk->nrows;
     /* Rows r see the tile iff row_hi(r) > j0 and row_lo(r) < j0 + nb. */
     int64_t first = 0, last = nrows;
@@ -247,16 +253,16 @@ static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE 
     if (last <= first) return 0;
     *r_begin = first, *r_end = last;
 
-    const REAL *kt = w->kt_panel;
+    const PANEL *kt = w->kt_panel;
     *vp = w->v_panel;
     if (w->whole_head) {
-        kt += j0 * E, *vp += j0 * evp;
+        const size_t tile = (size_t)(j0 / BLOCK_N);
+        kt += tile * FN(kt_tile_elems)(p), *vp += tile * FN(v_tile_elems)(p);
     } else {
         FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
     }
-    /* S = (scale Q) K^T for the tile. */
-    FN(tile_gemm)(last - first, cols_pad, E, w->q_block + first * E, E, kt, BLOCK_N,
-                  w->scores + first * BLOCK_N, BLOCK_N, 0);
+    FN(score_product)(p, last - first, cols_pad, w->q_block + first * FN(q_width)(p->E), kt,
+                      w->scores + first * BLOCK_N);
     for (int64_t r = first; r < last && r < nrows; r++)
         if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
             FN(finish_row)(p, blk, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
@@ -268,18 +274,21 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
                              const void *mask, const pyattn_block *blk, int64_t rows_pad,
                              pyattn_scratch_header *tag, const FN(workspace) *w)
 {
-    const int64_t E = p->E, evp = FN(round_up)(p->Ev, NR);
+    const int64_t evp = FN(round_up)(p->Ev, NR);
     if (w->whole_head && (tag->k != k || tag->v != v)) {
-        for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N)
+        for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N) {
+            const size_t tile = (size_t)(j0 / BLOCK_N);
             FN(pack_tile)(p, k, v, j0, p->S - j0 < BLOCK_N ? p->S - j0 : BLOCK_N,
-                          w->kt_panel + j0 * E, w->v_panel + j0 * evp);
+                          w->kt_panel + tile * FN(kt_tile_elems)(p),
+                          w->v_panel + tile * FN(v_tile_elems)(p));
+        }
         tag->k = k, tag->v = v;
     }
     int64_t kv_begin, kv_end;
     FN(key_range)(p, blk, &kv_begin, &kv_end);
     for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
-        const REAL *vp;
+        const PANEL *vp;
         int64_t r0, r1;
         if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
         REAL *sc = w->scores, *acc = w->acc;
@@ -288,8 +297,8 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
                              w->row_sum + r, acc + r * evp, evp);
 
         /* O += P V (padding rows hold P = 0 from their zero Q rows). */
-        FN(tile_gemm)(r1 - r0, evp, nb, sc + r0 * BLOCK_N, BLOCK_N, vp, evp,
-                      acc + r0 * evp, evp, 1);
+        FN(value_product)(r1 - r0, nb, evp, sc + r0 * BLOCK_N, vp, acc + r0 * evp,
+                          w->p_block + r0 * BLOCK_N);
     }
 }
 
@@ -307,7 +316,7 @@ static void FN(add_weights)(const pyattn_problem *p, const STORE *k, const STORE
     FN(key_range)(p, blk, &kv_begin, &kv_end);
     for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
-        const REAL *vp;
+        const PANEL *vp;
         int64_t r0, r1;
         if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
         for (int64_t r = r0; r < r1 && r < blk->nrows; r++) {
@@ -330,33 +339,28 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     const int64_t row0 = blk->row0, nrows = blk->nrows;
     const STORE *q = q_, *k = k_, *v = v_;
     STORE *out = out_;
-    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
+    const int64_t Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
-    const REAL scale = (REAL)p->scale;
     const FN(workspace) w = FN(carve)(p, scratch);
-    REAL *qs = w.q_block;
-
-    /* Pack the scaled Q block; padding rows are zero and never written out. */
-    for (int64_t r = 0; r < rows_pad; r++) {
-        if (r < nrows) {
-            const STORE *src = q + (row0 + r) * p->q_row;
-            for (int64_t e = 0; e < E; e++) qs[r * E + e] = TO_REAL(src[e * p->q_col]) * scale;
-        } else {
-            for (int64_t e = 0; e < E; e++) qs[r * E + e] = 0;
-        }
-        w.row_max[r] = -(REAL)INFINITY;
-        w.row_sum[r] = 0;
-    }
+    for (int64_t r = 0; r < rows_pad; r++) w.row_max[r] = -(REAL)INFINITY, w.row_sum[r] = 0;
     memset(w.acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
 
     pyattn_scratch_header *tag = scratch;
-    if (nrows < MR && !blk->weights) {
+    if (nrows < DIRECT_BELOW && !blk->weights) {
+        /* Q as REAL rows, unscaled: the scores are scaled as computed. */
+        for (int64_t r = 0; r < nrows; r++)
+            FN(load_row)(q + (row0 + r) * p->q_row, p->q_col, p->E, w.q_real + r * p->E);
         if (p->k_col != 1 || p->v_col != 1)
             tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
-        FN(attend_direct)(p, k, v, mask, blk, qs, w.kt_panel, w.v_panel, w.scores, w.acc,
+        FN(attend_direct)(p, k, v, mask, blk, w.q_real, w.kt_panel, w.v_panel, w.scores, w.acc,
                           w.row_max, w.row_sum);
     } else {
+        /* Padding rows of Q are zero and never written out. */
+        FN(pack_q)(p, q, row0, nrows, rows_pad, w.q_block);
+        FN(products_begin)();
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
+        if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
+        FN(products_end)();
     }
     /* Counted once, with the first keys; in the compute type, where a sink
      * beyond its range is -inf (the validation refuses +inf). */
@@ -369,8 +373,6 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                 memset(w.acc + r * evp, 0, sizeof(REAL) * (size_t)evp);
             FN(add_sink)(sink, w.row_max + r, w.row_sum + r, w.acc + r * evp, evp);
         }
-    if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
-
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {
         const REAL l = w.row_sum[r];
@@ -393,6 +395,8 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     }
 }
 
+#undef PANEL
+#undef DIRECT_BELOW
 #undef STORE
 #undef STORE_KIND
 #undef TO_REAL

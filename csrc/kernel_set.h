@@ -4,9 +4,12 @@
  * `pyattn_kernels_<ISA>`, indexed by enum pyattn_dtype.  The including
  * kernels_<ISA>.c defines ISA (a bare token), VBYTES, its block-size table
  * F32_* / F64_* (MR x NV is the micro-tile, BLOCK_M query rows per work item,
- * BLOCK_N keys per tile) and `static int cpu_supports(void)`.
+ * BLOCK_N keys per tile) and `static int cpu_supports(void)`.  A set whose
+ * CPUs multiply bfloat16 also defines BF16_UNIT (see products_bf16.h) and
+ * BF16_* block sizes, and gets a second table, bf16_products: the float
+ * storage types with Q K^T and P V in bfloat16.
  *
- * A new storage dtype is one block below (its STORE type and TO_REAL /
+ * A new storage dtype is one block in float_instances.h (its STORE type and TO_REAL /
  * FROM_REAL, plus a lane-wise load in simd.h's vload_store when the generic
  * one is slow), one entry in the table at the end, and its row in
  * registry.c's pyattn_dtypes.
@@ -26,23 +29,17 @@
 #define STORE_KIND_F16 1
 #define STORE_KIND_BF16 2
 
-/* The table entry of the instance tagged `tag` (f32, ...). */
-#define PA_INSTANCE(name, tag) PA_CAT(name, PA_CAT(tag, ISA))
-#define PA_DTYPE_KERNEL(tag, block_m) \
-    {PA_INSTANCE(attend, tag), PA_INSTANCE(scratch_bytes, tag), PA_INSTANCE(exp2_array, tag), \
-     block_m}
-
-/* float arithmetic: float32, and the half types' storage below */
-#define REAL float
-#define UINT uint32_t
-#define REAL_IS_DOUBLE 0
-#define MR F32_MR
-#define NV F32_NV
-#define BLOCK_M F32_BLOCK_M
-#define BLOCK_N F32_BLOCK_N
-#define SUFFIX PA_CAT(f32, ISA)
-#include "attention_body.h"
-#undef SUFFIX
+/* The table entry of the instance of storage `tag` (f32, ...) and products
+ * `kind` (exact, bf16). */
+#define PA_INSTANCE(name, tag, kind) PA_CAT(name, PA_CAT(tag, PA_CAT(kind, ISA)))
+#define PA_DTYPE_KERNEL(tag, kind, block_m) \
+    {PA_INSTANCE(attend, tag, kind), PA_INSTANCE(scratch_bytes, tag, kind), \
+     PA_INSTANCE(exp2_array, tag, kind), block_m}
+#ifdef __FLT16_MAX__
+#define PA_F16_KERNEL(kind, block_m) PA_DTYPE_KERNEL(f16, kind, block_m)
+#else
+#define PA_F16_KERNEL(kind, block_m) {0} /* this compiler has no _Float16: no float16 kernel */
+#endif
 
 /* bfloat16 is the top half of a float: widening is a shift, narrowing
  * rounds to nearest even (NaN kept quiet).  Plain integer code, which the
@@ -63,40 +60,54 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
 }
 
-#define STORE uint16_t
-#define STORE_KIND STORE_KIND_BF16
-#define TO_REAL(x) PA_CAT(bf16_to_float, ISA)(x)
-#define FROM_REAL(x) PA_CAT(float_to_bf16, ISA)(x)
-#define SUFFIX PA_CAT(bf16, ISA)
-#include "attention_body.h"
-#undef SUFFIX
-
-/* float16 through the compiler's _Float16: F16C instructions where the
- * target has them, libgcc's conversions otherwise. */
-#ifdef __FLT16_MAX__
-#define STORE _Float16
-#define STORE_KIND STORE_KIND_F16
-#define TO_REAL(x) ((float)(x))
-#define FROM_REAL(x) ((_Float16)(x))
-#define SUFFIX PA_CAT(f16, ISA)
-#include "attention_body.h"
-#undef SUFFIX
-#define PA_F16_KERNEL PA_DTYPE_KERNEL(f16, F32_BLOCK_M)
-#else
-#define PA_F16_KERNEL {0} /* this compiler has no _Float16: no float16 kernel */
-#endif
-#undef REAL
-#undef UINT
-#undef REAL_IS_DOUBLE
+/* float arithmetic: float32 and the half types, exact products */
+#define REAL float
+#define UINT uint32_t
+#define REAL_IS_DOUBLE 0
+#define MR F32_MR
+#define NV F32_NV
+#define BLOCK_M F32_BLOCK_M
+#define BLOCK_N F32_BLOCK_N
+#define PRODUCTS_TAG exact
+#include "float_instances.h"
+#undef PRODUCTS_TAG
 #undef MR
 #undef NV
 #undef BLOCK_M
 #undef BLOCK_N
 
+/* bfloat16 products, on sets whose CPUs have a bfloat16 unit (BF16_UNIT) */
+#ifdef BF16_UNIT
+#define BF16_PRODUCTS 1
+#define MR BF16_MR
+#define NV BF16_NV
+#define BLOCK_M BF16_BLOCK_M
+#define BLOCK_N BF16_BLOCK_N
+#define PRODUCTS_TAG bf16
+#include "float_instances.h"
+#undef PRODUCTS_TAG
+#undef BF16_PRODUCTS
+#undef MR
+#undef NV
+#undef BLOCK_M
+#undef BLOCK_N
+#define PA_BF16_PRODUCTS                                                  \
+    {                                                                     \
+        [PYATTN_FLOAT32] = PA_DTYPE_KERNEL(f32, bf16, BF16_BLOCK_M),      \
+        [PYATTN_FLOAT16] = PA_F16_KERNEL(bf16, BF16_BLOCK_M),             \
+        [PYATTN_BFLOAT16] = PA_DTYPE_KERNEL(bf16, bf16, BF16_BLOCK_M),    \
+    }
+#else
+#define PA_BF16_PRODUCTS {{0}} /* no bfloat16 unit: no such kernels */
+#endif
+#undef REAL
+#undef UINT
+#undef REAL_IS_DOUBLE
+
 #define REAL double
 #define UINT uint64_t
 #define REAL_IS_DOUBLE 1
-#define SUFFIX PA_CAT(f64, ISA)
+#define SUFFIX PA_CAT(f64, PA_CAT(exact, ISA))
 #define MR F64_MR
 #define NV F64_NV
 #define BLOCK_M F64_BLOCK_M
@@ -107,9 +118,10 @@ const pyattn_kernels PA_CAT(pyattn_kernels, ISA) = {
     .name = PA_STR(ISA),
     .cpu_supports = cpu_supports,
     .by_dtype = {
-        [PYATTN_FLOAT32] = PA_DTYPE_KERNEL(f32, F32_BLOCK_M),
-        [PYATTN_FLOAT64] = PA_DTYPE_KERNEL(f64, F64_BLOCK_M),
-        [PYATTN_FLOAT16] = PA_F16_KERNEL,
-        [PYATTN_BFLOAT16] = PA_DTYPE_KERNEL(bf16, F32_BLOCK_M),
+        [PYATTN_FLOAT32] = PA_DTYPE_KERNEL(f32, exact, F32_BLOCK_M),
+        [PYATTN_FLOAT64] = PA_DTYPE_KERNEL(f64, exact, F64_BLOCK_M),
+        [PYATTN_FLOAT16] = PA_F16_KERNEL(exact, F32_BLOCK_M),
+        [PYATTN_BFLOAT16] = PA_DTYPE_KERNEL(bf16, exact, F32_BLOCK_M),
     },
+    .bf16_products = PA_BF16_PRODUCTS,
 };

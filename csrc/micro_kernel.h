@@ -1,44 +1,9 @@
 /*
- * Register kernels of the attention template (see attention_body.h): the
- * MR x NR micro-kernel and its tiling loop, the GEMM-shaped products of the
- * tiled path, and the dot products and weighted row sums of the direct
- * (decode) path, which read K and V rows where they lie.
+ * Register kernels of the direct (decode) path of the attention template
+ * (see attention_body.h): dot products and weighted row sums that read K and
+ * V rows where they lie.  The tiled path's micro-kernels are in the products
+ * headers (products_exact.h, products_bf16.h).
  */
-/* C[MR x NR] = (accumulate ? C : 0) + A[MR x K] * B[K x NR]; rows of A at
- * stride lda, of B at ldb, of C at ldc.  The MR x NV accumulators live in
- * registers for the whole K loop. */
-static inline void FN(micro_kernel)(int64_t K, const REAL *A, int64_t lda,
-                                    const REAL *B, int64_t ldb, REAL *C,
-                                    int64_t ldc, int accumulate)
-{
-    VEC acc[MR][NV];
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++)
-            acc[r][j] = accumulate ? FN(vload)(C + r * ldc + j * LANES) : FN(vsplat)(0);
-    for (int64_t kk = 0; kk < K; kk++) {
-        VEC b[NV];
-        for (int j = 0; j < NV; j++) b[j] = FN(vload)(B + kk * ldb + j * LANES);
-        for (int r = 0; r < MR; r++) {
-            const VEC a = FN(vsplat)(A[r * lda + kk]);
-            for (int j = 0; j < NV; j++) acc[r][j] += a * b[j];
-        }
-    }
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) FN(vstore)(C + r * ldc + j * LANES, acc[r][j]);
-}
-
-/* C[rows x cols] (+)= A[rows x K] * B[K x cols], rows a multiple of MR and
- * cols of NR: the tiling loop around the micro-kernel. */
-static void FN(tile_gemm)(int64_t rows, int64_t cols, int64_t K, const REAL *A,
-                          int64_t lda, const REAL *B, int64_t ldb, REAL *C,
-                          int64_t ldc, int accumulate)
-{
-    for (int64_t r0 = 0; r0 < rows; r0 += MR)
-        for (int64_t c0 = 0; c0 < cols; c0 += NR)
-            FN(micro_kernel)(K, A + r0 * lda, lda, B + c0, ldb, C + r0 * ldc + c0,
-                             ldc, accumulate);
-}
-
 /* dot(a, b) over n elements: vector body, scalar tail. */
 static inline REAL FN(dot)(const REAL *a, const STORE *b, int64_t n)
 {

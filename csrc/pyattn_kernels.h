@@ -134,11 +134,13 @@ typedef struct pyattn_dtype_kernel {
 
 /* One kernel set: an instruction set's kernels for every storage dtype.  An
  * entry whose attend is NULL was not compiled (float16 needs the compiler's
- * _Float16). */
+ * _Float16; bf16_products needs a CPU that multiplies bfloat16). */
 typedef struct pyattn_kernels {
     const char *name;                /* "baseline", ...: the ISA in kernels_<ISA>.c */
     int (*cpu_supports)(void);       /* this CPU (and OS) can run the set */
-    pyattn_dtype_kernel by_dtype[PYATTN_NUM_DTYPES];
+    pyattn_dtype_kernel by_dtype[PYATTN_NUM_DTYPES];      /* exact: in the compute type */
+    pyattn_dtype_kernel bf16_products[PYATTN_NUM_DTYPES]; /* Q K^T and P V in bfloat16,
+                                                           * accumulated in float32 */
 } pyattn_kernels;
 
 /* The kernel sets of this build, best first, and their number. */

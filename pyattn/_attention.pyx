@@ -67,14 +67,20 @@ def cpu_supports(str name):
     return table != NULL and bool(table.cpu_supports())
 
 
-cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype) except NULL:
+cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype,
+                                              bint bf16_products=False) except NULL:
+    """The kernel for `dtype` in set `name`; with bf16_products, the one
+    whose products run in bfloat16 when the set has it (else the exact one:
+    bfloat16 products are a permission, not a demand)."""
     cdef const pyattn_kernels *table = pyattn_kernels_by_name(name.encode())
     cdef const pyattn_dtype_kernel *dk
     if table == NULL:
         raise ValueError(f"no kernels called {name!r} in this build")
     if dtype not in DTYPES:
         raise TypeError(f"no kernels for dtype {dtype}; they exist for {', '.join(DTYPES)}")
-    dk = &table.by_dtype[DTYPES.index(dtype)]
+    dk = &table.bf16_products[DTYPES.index(dtype)]
+    if not bf16_products or dk.attend == NULL:
+        dk = &table.by_dtype[DTYPES.index(dtype)]
     if dk.attend == NULL:
         raise TypeError(f"this build has no {dtype} kernels (its compiler lacks _Float16)")
     return dk
@@ -89,9 +95,27 @@ def has_dtype(str kernel, str dtype):
     return True
 
 
-def block_rows(str kernel, str dtype):
+def has_bf16_products(str kernel, str dtype):
+    """Whether set `kernel` has a kernel for `dtype` with bfloat16 products."""
+    cdef const pyattn_kernels *table = pyattn_kernels_by_name(kernel.encode())
+    return (table != NULL and dtype in DTYPES
+            and table.bf16_products[DTYPES.index(dtype)].attend != NULL)
+
+
+# precision=: None (bfloat16 inputs take bfloat16 products, the others are
+# exact), "exact" (every product in the compute type), "bf16" (float32 and
+# float16 inputs too); float64 is always exact.
+PRECISIONS = (None, "exact", "bf16")
+
+
+cpdef bint wants_bf16_products(precision, str dtype):
+    """Whether `precision` asks for bfloat16 products for `dtype` inputs."""
+    return precision == "bf16" or (precision is None and dtype == "bfloat16")
+
+
+def block_rows(str kernel, str dtype, bint bf16_products=False):
     """Query rows per work item for that kernel and dtype."""
-    return _dtype_kernel(kernel, dtype).block_rows
+    return _dtype_kernel(kernel, dtype, bf16_products).block_rows
 
 
 def kernel_exp2(str kernel, x, y):
@@ -348,7 +372,8 @@ def attend(str kernel, str dtype, *, tuple pointers,
            int64_t weights_batch_stride=0, bint average_heads=False,
            double softcap=0, const int64_t[::1] diag=None, const double[::1] alibi=None,
            const double[::1] sinks=None, const int64_t[::1] q_lengths=None,
-           const int64_t[::1] kv_lengths=None, bint out_real=False):
+           const int64_t[::1] kv_lengths=None, bint out_real=False,
+           bint bf16_products=False):
     """Run the kernel on every (batch, head, query block, key chunk); every
     argument after the dtype is passed by keyword.
 
@@ -381,6 +406,7 @@ def attend(str kernel, str dtype, *, tuple pointers,
                    rows past q_lengths[b] are zeros (logsumexp -inf)
     out_real       out holds the compute dtype rather than `dtype` (split-KV
                    partials of the half types)
+    bf16_products  Q K^T and P V in bfloat16 where the set can (see _dtype_kernel)
 
     Returns the number of threads that ran the work.
     """
@@ -388,7 +414,7 @@ def attend(str kernel, str dtype, *, tuple pointers,
         raise ValueError(f"key_chunk must be a multiple of {PYATTN_KEY_CHUNK}, got {key_chunk}")
     cdef launch run
     memset(&run, 0, sizeof(run))
-    run.dk = _dtype_kernel(kernel, dtype)
+    run.dk = _dtype_kernel(kernel, dtype, bf16_products)
     run.real_size = COMPUTE_ITEMSIZE[dtype]
     run.itemsize = run.real_size if out_real else ITEMSIZE[dtype]
     cdef pyattn_problem *prob = &run.prob

@@ -18,6 +18,7 @@ def config():
         "openmp": _attention.openmp_enabled(),
         "default_threads": _attention.max_threads(),
         "kernel": _dispatch.KERNEL,
+        "bf16_products": _attention.has_bf16_products(_dispatch.KERNEL, "float32"),
         "usable_kernels": _dispatch.usable_kernels(),
         "kernel_env_var": _dispatch.ENV_VAR,
     }

@@ -38,7 +38,7 @@ cdef inline bint _typed(cnp.ndarray a, int64_t itemsize):
 
 
 def simple_attention(query, key, value, is_causal, scale, enable_gqa, num_threads,
-                     str kernel, bint lower_right):
+                     str kernel, bint lower_right, precision=None):
     """scaled_dot_product_attention for the common call, or None when the call
     is not one: then the general path (functional.py) validates it, and
     raises whatever error it deserves.  Common means NumPy arrays of one
@@ -104,7 +104,7 @@ def simple_attention(query, key, value, is_causal, scale, enable_gqa, num_thread
 
     cdef launch run
     memset(&run, 0, sizeof(run))
-    run.dk = _dtype_kernel(kernel, dtype_name)
+    run.dk = _dtype_kernel(kernel, dtype_name, wants_bf16_products(precision, dtype_name))
     run.real_size = COMPUTE_ITEMSIZE[dtype_name]
     run.itemsize = itemsize
     cdef int64_t g = hq // hk  # query heads per key/value head

@@ -54,6 +54,7 @@ cdef extern from "pyattn_kernels.h" nogil:
         const char *name
         int (*cpu_supports)() noexcept nogil
         pyattn_dtype_kernel by_dtype[]
+        pyattn_dtype_kernel bf16_products[]
 
     int pyattn_num_kernel_sets()
     const pyattn_kernels *pyattn_kernel_set(int index)

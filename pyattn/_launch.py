@@ -31,13 +31,14 @@ def _address(arr):
 
 
 def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts=None,
-               lse=None):
+               lse=None, precision=None):
     """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem
     and its ScoreOptions `opts` (None: none).  `weights`, when given, is a
     zeroed C-contiguous array that receives the softmax probabilities:
     (*batch, H, L, S), or (*batch, L, S) averaged over heads with
     `average_heads`; `lse`, a C-contiguous (*batch, H, L) array for the rows'
-    logsumexp.  Returns the number of threads used (at most nthreads)."""
+    logsumexp; `precision` one of _attention.PRECISIONS.  Returns the number
+    of threads used (at most nthreads)."""
     if opts is None:
         opts = prepare_options(prob)
     dest = work_out  # an `out` C cannot write as typed elements gets a stand-in
@@ -57,7 +58,8 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     batch = prob.batch
     n_batch = int(np.prod(batch, dtype=np.int64))
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.dtype.name))
+    bf16_products = _attention.wants_bf16_products(precision, q.dtype.name)
+    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.dtype.name, bf16_products))
     n_items = n_batch * prob.num_heads * n_qblocks
     key_chunk = 0 if weights is not None else _plan.split_keys(n_items, S)
     partial, chunk_lse, chunk_sum = None, lse, None
@@ -97,6 +99,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         average_heads=average_heads, softcap=opts.softcap, diag=opts.diag, alibi=opts.alibi,
         sinks=opts.sinks, q_lengths=opts.q_lengths, kv_lengths=opts.kv_lengths,
         out_real=partial is not None and partial.dtype != dest.dtype,
+        bf16_products=bf16_products,
     )
     if partial is not None:
         _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse, sums=chunk_sum)

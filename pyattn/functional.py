@@ -23,7 +23,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                                  scale=None, enable_gqa=False, *, out=None,
                                  num_threads=None, alignment="top_left", window=None,
                                  alibi_slopes=None, softcap=None, sinks=None,
-                                 q_lengths=None, kv_lengths=None, return_lse=False):
+                                 q_lengths=None, kv_lengths=None, return_lse=False,
+                                 precision=None):
     """softmax(query @ key^T * scale + mask) @ value, like PyTorch's
     ``torch.nn.functional.scaled_dot_product_attention`` (without dropout).
 
@@ -76,36 +77,52 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     return_lse : bool
         Also return the logsumexp of each row's scores (natural log, sink
         included; -inf for a row with no key), the input for merge_attention.
+    precision : None, "exact" or "bf16"
+        Where the CPU multiplies bfloat16 (``show_config()``:
+        ``bf16_products``), "bf16" runs Q K^T and P V as bfloat16 products
+        accumulated in float32, for float32, float16 and bfloat16 inputs; the
+        softmax and the output stay in float32 (docs/precision.md).  None, the
+        default, does so for bfloat16 inputs only; "exact" for none.  float64
+        is always exact, and so is any CPU without bfloat16 units.
 
     Returns
     -------
     ndarray, (..., Hq, L, Ev), the inputs' dtype.  A query row for which no
     key takes part is zeros.  With return_lse: (output, lse (..., Hq, L)).
     """
+    check_precision(precision)
     if (attn_mask is None and out is None and window is None and alibi_slopes is None
             and softcap is None and sinks is None and q_lengths is None and kv_lengths is None
             and return_lse is False and alignment in ALIGNMENTS):
         # the common call, checked and launched in compiled code (or None)
         result = _attention.simple_attention(query, key, value, is_causal, scale, enable_gqa,
                                              num_threads, _dispatch.KERNEL,
-                                             alignment == "lower_right")
+                                             alignment == "lower_right", precision)
         if result is not None:
             return result
     result, _, lse = attention(
         query, key, value, attn_mask, is_causal, scale, enable_gqa, out=out,
         num_threads=num_threads, return_lse=return_lse, alignment=alignment, window=window,
         alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, q_lengths=q_lengths,
-        kv_lengths=kv_lengths)
+        kv_lengths=kv_lengths, precision=precision)
     return (result, lse) if return_lse else result
+
+
+def check_precision(precision):
+    """precision= must be one of _attention.PRECISIONS."""
+    if precision is not None and (not isinstance(precision, str)
+                                  or precision not in _attention.PRECISIONS):
+        raise ValueError(f"precision must be None, 'exact' or 'bf16'; got {precision!r}")
 
 
 def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
               enable_gqa=False, *, out=None, num_threads=None, weights=None,
-              return_lse=False, **modifiers):
+              return_lse=False, precision=None, **modifiers):
     """scaled_dot_product_attention, optionally with its softmax probabilities:
     `weights` None, "heads" (..., H, L, S) or "mean" (..., L, S), the average
     over heads.  `modifiers` are prepare_options' keywords.  Returns (output,
     weights or None, lse or None)."""
+    check_precision(precision)
     prob = prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     opts = prepare_options(prob, **modifiers)
     return_lse = check_flag(return_lse, "return_lse")
@@ -135,10 +152,11 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
         lifted = work[(np.newaxis,) * (len(prob.work_shape) - work.ndim)]  # a view
         if probs is None and _plan.heads_as_rows(prob, opts):
             prob, lifted, lse_view = _plan.group_query_heads(prob, lifted, lse)
-            _launch.run_kernel(prob, lifted, nthreads, opts=opts, lse=lse_view)
+            _launch.run_kernel(prob, lifted, nthreads, opts=opts, lse=lse_view,
+                               precision=precision)
         else:
             _launch.run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean",
-                       opts=opts, lse=lse)
+                               opts=opts, lse=lse, precision=precision)
     elif work.size:  # no keys: every row is "fully masked"
         work[...] = 0
         if lse is not None:

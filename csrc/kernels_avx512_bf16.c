@@ -1,0 +1,30 @@
+/* AVX-512 kernels with bfloat16 dot products (AVX512-BF16: Zen 4/5, Cooper
+ * Lake, Sapphire Rapids and later): the avx512 set, plus bf16_products on
+ * VDPBF16PS. */
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,avx2,fma,f16c")
+#define ISA avx512_bf16
+#define VBYTES 64
+#define BF16_UNIT BF16_UNIT_DPBF16
+/* block sizes        MR  NV  BLOCK_M  BLOCK_N */
+#define F32_MR 8
+#define F32_NV 2
+#define F32_BLOCK_M 256
+#define F32_BLOCK_N 128
+#define F64_MR 8
+#define F64_NV 2
+#define F64_BLOCK_M 128
+#define F64_BLOCK_N 128
+#define BF16_MR 8
+#define BF16_NV 2
+#define BF16_BLOCK_M 256
+#define BF16_BLOCK_N 128
+
+static int cpu_supports(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#include "kernel_set.h"

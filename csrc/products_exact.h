@@ -1,0 +1,127 @@
+/*
+ * Exact products of the attention template (see attention_body.h): S = Q K^T
+ * and O += P V in the compute type REAL, on the register micro-kernel.
+ *
+ * Every products header gives the template the same few names:
+ *   PANEL            element type of the packed Q block and K/V panels
+ *   DIRECT_BELOW     blocks of fewer query rows take the direct (decode) path
+ *   q_width(E)       PANEL elements per packed Q row
+ *   kt_tile_elems, v_tile_elems   PANEL elements of one packed key tile
+ *   p_block_elems    elements of an extra P buffer (0: none)
+ *   pack_q, pack_tile             the packing
+ *   score_product    scores = scale * Q K^T for whole MR x NR micro-tiles
+ *   value_product    acc += P V, P being the softmax weights in the scores
+ *   products_begin/end            per-call set-up of the matrix unit
+ */
+#define PANEL REAL
+#define DIRECT_BELOW MR
+
+/* C[MR x NR] += A[MR x K] * B[K x NR] when accumulating, else
+ * C = alpha * A * B; rows of A at stride lda, of B at ldb, of C at ldc.  The
+ * MR x NV accumulators live in registers for the whole K loop. */
+static inline void FN(micro_kernel)(int64_t K, const REAL *A, int64_t lda,
+                                    const REAL *B, int64_t ldb, REAL *C,
+                                    int64_t ldc, int accumulate, REAL alpha)
+{
+    VEC acc[MR][NV];
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++)
+            acc[r][j] = accumulate ? FN(vload)(C + r * ldc + j * LANES) : FN(vsplat)(0);
+    for (int64_t kk = 0; kk < K; kk++) {
+        VEC b[NV];
+        for (int j = 0; j < NV; j++) b[j] = FN(vload)(B + kk * ldb + j * LANES);
+        for (int r = 0; r < MR; r++) {
+            const VEC a = FN(vsplat)(A[r * lda + kk]);
+            for (int j = 0; j < NV; j++) acc[r][j] += a * b[j];
+        }
+    }
+    const VEC valpha = FN(vsplat)(accumulate ? 1 : alpha);
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < NV; j++) FN(vstore)(C + r * ldc + j * LANES, acc[r][j] * valpha);
+}
+
+/* C[rows x cols] += A[rows x K] * B[K x cols] (or C = alpha A B), rows a
+ * multiple of MR and cols of NR: the tiling loop around the micro-kernel. */
+static void FN(tile_gemm)(int64_t rows, int64_t cols, int64_t K, const REAL *A,
+                          int64_t lda, const REAL *B, int64_t ldb, REAL *C,
+                          int64_t ldc, int accumulate, REAL alpha)
+{
+    for (int64_t r0 = 0; r0 < rows; r0 += MR)
+        for (int64_t c0 = 0; c0 < cols; c0 += NR)
+            FN(micro_kernel)(K, A + r0 * lda, lda, B + c0, ldb, C + r0 * ldc + c0,
+                             ldc, accumulate, alpha);
+}
+
+static inline int64_t FN(q_width)(int64_t E) { return E; }
+
+static size_t FN(kt_tile_elems)(const pyattn_problem *p)
+{
+    return pyattn_size_mul((size_t)p->E, BLOCK_N);
+}
+
+static size_t FN(v_tile_elems)(const pyattn_problem *p)
+{
+    return pyattn_size_mul(BLOCK_N, (size_t)FN(round_up)(p->Ev, NR));
+}
+
+enum { FN(p_block_elems) = 0 };
+
+/* Q rows [row0, row0 + nrows) as REAL, then zero rows up to rows_pad. */
+static void FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, int64_t nrows,
+                       int64_t rows_pad, REAL *dst)
+{
+    const int64_t E = p->E;
+    for (int64_t r = 0; r < nrows; r++) FN(load_row)(q + (row0 + r) * p->q_row, p->q_col, E, dst + r * E);
+    memset(dst + nrows * E, 0, sizeof(REAL) * (size_t)((rows_pad - nrows) * E));
+}
+
+/* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
+ * (nb x evp, zero columns past Ev). */
+static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
+                          int64_t j0, int64_t nb, REAL *kt, REAL *vp)
+{
+    const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
+    const int64_t cols_pad = FN(round_up)(nb, NR);
+    const STORE *src = k + j0 * p->k_row;
+    /* Contiguous key rows: LANES x LANES blocks transposed in registers.
+     * What is left (and strided rows) goes element by element, rows of K^T
+     * written contiguously and K read strided: half the cost of the
+     * opposite order. */
+    const int64_t c_full = p->k_col == 1 ? nb - nb % LANES : 0;
+    const int64_t e_full = p->k_col == 1 ? E - E % LANES : 0;
+    for (int64_t c0 = 0; c0 < c_full; c0 += LANES)
+        for (int64_t e0 = 0; e0 < e_full; e0 += LANES) {
+            VEC r[LANES];
+            for (int i = 0; i < LANES; i++) r[i] = FN(vload_store)(src + (c0 + i) * p->k_row + e0);
+            FN(transpose)(r);
+            for (int i = 0; i < LANES; i++) FN(vstore)(kt + (e0 + i) * BLOCK_N + c0, r[i]);
+        }
+    for (int64_t e = 0; e < E; e++) {
+        REAL *dst = kt + e * BLOCK_N;
+        for (int64_t c = e < e_full ? c_full : 0; c < nb; c++)
+            dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
+        for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
+    }
+    for (int64_t c = 0; c < nb; c++) {
+        FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vp + c * evp);
+        for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
+    }
+}
+
+/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N). */
+static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t cols,
+                              const REAL *q, const REAL *kt, REAL *scores)
+{
+    FN(tile_gemm)(rows, cols, p->E, q, p->E, kt, BLOCK_N, scores, BLOCK_N, 0, (REAL)p->scale);
+}
+
+/* acc[rows x evp] += P[rows x nb] V (P in the scores, row stride BLOCK_N). */
+static void FN(value_product)(int64_t rows, int64_t nb, int64_t evp, const REAL *scores,
+                              const REAL *vp, REAL *acc, PANEL *p_block)
+{
+    (void)p_block;
+    FN(tile_gemm)(rows, evp, nb, scores, BLOCK_N, vp, evp, acc, evp, 1, 1);
+}
+
+static inline void FN(products_begin)(void) {}
+static inline void FN(products_end)(void) {}
