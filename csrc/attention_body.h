@@ -149,9 +149,12 @@ static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
 #define LAZY_RESCALE ((REAL)5.545177444479562) /* 8 ln 2 */
 
 /* One online-softmax step for one query row and one key tile: the scores s
- * become unnormalised weights e^(s - m), and when the running max m moves,
- * the sum l and the output row are rescaled by e^(m_old - m_new). */
-static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
+ * become unnormalised weights e^(s - m), stored where the products read
+ * them (see store_weights: in s, or rounded into `rounded`, by an exp just
+ * as exact as the rounding: weights_exp2), and when the
+ * running max m moves, the sum l and the output row are rescaled by
+ * e^(m_old - m_new). */
+static void FN(softmax_step)(REAL *s, PANEL *rounded, int64_t cols_pad, REAL *m, REAL *l,
                              REAL *o_row, int64_t evp)
 {
     /* Tile max; a row that is masked so far keeps max = -inf. */
@@ -166,8 +169,13 @@ static void FN(softmax_step)(REAL *s, int64_t cols_pad, REAL *m, REAL *l,
     const VEC vshift = FN(vsplat)(shift), log2e = FN(vsplat)(LOG2E);
     VEC vsum = FN(vsplat)(0);
     for (int64_t c = 0; c < cols_pad; c += LANES) {
-        const VEC pv = FN(vexp2)((FN(vload)(s + c) - vshift) * log2e);
-        FN(vstore)(s + c, pv);
+        const VEC x = (FN(vload)(s + c) - vshift) * log2e;
+#if WEIGHTS_ROUNDED
+        const VEC pv = rounded ? FN(weights_exp2)(x) : FN(vexp2)(x);
+#else
+        const VEC pv = FN(vexp2)(x);
+#endif
+        FN(store_weights)(s, rounded, c, pv);
         vsum += pv;
     }
     if (m_new != *m) {
@@ -226,7 +234,7 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
             for (int64_t c = 0; c < cols_pad; c += LANES) FN(vstore)(s + c, FN(vload)(s + c) * vscale);
             if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
                 FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
-            FN(softmax_step)(s, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
+            FN(softmax_step)(s, NULL, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
             FN(weighted_rows)(s, vr, v_stride, nb, acc + r * evp, Ev);
         }
     }
@@ -293,10 +301,11 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
         if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
         REAL *sc = w->scores, *acc = w->acc;
         for (int64_t r = r0; r < r1 && r < blk->nrows; r++)
-            FN(softmax_step)(sc + r * BLOCK_N, FN(round_up)(nb, NR), w->row_max + r,
+            FN(softmax_step)(sc + r * BLOCK_N, WEIGHTS_ROUNDED ? w->p_block + r * BLOCK_N : NULL,
+                             FN(round_up)(nb, NR), w->row_max + r,
                              w->row_sum + r, acc + r * evp, evp);
 
-        /* O += P V (padding rows hold P = 0 from their zero Q rows). */
+        /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block). */
         FN(value_product)(r1 - r0, nb, evp, sc + r0 * BLOCK_N, vp, acc + r0 * evp,
                           w->p_block + r0 * BLOCK_N);
     }
@@ -357,6 +366,9 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     } else {
         /* Padding rows of Q are zero and never written out. */
         FN(pack_q)(p, q, row0, nrows, rows_pad, w.q_block);
+        if (WEIGHTS_ROUNDED)
+            memset(w.p_block + nrows * BLOCK_N, 0,
+                   sizeof(PANEL) * (size_t)((rows_pad - nrows) * BLOCK_N));
         FN(products_begin)();
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
         if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
@@ -397,6 +409,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 
 #undef PANEL
 #undef DIRECT_BELOW
+#undef WEIGHTS_ROUNDED
 #undef STORE
 #undef STORE_KIND
 #undef TO_REAL

@@ -8,6 +8,9 @@
  *   q_width(E)       PANEL elements per packed Q row
  *   kt_tile_elems, v_tile_elems   PANEL elements of one packed key tile
  *   p_block_elems    elements of an extra P buffer (0: none)
+ *   WEIGHTS_ROUNDED  1: the tiled path's weights go to that buffer, rounded
+ *   weights_exp2     with WEIGHTS_ROUNDED, 2^x for the weights that are rounded
+ *   store_weights    one vector of weights, where the products read them
  *   pack_q, pack_tile             the packing
  *   score_product    scores = scale * Q K^T for whole MR x NR micro-tiles
  *   value_product    acc += P V, P being the softmax weights in the scores
@@ -15,6 +18,7 @@
  */
 #define PANEL REAL
 #define DIRECT_BELOW MR
+#define WEIGHTS_ROUNDED 0
 
 /* C[MR x NR] += A[MR x K] * B[K x NR] when accumulating, else
  * C = alpha * A * B; rows of A at stride lda, of B at ldb, of C at ldc.  The
@@ -65,6 +69,13 @@ static size_t FN(v_tile_elems)(const pyattn_problem *p)
 }
 
 enum { FN(p_block_elems) = 0 };
+
+/* Weights stay in the scores, where value_product reads them. */
+static inline void FN(store_weights)(REAL *s, PANEL *rounded, int64_t c, VEC p)
+{
+    (void)rounded;
+    FN(vstore)(s + c, p);
+}
 
 /* Q rows [row0, row0 + nrows) as REAL, then zero rows up to rows_pad. */
 static void FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, int64_t nrows,
@@ -117,7 +128,7 @@ static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t col
 
 /* acc[rows x evp] += P[rows x nb] V (P in the scores, row stride BLOCK_N). */
 static void FN(value_product)(int64_t rows, int64_t nb, int64_t evp, const REAL *scores,
-                              const REAL *vp, REAL *acc, PANEL *p_block)
+                              const REAL *vp, REAL *acc, const PANEL *p_block)
 {
     (void)p_block;
     FN(tile_gemm)(rows, evp, nb, scores, BLOCK_N, vp, evp, acc, evp, 1, 1);

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from support import SDPA_IMPLS, USABLE_KERNELS, using_kernel
 
 import pyattn
-from pyattn import _dispatch
+from pyattn import _attention, _dispatch
 from pyattn import reference as ref
 
 # The example budget, PYATTN_FUZZ_EXAMPLES: Hypothesis examples per fuzz test
@@ -499,6 +499,13 @@ def where(mask, *arrays):
                      for i in idx)
 
 
+def used_bf16_products(kernel, dtype, kwargs):
+    """Whether the call ran its products in bfloat16 (see precision=)."""
+    name = native(dtype).name
+    return (_attention.has_bf16_products(kernel, name)
+            and _attention.wants_bf16_products(kwargs.get("precision"), name))
+
+
 def check_call(helpers, case, kernel):
     with np.errstate(all="ignore"):  # inf and NaN are what is being compared
         _check_call(helpers, case, kernel)
@@ -578,8 +585,10 @@ def _check_call(helpers, case, kernel):
     # values' magnitude, not its own (values of +-finfo.max can cancel)
     mag = np.maximum(mag, np.maximum(-an.lo, an.hi))
     err = np.abs(g - w)
+    # bfloat16 products round each weight to bfloat16 (relative error eps / 2)
+    products_eps = float(finfo(BF16).eps) if used_bf16_products(kernel, dt, kwargs) else 0.0
     allowed = (an.atol[..., None] * np.maximum(1.0, mag) + an.rtol[..., None] * np.abs(w)
-               + an.storage_eps * np.abs(w) + an.col_slack)
+               + an.storage_eps * np.abs(w) + an.col_slack + products_eps * mag)
     allowed = np.where(np.isnan(allowed), np.inf, allowed)  # inf tolerance times 0
     far = both & ~(err <= allowed)
     assert not far.any(), (

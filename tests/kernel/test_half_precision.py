@@ -1,4 +1,6 @@
-"""float16 and bfloat16 storage, computed in float32 (README: "Half precision").
+"""float16 and bfloat16 storage, computed in float32 (README: "Half precision"),
+as precision="exact" asks (bfloat16 products have their own tests:
+test_bf16_products.py).
 
 The claim tested: pyattn's half result is the float32 computation on the
 half inputs, rounded once to the output dtype.  So on every kernel and code
@@ -13,6 +15,8 @@ path (direct decode, tiled, split keys, heads as rows, weights):
 Plus the rounding itself (to nearest, ties to even, built from halfway
 cases), layouts, out=, masks, errors, and a half-precision KVCache.
 """
+import functools
+
 import numpy as np
 import pytest
 from support import HALVES, bfloat16, ids, needs_bf16
@@ -21,7 +25,7 @@ import pyattn
 from pyattn import _attention, _plan, functional
 from pyattn import reference as ref
 
-sdpa = pyattn.scaled_dot_product_attention
+sdpa = functools.partial(pyattn.scaled_dot_product_attention, precision="exact")
 
 # significand bits (with the implicit one) and the exponent of the smallest
 # normal number, as frexp counts it (x = m * 2**e, 0.5 <= m < 1)
@@ -216,7 +220,8 @@ def test_weights_path(kernel, dtype, weights, rng):
     q, k, v = half_inputs(rng, dtype, (2, 4, 13, 16), (2, 2, 40, 16), (2, 2, 40, 8))
     mask = rng.random((13, 40)) < 0.8
     kwargs = dict(attn_mask=mask, is_causal=True, enable_gqa=True)
-    out, probs, lse = functional.attention(q, k, v, weights=weights, return_lse=True, **kwargs)
+    out, probs, lse = functional.attention(q, k, v, weights=weights, return_lse=True,
+                                         precision="exact", **kwargs)
     check_against_reference(out, q, k, v, dtype, lse=lse, **kwargs)
     assert probs.dtype == np.float32
     up = [a.astype(np.float32) for a in (q, k, v)]

@@ -247,13 +247,15 @@ def test_registry_order_and_cpu_checks_match_the_cpu():
     if platform.machine() not in ("x86_64", "AMD64"):
         assert names == ("baseline",)
         return
-    assert names == ("avx512", "avx2", "baseline")
+    assert names == ("amx", "avx512_bf16", "avx512", "avx2", "baseline")
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(next(line for line in f if line.startswith("flags")).split()[2:])
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags to compare the CPU checks with")
-    needs = {"avx512": {"avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma", "f16c"},
+    avx512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma", "f16c"}
+    needs = {"amx": avx512 | {"avx512_bf16", "amx_tile", "amx_bf16"},
+             "avx512_bf16": avx512 | {"avx512_bf16"}, "avx512": avx512,
              "avx2": {"avx2", "fma", "f16c"}}
     for name, required in needs.items():
         assert _attention.cpu_supports(name) == (required <= flags), name
