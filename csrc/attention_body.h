@@ -175,8 +175,7 @@ static void FN(softmax_step)(REAL *s, PANEL *rounded, int64_t cols_pad, REAL *m,
 #else
         const VEC pv = FN(vexp2)(x);
 #endif
-        FN(store_weights)(s, rounded, c, pv);
-        vsum += pv;
+        vsum += FN(store_weights)(s, rounded, c, pv);
     }
     if (m_new != *m) {
         /* The old state weighs e^(m_old - shift): 0 for an empty past. */

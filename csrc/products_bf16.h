@@ -173,14 +173,19 @@ static inline VEC FN(weights_exp2)(VEC x)
     return (VEC)_mm512_scalef_ps(poly, n);
 }
 
-/* The tiled path's weights (rounded != NULL) as bfloat16, for value_product;
- * the direct path's stay float32 in the scores. */
-static inline void FN(store_weights)(REAL *s, uint16_t *rounded, int64_t c, VEC p)
+/* The tiled path's weights (rounded != NULL) as bfloat16, for value_product,
+ * and the values stored, which the softmax's sum adds up: then the weights
+ * P V uses sum to 1 exactly (as in PyTorch's kernels), a quarter less error.
+ * The direct path's weights stay float32 in the scores. */
+static inline VEC FN(store_weights)(REAL *s, uint16_t *rounded, int64_t c, VEC p)
 {
-    if (rounded)
-        _mm256_storeu_si256((__m256i *)(rounded + c), (__m256i)_mm512_cvtneps_pbh((__m512)p));
-    else
+    if (!rounded) {
         FN(vstore)(s + c, p);
+        return p;
+    }
+    const __m256i bits = (__m256i)_mm512_cvtneps_pbh((__m512)p);
+    _mm256_storeu_si256((__m256i *)(rounded + c), bits);
+    return (VEC)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
 }
 
 #if BF16_UNIT == BF16_UNIT_AMX
