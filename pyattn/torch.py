@@ -73,6 +73,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if dropout_p != 0:
         raise ValueError(f"dropout_p must be 0: pyattn is inference only; got {dropout_p}")
+    # the NumPy API takes per-head values as NumPy reals: widen (exactly)
+    # bfloat16 ones, such as a bfloat16 model's sinks
+    alibi_slopes, sinks = (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16
+                           else v for v in (alibi_slopes, sinks))
     arrays = {name: _as_array(value, name) for name, value in (
         ("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask),
         ("alibi_slopes", alibi_slopes), ("sinks", sinks), ("q_lengths", q_lengths),

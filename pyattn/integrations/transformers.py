@@ -14,7 +14,7 @@ attention mask.  Only patterns it does not recognise (custom mask functions,
 packed sequences, chunked attention) get transformers' own 4-D mask.
 """
 import dataclasses
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import transformers
@@ -32,6 +32,10 @@ class KernelMask:
     """What build_mask hands attention_forward: the keywords of
     pyattn.torch.scaled_dot_product_attention that make up the mask, for
     queries of length `q_length` against keys of length `kv_length`."""
+
+    # transformers takes a mask of 4 dimensions for one already prepared: so
+    # generate() may build it ahead (static caches) and the model keep it
+    ndim: ClassVar[int] = 4
 
     q_length: int
     kv_length: int
@@ -106,6 +110,8 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
     """transformers' mask builder for "pyattn" (see sdpa_mask for the
     arguments): a KernelMask, or transformers' 4-D bool mask for patterns the
     kernel cannot take as structure."""
+    if isinstance(attention_mask, KernelMask):  # built ahead by generate()
+        return attention_mask
     q_offset = int(q_offset)  # a tensor with static caches
     pattern = _pattern(mask_function)
     diagonal = pattern and _diagonal(*pattern, q_length, kv_length, q_offset - kv_offset)

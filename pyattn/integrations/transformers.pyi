@@ -1,7 +1,7 @@
 __all__ = ["NAME", "KernelMask", "attention_forward", "build_mask", "register"]
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -9,6 +9,7 @@ NAME: str
 
 @dataclasses.dataclass(frozen=True)
 class KernelMask:
+    ndim: ClassVar[int]
     q_length: int
     kv_length: int
     is_causal: bool = ...
