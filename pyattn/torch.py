@@ -20,7 +20,7 @@ def _as_array(tensor, name):
     it is, for pyattn's own checks."""
     if not isinstance(tensor, torch.Tensor):
         return tensor
-    if tensor.device.type != "cpu":  # cuda: not host memory; meta: no memory at all
+    if not tensor.is_cpu:  # cuda: not host memory; meta: no memory at all
         raise ValueError(f"{name} is on the {tensor.device} device; pyattn runs on CPU tensors "
                          f"(move it with .cpu())")
     if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized:
@@ -28,11 +28,14 @@ def _as_array(tensor, name):
             f"a {tensor.layout}")
         raise ValueError(f"{name} is {kind} tensor; pyattn reads dense (strided) tensors "
                          f"(convert it with .to_dense())")
-    if tensor.requires_grad and torch.is_grad_enabled():
-        # pyattn has no backward: a silent detach would cut the graph
-        raise ValueError(f"{name} requires grad and grad mode is on; pyattn is inference only: "
-                         f"call it under torch.no_grad() or torch.inference_mode(), or detach it")
-    tensor = tensor.detach().resolve_neg()  # a lazily negated view has no memory of its own
+    if tensor.requires_grad:
+        if torch.is_grad_enabled():  # pyattn has no backward: a silent detach would cut the graph
+            raise ValueError(f"{name} requires grad and grad mode is on; pyattn is inference "
+                             f"only: call it under torch.no_grad() or torch.inference_mode(), or "
+                             f"detach it")
+        tensor = tensor.detach()
+    if tensor.is_neg():  # a lazily negated view: its memory holds the values' negatives
+        tensor = tensor.resolve_neg()
     if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: same bits, ml_dtypes' type
         try:
             bfloat16 = resolve_dtype("bfloat16")

@@ -166,6 +166,12 @@ def test_bfloat16_tensors_are_read_in_place(monkeypatch):
     assert peak < out_bytes + q.numel() * q.element_size() // 2  # less than any input's copy
 
 
+def test_lazily_negated_views_read_their_values():
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    got = pt.scaled_dot_product_attention(q, torch._neg_view(k), v)
+    assert_close(got, torch_sdpa_float64(q, -k, v), torch.float32)
+
+
 def test_num_threads_follows_torch(monkeypatch):
     calls = []
     real = functional.scaled_dot_product_attention
