@@ -33,8 +33,9 @@ class KernelMask:
     pyattn.torch.scaled_dot_product_attention that make up the mask, for
     queries of length `q_length` against keys of length `kv_length`."""
 
-    # transformers takes a mask of 4 dimensions for one already prepared: so
-    # generate() may build it ahead (static caches) and the model keep it
+    # transformers reads the ndim of a model's attention_mask: 4 means built,
+    # not a 2-D padding mask, so a KernelMask that generate() built ahead
+    # (static caches) reaches build_mask, which keeps it
     ndim: ClassVar[int] = 4
 
     q_length: int
