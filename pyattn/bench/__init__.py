@@ -1,5 +1,5 @@
 """Benchmarks: pyattn against its pure-NumPy reference and, when they are
-importable, against PyTorch and ONNX Runtime, on named shapes.
+importable, against PyTorch, ONNX Runtime and OpenVINO, on named shapes.
 
 Run ``python -m pyattn.bench`` (or ``python -m pyattn bench``); ``--help``
 lists the options.  The table gives, per case, the median wall time of each
@@ -25,10 +25,19 @@ reference is not timed there, only checked against.  ``--cases`` can name
 these cases too; named with others, they get their own table after the
 others'.  All timing follows one rule, pyattn.bench.timing's.
 
+``--suite bf16`` measures bfloat16 products: bfloat16 inputs (prefill
+L = S = 2048 unmasked and causal, 4096 at D64 and D128, BERT, ViT) and
+float32 ones with ``precision="bf16"`` (the prefill shapes), each beside
+pyattn's own exact float32 on the same values (``pyattn-f32``, column
+``f32``) and the peers' bfloat16 (torch's bfloat16 SDPA, or float32 with
+``fp32_precision = "bf16"``; OpenVINO's SDPA with INFERENCE_PRECISION_HINT
+bf16), all timed interleaved, one call each in turn, in the throughput table.
+
 Modules: ``cases`` (:class:`Case`, ``CASES``, ``SUITES``, tolerances),
 ``peers`` (``IMPLEMENTATIONS``, maps a name to ``prepare(case, q, k, v,
 threads) -> call``, the untimed setup returning the timed call: pyattn and
-the reference; ``PEERS``, the optional other libraries as :class:`Peer`),
+the reference; ``ALONGSIDE``, pyattn-f32; ``PEERS``, the optional other
+libraries as :class:`Peer`),
 ``timing`` (the timing loop and its rule), ``measure`` (:func:`run_case`:
 one case prepared, timed and checked), ``report`` (the machine line, the
 tables, the plot, the JSON), ``memory`` (--memory), ``layers`` (--layers),

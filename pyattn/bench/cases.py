@@ -21,6 +21,8 @@ class Case:
     window: int = 0        # > 0: with causal, each query sees its last window + 1 keys
     cache: bool = False    # pyattn reads k, v from a KVCache through decode_attention
     alignment: str = "top_left"  # of the causal mask: "lower_right" = the last query sees all
+    precision: str = None  # pyattn's precision= (None: its default for the dtype)
+    with_f32: bool = False  # also time pyattn on the inputs as float32, exact ("pyattn-f32")
 
     @property
     def Hkv(self):
@@ -38,6 +40,18 @@ class Case:
         if not self.causal:
             return ""
         return "causal lower-right" if self.lower_right else "causal"
+
+    @property
+    def bf16_products(self):
+        """Whether pyattn is asked for bfloat16 products (run where the CPU has
+        them): precision="bf16", or bfloat16 inputs unless precision="exact"."""
+        return self.precision == "bf16" or (self.dtype == "bfloat16" and self.precision != "exact")
+
+    @property
+    def check_dtype(self):
+        """The dtype whose tolerance pyattn's and the peers' results are checked
+        with: bfloat16's for bfloat16 products of float32 inputs."""
+        return "bfloat16" if self.precision == "bf16" else self.dtype
 
     @property
     def shape(self):
@@ -144,6 +158,26 @@ CASES = {
              alignment="lower_right"),
         Case("prefill-l64", B=1, H=12, L=64, S=64, D=64, causal=True),
         Case("minilm-l32", B=1, H=12, L=32, S=32, D=32),  # all-MiniLM-L6's encoder, one sentence
+        # the bf16 suite: bfloat16 products, timed interleaved with pyattn's own
+        # float32 (pyattn-f32) and the peers' bfloat16; first bfloat16 inputs ...
+        Case("prefill-bf16", B=1, H=8, L=2048, S=2048, D=64, dtype="bfloat16", with_f32=True),
+        Case("causal-bf16", B=1, H=8, L=2048, S=2048, D=64, dtype="bfloat16", causal=True,
+             with_f32=True),
+        Case("prefill-4k-d64-bf16", B=1, H=8, L=4096, S=4096, D=64, dtype="bfloat16",
+             with_f32=True),
+        Case("prefill-4k-d128-bf16", B=1, H=8, L=4096, S=4096, D=128, dtype="bfloat16",
+             with_f32=True),
+        Case("bert-bf16", B=8, H=12, L=128, S=128, D=64, dtype="bfloat16", with_f32=True),
+        Case("vit-bf16", B=4, H=12, L=197, S=197, D=64, dtype="bfloat16", with_f32=True),
+        # ... then float32 inputs with precision="bf16" (the output stays float32)
+        Case("prefill-f32-bf16", B=1, H=8, L=2048, S=2048, D=64, precision="bf16",
+             with_f32=True),
+        Case("causal-f32-bf16", B=1, H=8, L=2048, S=2048, D=64, causal=True, precision="bf16",
+             with_f32=True),
+        Case("prefill-4k-d64-f32-bf16", B=1, H=8, L=4096, S=4096, D=64, precision="bf16",
+             with_f32=True),
+        Case("prefill-4k-d128-f32-bf16", B=1, H=8, L=4096, S=4096, D=128, precision="bf16",
+             with_f32=True),
     ]
 }
 
@@ -157,11 +191,18 @@ SUITES = {
     "latency": ("trivial", "decode-h8-s64", "decode-gqa-b4", "decode-gqa-s1024",
                 "decode-b8-s512", "decode-h32-s4096", "verify-gqa-l4", "chunked-prefill",
                 "prefill-l64", "minilm-l32"),
+    "bf16": ("prefill-bf16", "causal-bf16", "prefill-4k-d64-bf16", "prefill-4k-d128-bf16",
+             "bert-bf16", "vit-bf16", "prefill-f32-bf16", "causal-f32-bf16",
+             "prefill-4k-d64-f32-bf16", "prefill-4k-d128-f32-bf16"),
 }
 DEFAULT_SUITE = "quick"
 # these cases are timed interleaved and reported in µs with their spread
 # (measure.run_case, report.format_latency), wherever they are named
 LATENCY_CASES = frozenset(SUITES["latency"])
+# these are timed interleaved too, in the throughput table: the bf16 suite's
+# ratios (bfloat16 products over float32, pyattn over each peer) come from
+# calls made side by side, not minutes apart
+INTERLEAVED_CASES = LATENCY_CASES | frozenset(SUITES["bf16"])
 
 # --plot: throughput against L = S for these (B1 H8 D64 float32, not causal)
 PLOT_SWEEP = ("prefill-512-d64", "prefill-1k-d64", "prefill", "prefill-4k-d64")
@@ -169,7 +210,8 @@ PLOT_SWEEP = ("prefill-512-d64", "prefill-1k-d64", "prefill", "prefill-4k-d64")
 # the --memory case: the reference would need B*H*L*S*4 bytes for its scores
 MEMORY_CASE = Case("memory", B=1, H=8, L=16384, S=16384, D=64)
 
-# how close pyattn must be to the reference (np.allclose)
+# how close pyattn must be to the reference (np.allclose), by Case.check_dtype
+# (bfloat16 also for float32 inputs with bfloat16 products)
 TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-9, atol=1e-11),
              # one rounding of the output apart (both compute in float32)
              "float16": dict(rtol=2e-3, atol=2e-3), "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2)}

@@ -18,9 +18,16 @@ from pyattn.bench.cases import (
     SUITES,
     TOLERANCE,
 )
-from pyattn.bench.measure import LATENCY_BLOCK, run_case
+from pyattn.bench.measure import LATENCY_BLOCK, THROUGHPUT_BLOCK, run_case
 from pyattn.bench.memory import format_memory, run_memory
-from pyattn.bench.peers import BASELINE, IMPLEMENTATIONS, PEERS, REFERENCE_MAX_REPEAT, probe_peers
+from pyattn.bench.peers import (
+    BASELINE,
+    F32,
+    IMPLEMENTATIONS,
+    PEERS,
+    REFERENCE_MAX_REPEAT,
+    probe_peers,
+)
 from pyattn.bench.report import (
     format_latency,
     format_table,
@@ -31,19 +38,25 @@ from pyattn.bench.report import (
 )
 from pyattn.bench.timing import MAX_REPEAT, MIN_REPEAT, TIME_BUDGET_S
 
+# the peers measured when --peers is not given: all, but for a suite none of
+# whose cases some peer can run
+SUITE_PEERS = {"bf16": ("torch", "openvino")}  # onnxruntime: float32 and exact only
+
 
 def _case_line(c):
     suites = [s for s, names in SUITES.items() if c.name in names]
     tags = ", ".join(suites) + (", --plot" if c.name in PLOT_SWEEP else "")
-    return (f"  {c.name:<16} B{c.B} H{c.H} L{c.L} S{c.S} D{c.D} {c.dtype}"
-            + (f" {c.mask}" if c.mask else "")).ljust(57) + f" ({tags})"
+    options = [c.dtype] + ([f"precision={c.precision}"] if c.precision else [])
+    options += [c.mask] if c.mask else []
+    return (f"  {c.name:<24} B{c.B} H{c.H} L{c.L} S{c.S} D{c.D} {' '.join(options)}"
+            ).ljust(80) + f" ({tags})"
 
 
 def build_parser(prog=None):
     p = argparse.ArgumentParser(
         prog=prog or "python -m pyattn.bench",
         description="Benchmark pyattn against its pure-NumPy reference and, when they are "
-                    "importable, PyTorch and ONNX Runtime.",
+                    "importable, PyTorch, ONNX Runtime and OpenVINO.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=("cases (suites they belong to):\n"
                 + "\n".join(_case_line(c) for c in CASES.values())
@@ -51,6 +64,8 @@ def build_parser(prog=None):
                   "  torch        torch.nn.functional.scaled_dot_product_attention\n"
                   "  onnxruntime  com.microsoft MultiHeadAttention, CPUExecutionProvider "
                   "(float32; needs onnx too)\n"
+                  "  openvino     opset13 ScaledDotProductAttention, CPU plugin "
+                  "(INFERENCE_PRECISION_HINT bf16 for bfloat16 products, else f32)\n"
                   "  a peer that does not import is reported as absent; one that cannot run "
                   "a case shows n/a"),
     )
@@ -58,7 +73,9 @@ def build_parser(prog=None):
                    help=f"named set of cases (default: {DEFAULT_SUITE}; "
                         f"quick = {', '.join(SUITES['quick'])}; full = quick's, the prefill "
                         "sweep and vit; latency = per-token calls, timed interleaved with the "
-                        "peers, in µs with their spread; the list is below)")
+                        "peers, in µs with their spread; bf16 = bfloat16 products (bfloat16 "
+                        "inputs, and float32 with precision=bf16) against pyattn's float32 and "
+                        "the peers' bfloat16, timed interleaved; the list is below)")
     p.add_argument("--cases", default=None,
                    help="comma-separated case names (overrides --suite)")
     # pyattn refuses more than MAX_THREADS, but only when the first case runs
@@ -76,7 +93,8 @@ def build_parser(prog=None):
     peers = p.add_mutually_exclusive_group()
     peers.add_argument("--peers", default=None, metavar="NAMES",
                        help="comma-separated peers to measure when importable, or 'none' "
-                            f"(default: {','.join(PEERS)})")
+                            f"(default: {','.join(PEERS)}; for --suite bf16: "
+                            f"{','.join(SUITE_PEERS['bf16'])})")
     peers.add_argument("--no-peers", action="store_true", help="same as --peers none")
     p.add_argument("--json", metavar="PATH", type=output_file,
                    help="write all measurements, the machine and the peers' versions to PATH")
@@ -132,7 +150,8 @@ def _check_args(parser, args):
     else:
         names = list(SUITES[args.suite or DEFAULT_SUITE])
     if args.peers is None:
-        peer_names = [] if args.no_peers else list(PEERS)
+        default = SUITE_PEERS.get(args.suite, PEERS) if args.cases is None else PEERS
+        peer_names = [] if args.no_peers else list(default)
     else:
         peer_names = _split(args.peers)
         unknown = [n for n in peer_names if n not in PEERS]
@@ -159,7 +178,8 @@ def main(argv=None, prog=None):
     machine = machine_info()
     table = not (args.memory or args.layers)
     peers = probe_peers(peer_names) if table else {}
-    print(header(machine, threads, peers if table else None), flush=True)
+    bf16 = table and any(CASES[n].bf16_products for n in names)
+    print(header(machine, threads, peers if table else None, bf16_products=bf16), flush=True)
 
     report = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -197,6 +217,7 @@ def _run_tables(args, names, peers, threads, machine, report):
     present = [info["peer"] for info in peers.values() if info["available"]]
     suite = None if args.cases else (args.suite or DEFAULT_SUITE)
     report["settings"].update(cases=names, suite=suite, latency_block=LATENCY_BLOCK,
+                              throughput_block=THROUGHPUT_BLOCK,
                               tolerance=TOLERANCE, peer_tolerance=PEER_TOLERANCE)
     report["peers"] = {name: {k: v for k, v in info.items() if k != "peer"}
                        for name, info in peers.items()}
@@ -211,7 +232,8 @@ def _run_tables(args, names, peers, threads, machine, report):
         if blas_limit is not None:
             blas_limit.restore_original_limits()
     report["results"] = records
-    impl_names = list(impls) + [p.name for p in present]
+    alongside = [F32] if any(CASES[n].with_f32 for n in names) else []
+    impl_names = list(impls) + alongside + [p.name for p in present]
     throughput = [r for r in records if r["name"] not in LATENCY_CASES]
     latency = [r for r in records if r["name"] in LATENCY_CASES]
     tables = []

@@ -7,9 +7,11 @@ from dataclasses import asdict
 
 import numpy as np
 
-from pyattn.bench.cases import LATENCY_CASES, PEER_TOLERANCE, TOLERANCE
+from pyattn.bench.cases import INTERLEAVED_CASES, LATENCY_CASES, PEER_TOLERANCE, TOLERANCE
 from pyattn.bench.peers import (
+    ALONGSIDE,
     BASELINE,
+    F32,
     REFERENCE_MAX_REPEAT,
     SUBJECT,
     NotApplicable,
@@ -22,6 +24,9 @@ from pyattn.bench.timing import summarize, time_calls
 # blocks keep most calls clear of the other's, while still alternating often
 # enough for the machine's noise to hit both
 LATENCY_BLOCK = 10
+# the other interleaved cases' (the bf16 suite's, calls of milliseconds and
+# more): strict alternation, as the spinning workers cost little beside them
+THROUGHPUT_BLOCK = 1
 
 
 @contextlib.contextmanager
@@ -66,8 +71,8 @@ def _time_each(case, runners, record, q, k, v, threads, repeat, log):
 
 
 def _time_interleaved(case, runners, record, q, k, v, threads, repeat, log):
-    """The latency suite's way: every runner prepared at once and timed in
-    alternating blocks; the reference only gives the result to check against."""
+    """The latency and bf16 suites' way: every runner prepared at once and timed
+    in alternating blocks; the reference only gives the result to check against."""
     outputs, calls, converters = {}, {}, {}
     with contextlib.ExitStack() as prepared_all:
         for name, prepared, is_peer in runners:
@@ -82,7 +87,7 @@ def _time_interleaved(case, runners, record, q, k, v, threads, repeat, log):
                     calls[name], converters[name] = call, to_bhld
         if log:
             log(f"  {case.name}: {', '.join(calls)} interleaved ...")
-        timed = time_calls(calls, repeat, block=LATENCY_BLOCK)
+        timed = time_calls(calls, repeat, block=record["block"])
     for name in calls:
         outputs[name] = _bhld(timed.results[name], converters[name])  # the last one is checked
         _timed_entry(record["impls"][name], case, timed.times[name], timed.warmup[name])
@@ -98,23 +103,37 @@ def _compare(got, want, tolerance):
     return err, bool(np.allclose(got, want, **tolerance))
 
 
+def _tolerance(case, name, is_peer):
+    """np.allclose's tolerance for `name`'s result on `case`: pyattn-f32 is
+    exact float32 (its inputs' dtype's), the others by Case.check_dtype."""
+    if name == F32:
+        return TOLERANCE[case.dtype]
+    return (PEER_TOLERANCE if is_peer else TOLERANCE)[case.check_dtype]
+
+
 def run_case(case, impls, threads, repeat=None, log=None, peers=()):
     """Time every implementation (`impls`, a subset of IMPLEMENTATIONS) and
     every Peer in `peers` on `case`; a dict of the measurements.
 
     The timing follows pyattn.bench.timing (`repeat`: --repeat, None for its
-    time budget; the reference at most REFERENCE_MAX_REPEAT times).  A latency
-    case (cases.LATENCY_CASES) is timed interleaved and the reference is not
-    timed.  The last result of each is compared, untimed, with the
+    time budget; the reference at most REFERENCE_MAX_REPEAT times).  A case
+    of cases.INTERLEAVED_CASES (the latency and bf16 suites) is timed
+    interleaved and the reference is not timed.  A case with ``with_f32``
+    also times pyattn-f32 (ALONGSIDE), pyattn on its inputs as float32,
+    exact.  The last result of each is compared, untimed, with the
     reference's (with pyattn's when the reference is not run); one that
     differs gets status "wrong".  A peer that declines the case is recorded
     as "n/a", one that raises as "error"; their cells carry no time.
     """
     q, k, v = case.make_inputs()
-    interleaved = case.name in LATENCY_CASES
+    interleaved = case.name in INTERLEAVED_CASES
     record = dict(asdict(case), shape=case.shape, mask=case.mask, flops=case.flops,
                   bytes=case.nbytes, threads=threads,
                   timing="interleaved" if interleaved else "one by one", impls={})
+    if interleaved:
+        record["block"] = LATENCY_BLOCK if case.name in LATENCY_CASES else THROUGHPUT_BLOCK
+    if case.with_f32:
+        impls = {**impls, **ALONGSIDE}
     runners = [(name, functools.partial(plain_prepared, fn), False) for name, fn in impls.items()]
     runners += [(peer.name, peer.prepared, True) for peer in peers]
     measure = _time_interleaved if interleaved else _time_each
@@ -127,8 +146,7 @@ def run_case(case, impls, threads, repeat=None, log=None, peers=()):
         if name == checked_against or want is None:
             continue
         is_peer = name not in impls
-        tolerance = (PEER_TOLERANCE if is_peer else TOLERANCE)[case.dtype]
-        err, ok = _compare(got, want, tolerance)
+        err, ok = _compare(got, want, _tolerance(case, name, is_peer))
         entry = record["impls"][name]
         entry.update(max_abs_err=err, matches=ok)
         if not ok:

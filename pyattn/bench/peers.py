@@ -1,7 +1,9 @@
 """What the benchmarks measure: pyattn and its NumPy reference
-(``IMPLEMENTATIONS``, always there) and the optional other libraries
-(``PEERS``: PyTorch's SDPA, ONNX Runtime's MultiHeadAttention), each turned
-into a zero-argument call on a case's inputs outside the timing."""
+(``IMPLEMENTATIONS``, always there), pyattn's own float32 beside its
+bfloat16 products (``F32``, on the cases that ask for it) and the optional
+other libraries (``PEERS``: PyTorch's SDPA, ONNX Runtime's
+MultiHeadAttention, OpenVINO's ScaledDotProductAttention), each turned into
+a zero-argument call on a case's inputs outside the timing."""
 import contextlib
 
 import numpy as np
@@ -23,7 +25,20 @@ def _pyattn(case, q, k, v, threads):
         cache.append(k, v)
         return lambda: pyattn.decode_attention(q, cache, num_threads=threads)
     kwargs = case.sdpa_kwargs
+    if case.precision is not None:
+        kwargs["precision"] = case.precision
     return lambda: pyattn.scaled_dot_product_attention(q, k, v, num_threads=threads, **kwargs)
+
+
+def _pyattn_f32(case, q, k, v, threads):
+    """pyattn's own float32 on the case: its inputs as float32 (bfloat16 ones
+    widened, exactly, outside the timing) with precision="exact"."""
+    if case.cache:
+        raise NotApplicable("pyattn-f32 runs scaled_dot_product_attention cases only")
+    q, k, v = (np.ascontiguousarray(x, dtype=np.float32) for x in (q, k, v))
+    kwargs = case.sdpa_kwargs
+    return lambda: pyattn.scaled_dot_product_attention(q, k, v, num_threads=threads,
+                                                       precision="exact", **kwargs)
 
 
 def _reference(case, q, k, v, threads):
@@ -39,6 +54,9 @@ def _reference(case, q, k, v, threads):
 
 IMPLEMENTATIONS = {"pyattn": _pyattn, "reference": _reference}
 SUBJECT, BASELINE = "pyattn", "reference"
+# run besides IMPLEMENTATIONS on the cases with Case.with_f32, as they are
+F32 = "pyattn-f32"
+ALONGSIDE = {F32: _pyattn_f32}
 
 
 @contextlib.contextmanager
@@ -69,7 +87,13 @@ class Peer:
 
 
 class TorchPeer(Peer):
-    """torch.nn.functional.scaled_dot_product_attention on torch.from_numpy views."""
+    """torch.nn.functional.scaled_dot_product_attention on torch.from_numpy views.
+
+    bfloat16 inputs reach torch as bfloat16 tensors (torch's bfloat16 SDPA);
+    float32 with precision="bf16" runs with
+    ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` for the case,
+    which torch's CPU SDPA follows (its float32 products then in bfloat16).
+    """
 
     name, label = "torch", "torch"
 
@@ -79,13 +103,36 @@ class TorchPeer(Peer):
         return {"version": torch.__version__,
                 "api": "torch.nn.functional.scaled_dot_product_attention",
                 "default_threads": torch.get_num_threads(),
-                "threads": "torch.set_num_threads(threads) for the run"}
+                "threads": "torch.set_num_threads(threads) for the run",
+                "bf16_products": "bfloat16 tensors; float32 with precision=bf16: "
+                                 "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'"}
+
+    @contextlib.contextmanager
+    def _fp32_precision(self, case):
+        """torch's float32 products in bfloat16 for the case when it asks for it."""
+        if case.precision != "bf16" or case.dtype != "float32":
+            yield
+            return
+        matmul = getattr(self.torch.backends.mkldnn, "matmul", None)
+        if not hasattr(matmul, "fp32_precision"):
+            raise NotApplicable("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
+        before = matmul.fp32_precision
+        try:
+            matmul.fp32_precision = "bf16"
+        except (RuntimeError, ValueError) as exc:
+            raise NotApplicable(f"fp32_precision = 'bf16' refused: {exc}") from None
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
 
     @contextlib.contextmanager
     def prepared(self, case, q, k, v, threads):
         torch = self.torch
         if case.window:
             raise NotApplicable("no sliding window in torch's SDPA (only a materialised mask)")
+        if case.precision is not None and case.precision != "bf16":
+            raise NotApplicable(f"precision={case.precision}: torch has no such switch")
         if case.dtype == "bfloat16":  # NumPy's bfloat16 (ml_dtypes) reaches torch by its bits
             tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
                           for x in (q, k, v))
@@ -101,7 +148,7 @@ class TorchPeer(Peer):
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            with torch.inference_mode():
+            with self._fp32_precision(case), torch.inference_mode():
                 yield (lambda: sdpa(tq, tk, tv, **kwargs)), (lambda out: out.float().numpy())
         finally:
             torch.set_num_threads(before)
@@ -151,6 +198,8 @@ class OnnxRuntimePeer(Peer):
     def prepared(self, case, q, k, v, threads):
         if case.dtype != "float32":
             raise NotApplicable(f"{case.dtype}: MultiHeadAttention's CPU kernel takes float32 only")
+        if case.precision == "bf16":
+            raise NotApplicable("no bfloat16 products in MultiHeadAttention's CPU kernel")
         if case.Hkv != case.H or case.window:
             raise NotApplicable("GQA and windows are GroupQueryAttention's, "
                                 "not MultiHeadAttention's")
@@ -179,7 +228,91 @@ class OnnxRuntimePeer(Peer):
             session = None  # its thread pool goes now, not at the next collection
 
 
-PEERS = {p.name: p for p in [TorchPeer(), OnnxRuntimePeer()]}
+class OpenVINOPeer(Peer):
+    """OpenVINO's ScaledDotProductAttention (opset13), CPU plugin.
+
+    The model is one ScaledDotProductAttention node on query (B, H, L, D),
+    key and value (B, H, S, D) parameters of the case's element type (bf16,
+    f32 or f16; ``causal`` for top-left causal), compiled for the CPU with
+    INFERENCE_NUM_THREADS = threads and INFERENCE_PRECISION_HINT bf16 where
+    pyattn runs bfloat16 products (Case.bf16_products), else f32: the plugin
+    would pick bf16 by itself on a CPU with bfloat16 units, also for float32.
+    The inputs are set once on a prepared InferRequest as ov.Tensors sharing
+    the arrays' memory (bfloat16: its raw uint16 bits as type bf16); the
+    timed call is that request's infer(), its output shared, not copied.
+    """
+
+    name, label = "openvino", "ov"
+    ELEMENT_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+    def probe(self):
+        import openvino
+        try:
+            from openvino import opset13
+        except ImportError:  # older releases have the opsets under openvino.runtime only
+            from openvino.runtime import opset13
+        core = openvino.Core()
+        if "CPU" not in core.available_devices:
+            raise ImportError("openvino has no CPU device")
+        self.ov, self.ops, self.core = openvino, opset13, core
+        return {"version": openvino.__version__.split("-")[0], "build": openvino.__version__,
+                "api": "opset13 ScaledDotProductAttention (one-node model), CPU plugin, "
+                       "InferRequest.infer",
+                "threads": "INFERENCE_NUM_THREADS = threads",
+                "bf16_products": "INFERENCE_PRECISION_HINT bf16 (f32 otherwise)"}
+
+    def compiled(self, case, threads):
+        """The one-node model for `case`, compiled for the CPU."""
+        ov, ops = self.ov, self.ops
+        etype = getattr(ov.Type, self.ELEMENT_TYPES[case.dtype])
+        params = [ops.parameter([case.B, heads, n, case.D], etype, name=name)
+                  for name, heads, n in (("query", case.H, case.L), ("key", case.Hkv, case.S),
+                                         ("value", case.Hkv, case.S))]
+        causal = case.causal and not case.lower_right  # lower-right here: one query, all keys
+        node = ops.scaled_dot_product_attention(*params, causal=causal)
+        model = ov.Model([node.output(0)], params, "sdpa")
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if case.bf16_products else "f32",
+                  "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        return self.core.compile_model(model, "CPU", config)
+
+    @contextlib.contextmanager
+    def prepared(self, case, q, k, v, threads):
+        if case.dtype not in self.ELEMENT_TYPES:
+            raise NotApplicable(f"{case.dtype}: the CPU plugin computes in float32 at most")
+        if case.precision == "exact" and case.dtype == "bfloat16":
+            raise NotApplicable("bfloat16 inputs computed in float32: no such setting")
+        if case.Hkv != case.H:
+            raise NotApplicable("GQA: key and value heads must broadcast against the query's")
+        if case.window:
+            raise NotApplicable("no sliding window in ScaledDotProductAttention "
+                                "(only a materialised mask)")
+        if case.lower_right and case.L > 1:
+            raise NotApplicable("its causal mask is top-left; lower-right needs a "
+                                "materialised mask")
+        ov = self.ov
+        request = self.compiled(case, threads).create_infer_request()
+        arrays = [np.ascontiguousarray(x) for x in (q, k, v)]  # the tensors share these
+        for i, x in enumerate(arrays):
+            if case.dtype == "bfloat16":
+                tensor = ov.Tensor(x.view(np.uint16), list(x.shape), ov.Type.bf16)
+            else:
+                tensor = ov.Tensor(x, shared_memory=True)
+            request.set_input_tensor(i, tensor)
+
+        def to_bhld(out):  # a view of the request's output, rewritten by every call
+            out = np.array(out, copy=True)
+            if case.dtype == "bfloat16":  # bf16 bits, whatever NumPy dtype they come as
+                from ml_dtypes import bfloat16
+                out = out.view(np.uint16).view(bfloat16)
+            return out
+
+        try:
+            yield (lambda: request.infer(share_outputs=True)[0]), to_bhld
+        finally:
+            request = None  # its buffers go now, not at the next collection
+
+
+PEERS = {p.name: p for p in [TorchPeer(), OnnxRuntimePeer(), OpenVINOPeer()]}
 
 
 def probe_peers(names):

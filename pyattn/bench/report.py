@@ -10,18 +10,33 @@ import pyattn
 from pyattn._plotting import import_figure
 from pyattn.bench.cases import PLOT_SWEEP
 from pyattn.bench.measure import LATENCY_BLOCK
-from pyattn.bench.peers import BASELINE, PEERS, SUBJECT
+from pyattn.bench.peers import BASELINE, F32, PEERS, SUBJECT
+
+# the CPU's flags the bfloat16 products depend on, named in the machine line
+# of a run with such cases (a VM's model name may say little)
+BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 
 
-def cpu_model():
+def _cpuinfo_field(name):
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
+                if line.lower().startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return None
+
+
+def cpu_model():
+    model = _cpuinfo_field("model name")
+    return model or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_flags():
+    """Those of BF16_FLAGS the CPU has (/proc/cpuinfo; none known elsewhere)."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [f for f in BF16_FLAGS if f in flags]
 
 
 def machine_info():
@@ -32,6 +47,7 @@ def machine_info():
     return {
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable,
         "python": platform.python_version(),
@@ -40,13 +56,19 @@ def machine_info():
     }
 
 
-def header(machine, threads, peers=None):
-    """The machine line, then (when peers were asked for) one line on the peers."""
+def header(machine, threads, peers=None, bf16_products=False):
+    """The machine line, then (when peers were asked for) one line on the peers.
+    `bf16_products`: the run has cases that ask for them; the line says
+    whether this CPU and kernel run them, and the CPU flags they rest on."""
     cfg = machine["pyattn"]
     omp = "OpenMP" if cfg["openmp"] else "no OpenMP"
     line = (f"pyattn {cfg['version']} | CPU: {machine['cpu_model']} "
             f"({machine['usable_cpus']} usable cores) | threads: {threads} | "
             f"kernel: {cfg['kernel']} ({omp}) | numpy {machine['numpy']}")
+    if bf16_products:
+        flags = ", ".join(machine.get("cpu_flags") or ["none of " + " ".join(BF16_FLAGS)])
+        line += (f" | bf16 products: {'yes' if cfg.get('bf16_products') else 'no'} "
+                 f"(CPU flags: {flags})")
     if peers is None:
         return line
     return line + "\npeers: " + _peers_text(peers)
@@ -65,7 +87,8 @@ def _peers_text(peers):
     return " | ".join(parts)
 
 
-LABELS = {SUBJECT: SUBJECT, BASELINE: "ref", **{p.name: p.label for p in PEERS.values()}}
+LABELS = {SUBJECT: SUBJECT, BASELINE: "ref", F32: "f32",
+          **{p.name: p.label for p in PEERS.values()}}
 
 
 def _label(name):
@@ -73,7 +96,9 @@ def _label(name):
 
 
 def _options(record):
-    return " ".join(filter(None, [record["dtype"], record["mask"]]))
+    precision = record.get("precision")
+    return " ".join(filter(None, [record["dtype"], precision and f"precision={precision}",
+                                  record["mask"]]))
 
 
 def _time_cell(entry, text):
@@ -122,6 +147,9 @@ def _notes(records, impl_names):
     names = ", ".join(f"{_label(n)} = {n}" for n in impl_names if _label(n) != n)
     if names:
         lines.append(names)
+    if F32 in impl_names:
+        lines.append(f"{F32}: pyattn on the same inputs as float32 (bfloat16 ones widened), "
+                     "precision=\"exact\"; vs f32 above 1: the bfloat16 products are faster")
     checked = {r.get("checked_against") for r in records} - {None}
     if checked:
         lines.append("every result is checked against " + " / ".join(sorted(checked))
@@ -139,7 +167,11 @@ def _notes(records, impl_names):
 
 def format_table(records, impl_names):
     """The table: one ms column per implementation, the others' time over
-    pyattn's, pyattn's GFLOP/s and GB/s, threads; then a legend."""
+    pyattn's, pyattn's GFLOP/s and GB/s, threads; then a legend.  The
+    reference gets no columns when it only checked (every case interleaved)."""
+    if records and all(r["impls"].get(BASELINE, {}).get("status") == "check only"
+                       for r in records):
+        impl_names = [n for n in impl_names if n != BASELINE]
     others = [n for n in impl_names if n != SUBJECT]
     cols = ["case", "B H L S D", "dtype"]
     cols += [f"{_label(n)} ms" for n in impl_names]
@@ -163,6 +195,11 @@ def format_table(records, impl_names):
     if SUBJECT in impl_names and others:
         legend += "; vs X: X's time / pyattn's (above 1: pyattn is faster)"
     legend += "; GFLOP/s, GB/s: pyattn's"
+    interleaved = [r["name"] for r in records if r.get("timing") == "interleaved"]
+    if interleaved:  # (the bf16 suite's; the latency suite has its own table)
+        which = "" if len(interleaved) == len(records) else f" ({', '.join(interleaved)})"
+        legend += (f"\ntimed interleaved{which}: every implementation prepared at once and "
+                   "called in turn, the order reversed each round; the reference only checks")
     return "\n".join(_layout(cols, rows, left=3) + [legend] + _notes(records, impl_names))
 
 
@@ -206,7 +243,8 @@ def plot_sweep(records, impl_names, path, machine, threads):
     fig = Figure(figsize=(8, 5), dpi=120)
     ax = fig.add_subplot()
     styles = {SUBJECT: dict(marker="o", linewidth=2.5), BASELINE: dict(marker="s", linestyle="--"),
-              "torch": dict(marker="^"), "onnxruntime": dict(marker="D")}
+              "torch": dict(marker="^"), "onnxruntime": dict(marker="D"),
+              "openvino": dict(marker="P"), F32: dict(marker="x")}
     for name in impl_names:
         points = [(r["L"], r["impls"][name]["gflops"]) for r in sweep
                   if r["impls"].get(name, {}).get("status") == "ok"]

@@ -163,6 +163,11 @@ def test_bench_help(helpers, tmp_path):
     ([], list(bench.SUITES[bench.DEFAULT_SUITE]), list(bench.PEERS)),
     (["--suite", "inference"], list(bench.SUITES["inference"]), list(bench.PEERS)),
     (["--suite", "latency"], list(bench.SUITES["latency"]), list(bench.PEERS)),
+    # the bf16 suite: by default the peers that run bfloat16 products
+    (["--suite", "bf16"], list(bench.SUITES["bf16"]), ["torch", "openvino"]),
+    (["--suite", "bf16", "--peers", "onnxruntime"], list(bench.SUITES["bf16"]), ["onnxruntime"]),
+    (["--suite", "bf16", "--no-peers"], list(bench.SUITES["bf16"]), []),
+    (["--cases", "prefill-bf16", "--suite", "bf16"], ["prefill-bf16"], list(bench.PEERS)),
     (["--cases", "trivial,bert"], ["trivial", "bert"], list(bench.PEERS)),
     (["--cases", " bert , causal ", "--suite", "full"], ["bert", "causal"], list(bench.PEERS)),
     (["--peers", "none"], list(bench.SUITES["quick"]), []),
