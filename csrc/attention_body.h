@@ -157,25 +157,31 @@ static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
 static void FN(softmax_step)(REAL *s, PANEL *rounded, int64_t cols_pad, REAL *m, REAL *l,
                              REAL *o_row, int64_t evp)
 {
-    /* Tile max; a row that is masked so far keeps max = -inf. */
-    VEC vm = FN(vsplat)(-(REAL)INFINITY);
-    for (int64_t c = 0; c < cols_pad; c += LANES) vm = FN(vmax)(FN(vload)(s + c), vm);
-    const REAL tile_max = FN(hmax)(vm);
+    /* Tile max; a row that is masked so far keeps max = -inf.  Four running
+     * maxima, so that the loads are not serialised by vmax's latency. */
+    VEC vm[4];
+    for (int i = 0; i < 4; i++) vm[i] = FN(vsplat)(-(REAL)INFINITY);
+    int64_t c = 0;
+    for (; c + 4 * LANES <= cols_pad; c += 4 * LANES)
+        for (int i = 0; i < 4; i++) vm[i] = FN(vmax)(FN(vload)(s + c + i * LANES), vm[i]);
+    for (; c < cols_pad; c += LANES) vm[0] = FN(vmax)(FN(vload)(s + c), vm[0]);
+    const REAL tile_max = FN(hmax)(FN(vmax)(FN(vmax)(vm[0], vm[1]), FN(vmax)(vm[2], vm[3])));
     const REAL m_new = tile_max > *m + LAZY_RESCALE ? tile_max : *m;
     /* Shift by 0 while everything is masked, so 2^(-inf - shift) = 0, not NaN. */
     const REAL shift = m_new == -(REAL)INFINITY ? 0 : m_new;
     /* p = e^(s - shift) and its sum; the difference is never +inf (s <= its
      * tile max), and -inf when it overflows, which is the limit. */
     const VEC vshift = FN(vsplat)(shift), log2e = FN(vsplat)(LOG2E);
-    VEC vsum = FN(vsplat)(0);
-    for (int64_t c = 0; c < cols_pad; c += LANES) {
+    VEC vsum[2] = {FN(vsplat)(0), FN(vsplat)(0)}; /* two chains of adds */
+    for (c = 0; c < cols_pad; c += LANES) {
         const VEC x = (FN(vload)(s + c) - vshift) * log2e;
 #if WEIGHTS_ROUNDED
         const VEC pv = rounded ? FN(weights_exp2)(x) : FN(vexp2)(x);
 #else
         const VEC pv = FN(vexp2)(x);
 #endif
-        vsum += FN(store_weights)(s, rounded, c, pv);
+        FN(store_weights)(s, rounded, c, pv);
+        vsum[(c / LANES) & 1] += pv;
     }
     if (m_new != *m) {
         /* The old state weighs e^(m_old - shift): 0 for an empty past. */
@@ -185,7 +191,7 @@ static void FN(softmax_step)(REAL *s, PANEL *rounded, int64_t cols_pad, REAL *m,
         *l *= alpha;
         *m = m_new;
     }
-    *l += FN(hsum)(vsum);
+    *l += FN(hsum)(vsum[0] + vsum[1]);
 }
 
 /*

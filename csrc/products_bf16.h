@@ -48,14 +48,20 @@ static size_t FN(v_tile_elems)(const pyattn_problem *p)
 
 enum { FN(p_block_elems) = BLOCK_M * BLOCK_N };
 
+/* x rounded to bfloat16 (to nearest even). */
+static inline uint16_t FN(round_bf16)(float x)
+{
+    return (uint16_t)_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(x)), 0);
+}
+
 /* One element as bfloat16 bits: bfloat16 storage as it is, the others
- * rounded to nearest even. */
+ * rounded. */
 static inline uint16_t FN(bf16_bits)(STORE x)
 {
 #if STORE_KIND == STORE_KIND_BF16
     return x;
 #else
-    return (uint16_t)_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(TO_REAL(x))), 0);
+    return FN(round_bf16)(TO_REAL(x));
 #endif
 }
 
@@ -70,27 +76,52 @@ static inline __m512i FN(load_bf16x32)(const STORE *src)
 #endif
 }
 
-/* Elements [x0, x0 + n) of a row (element stride `stride`) as bfloat16,
- * zero from n up to `width`. */
-static void FN(row_bf16)(const STORE *src, int64_t stride, int64_t n, int64_t width,
+/* The part of `scale` folded into Q as it is packed, so that the scores need
+ * no pass of their own: all of it where that rounds nothing more (float32
+ * and float16 Q is rounded to bfloat16 anyway, and a power of two keeps
+ * bfloat16 Q exact), and only |scale| <= 1, so that no q * scale overflows
+ * where q . k * scale would not.  Otherwise 1, and the scores are scaled. */
+static inline REAL FN(q_scale)(const pyattn_problem *p)
+{
+    int e;
+    const double a = fabs(p->scale);
+    const int exact = STORE_KIND != STORE_KIND_BF16 || frexp(a, &e) == 0.5;
+    return a > 0 && a <= 1 && exact ? (REAL)p->scale : 1;
+}
+
+/* Elements [0, n) of a row (element stride `stride`) times mul, as
+ * bfloat16, zero from n up to `width`. */
+static void FN(row_bf16)(const STORE *src, int64_t stride, int64_t n, int64_t width, REAL mul,
                          uint16_t *dst)
 {
     int64_t x = 0;
-    if (stride == 1)
-        for (; x + 2 * LANES <= n; x += 2 * LANES)
-            _mm512_storeu_si512(dst + x, FN(load_bf16x32)(src + x));
-    for (; x < n; x++) dst[x] = FN(bf16_bits)(src[x * stride]);
+    if (mul == 1) {
+        if (stride == 1)
+            for (; x + 2 * LANES <= n; x += 2 * LANES)
+                _mm512_storeu_si512(dst + x, FN(load_bf16x32)(src + x));
+        for (; x < n; x++) dst[x] = FN(bf16_bits)(src[x * stride]);
+    } else {
+        const VEC vmul = FN(vsplat)(mul);
+        if (stride == 1)
+            for (; x + LANES <= n; x += LANES)
+                _mm256_storeu_si256((__m256i *)(dst + x),
+                                    (__m256i)_mm512_cvtneps_pbh(
+                                        (__m512)(FN(vload_store)(src + x) * vmul)));
+        for (; x < n; x++) {
+            dst[x] = FN(round_bf16)(TO_REAL(src[x * stride]) * mul);
+        }
+    }
     for (; x < width; x++) dst[x] = 0;
 }
 
-/* Q rows [row0, row0 + nrows) as bfloat16, unscaled (the products scale the
- * float32 scores: scaling Q would round it twice), then zero rows. */
+/* Q rows [row0, row0 + nrows) as bfloat16, times q_scale, then zero rows. */
 static void FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, int64_t nrows,
                        int64_t rows_pad, uint16_t *dst)
 {
     const int64_t E = p->E, width = FN(q_width)(E);
+    const REAL mul = FN(q_scale)(p);
     for (int64_t r = 0; r < nrows; r++)
-        FN(row_bf16)(q + (row0 + r) * p->q_row, p->q_col, E, width, dst + r * width);
+        FN(row_bf16)(q + (row0 + r) * p->q_row, p->q_col, E, width, mul, dst + r * width);
     memset(dst + nrows * width, 0, sizeof(uint16_t) * (size_t)((rows_pad - nrows) * width));
 }
 
@@ -173,19 +204,15 @@ static inline VEC FN(weights_exp2)(VEC x)
     return (VEC)_mm512_scalef_ps(poly, n);
 }
 
-/* The tiled path's weights (rounded != NULL) as bfloat16, for value_product,
- * and the values stored, which the softmax's sum adds up: then the weights
- * P V uses sum to 1 exactly (as in PyTorch's kernels), a quarter less error.
- * The direct path's weights stay float32 in the scores. */
-static inline VEC FN(store_weights)(REAL *s, uint16_t *rounded, int64_t c, VEC p)
+/* The tiled path's weights (rounded != NULL) as bfloat16, for value_product;
+ * the direct path's stay float32 in the scores.  The softmax sums them
+ * unrounded, so that the logsumexp keeps float32's precision. */
+static inline void FN(store_weights)(REAL *s, uint16_t *rounded, int64_t c, VEC p)
 {
-    if (!rounded) {
+    if (rounded)
+        _mm256_storeu_si256((__m256i *)(rounded + c), (__m256i)_mm512_cvtneps_pbh((__m512)p));
+    else
         FN(vstore)(s + c, p);
-        return p;
-    }
-    const __m256i bits = (__m256i)_mm512_cvtneps_pbh((__m512)p);
-    _mm256_storeu_si256((__m256i *)(rounded + c), bits);
-    return (VEC)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
 }
 
 #if BF16_UNIT == BF16_UNIT_AMX
@@ -294,12 +321,14 @@ static void FN(bf16_gemm)(int64_t rows, int64_t cols, int64_t K, const uint16_t 
 }
 #endif
 
-/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N), scaled in float32. */
+/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N): what q_scale did
+ * not fold into Q is applied to the float32 scores. */
 static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t cols,
                               const uint16_t *q, const uint16_t *kt, REAL *scores)
 {
     const int64_t width = FN(q_width)(p->E);
     FN(bf16_gemm)(rows, cols, width, q, width, (const uint32_t *)kt, BLOCK_N, scores, BLOCK_N, 0);
+    if (FN(q_scale)(p) != 1) return;
     const VEC scale = FN(vsplat)((REAL)p->scale);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < cols; c += LANES)

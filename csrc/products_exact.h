@@ -10,8 +10,7 @@
  *   p_block_elems    elements of an extra P buffer (0: none)
  *   WEIGHTS_ROUNDED  1: the tiled path's weights go to that buffer, rounded
  *   weights_exp2     with WEIGHTS_ROUNDED, 2^x for the weights that are rounded
- *   store_weights    one vector of weights, where the products read them;
- *                    returns the weights as stored, for the softmax's sum
+ *   store_weights    one vector of weights, where the products read them
  *   pack_q, pack_tile             the packing
  *   score_product    scores = scale * Q K^T for whole MR x NR micro-tiles
  *   value_product    acc += P V, P being the softmax weights in the scores
@@ -71,13 +70,11 @@ static size_t FN(v_tile_elems)(const pyattn_problem *p)
 
 enum { FN(p_block_elems) = 0 };
 
-/* Weights stay in the scores, where value_product reads them, as they are
- * (the value returned, which the softmax sums). */
-static inline VEC FN(store_weights)(REAL *s, PANEL *rounded, int64_t c, VEC p)
+/* Weights stay in the scores, where value_product reads them. */
+static inline void FN(store_weights)(REAL *s, PANEL *rounded, int64_t c, VEC p)
 {
     (void)rounded;
     FN(vstore)(s + c, p);
-    return p;
 }
 
 /* Q rows [row0, row0 + nrows) as REAL, then zero rows up to rows_pad. */
