@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pyattn import _cli, bench
+from pyattn.bench.cli import DEFAULT_PEERS
 from pyattn.bench import cli as bench_cli
 
 WORKERS = 2  # children at once
@@ -160,9 +161,9 @@ def test_bench_help(helpers, tmp_path):
 
 
 @pytest.mark.parametrize("args, names, peers", [
-    ([], list(bench.SUITES[bench.DEFAULT_SUITE]), list(bench.PEERS)),
-    (["--suite", "inference"], list(bench.SUITES["inference"]), list(bench.PEERS)),
-    (["--suite", "latency"], list(bench.SUITES["latency"]), list(bench.PEERS)),
+    ([], list(bench.SUITES[bench.DEFAULT_SUITE]), list(DEFAULT_PEERS)),
+    (["--suite", "inference"], list(bench.SUITES["inference"]), list(DEFAULT_PEERS)),
+    (["--suite", "latency"], list(bench.SUITES["latency"]), list(DEFAULT_PEERS)),
     # the bf16 suite: by default the peers that run bfloat16 products
     (["--suite", "bf16"], list(bench.SUITES["bf16"]), ["torch", "openvino"]),
     (["--suite", "bf16", "--peers", "onnxruntime"], list(bench.SUITES["bf16"]), ["onnxruntime"]),
