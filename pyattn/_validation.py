@@ -98,10 +98,11 @@ def typed_access_ok(arr):
     return arr.flags.aligned and not any(st % arr.itemsize for st in arr.strides)
 
 
-def _compact(arr):
-    """The smallest array that broadcasts back to `arr` (drops zero strides)."""
+def compact(arr):
+    """The smallest array that broadcasts back to `arr` (drops zero strides);
+    a view, also of a 0-d array."""
     return arr[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
-                     for st, n in zip(arr.strides, arr.shape))]
+                     for st, n in zip(arr.strides, arr.shape)) + (...,)]
 
 
 def convert_stored(arr, dtype=None):
@@ -111,9 +112,9 @@ def convert_stored(arr, dtype=None):
     dtype = arr.dtype.newbyteorder("=") if dtype is None else np.dtype(dtype)
     if arr.dtype == dtype and typed_access_ok(arr):
         return arr
-    compact = _compact(arr)
-    check_fits(compact.size, dtype.itemsize, "a converted copy of an input")
-    return np.broadcast_to(compact.astype(dtype, order="C"), arr.shape)
+    stored = compact(arr)
+    check_fits(stored.size, dtype.itemsize, "a converted copy of an input")
+    return np.broadcast_to(stored.astype(dtype, order="C"), arr.shape)
 
 
 def as_array(x, name, what="an array"):

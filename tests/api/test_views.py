@@ -1,0 +1,102 @@
+"""Broadcast and overlapping views are read where they lie: no call expands a
+view to the shape it claims, neither its elements (conversions copy the
+memory that exists) nor per-batch bookkeeping (offsets, lengths).
+
+Memory is measured with tracemalloc, which sees every NumPy allocation (the
+kernel's C scratch is not NumPy's and stays out of the count).
+"""
+import subprocess
+import tracemalloc
+
+import numpy as np
+import pytest
+from support import randn
+
+import pyattn
+from pyattn import _attention, _launch
+from pyattn import reference as ref
+from pyattn.functional import attention
+
+MiB = 1 << 20
+
+
+def _peak_bytes(fn):
+    """(fn(), the peak of NumPy's traced allocations during the call)."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _claim(arr, shape):
+    """A zero-stride view of the one element `arr` that claims `shape`."""
+    return np.lib.stride_tricks.as_strided(arr, shape, (0,) * len(shape))
+
+
+def test_broadcast_batch_costs_no_per_batch_tables():
+    # 2**22 batch items on the general path (key and value do not share the
+    # batch): the result is 8 MiB; the driver's (5, n_batch) int64 offsets
+    # once added 160 MiB, and their temporaries as much again.
+    n = 2**22
+    q = _claim(np.full(1, 0.5, np.float16), (n, 1, 1, 1))
+    k = np.ones((1, 1, 1, 1), np.float16)
+    v = np.full((1, 1, 1, 1), 3, np.float16)
+    out, peak = _peak_bytes(lambda: pyattn.scaled_dot_product_attention(q, k, v))
+    assert out.shape == (n, 1, 1, 1) and (out == 3).all()
+    assert peak < out.nbytes + 16 * MiB, f"{peak / MiB:.0f} MiB for a result of 8 MiB"
+
+
+def _in_child(helpers, tmp_path, code, timeout=60):
+    """Run `code` (after the imports) in a fresh interpreter: a call that
+    walks a claimed size element by element fails the test, not hangs it."""
+    code = "import numpy as np, pyattn\nfrom pyattn import reference as ref\n" + code
+    try:
+        return helpers.run_python(code, cwd=tmp_path, timeout=timeout).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s:\n{code}", pytrace=False)
+
+
+def test_broadcast_batch_with_no_work_allocates_nothing_per_batch(helpers, tmp_path):
+    # 2**40 claimed batch items and L = 0: an empty result; the per-batch
+    # diagonals (8 TiB of int64) were allocated, the lengths checked one by one
+    out = _in_child(helpers, tmp_path, """
+q = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (2**40, 1, 0, 4), (0,) * 4)
+kv = np.ones((1, 1, 3, 4), np.float32)
+out, lse = pyattn.scaled_dot_product_attention(q, kv, kv, alignment="lower_right",
+                                               kv_lengths=2, return_lse=True)
+print(out.shape, lse.shape)
+""")
+    assert out.split() == ["(1099511627776,", "1,", "0,", "4)", "(1099511627776,", "1,", "0)"]
+
+
+@pytest.mark.parametrize("case", ["plain", "lse", "weights", "lengths"])
+def test_launches_split_by_batch_agree_with_the_reference(case, rng, monkeypatch):
+    """Batches beyond BATCH_CHUNK items run as several launches, each with its
+    slice of offsets, lengths, logsumexp and weights; made small here so that
+    a 2-D broadcast batch of 15 items takes 4 launches (the last one short)."""
+    monkeypatch.setattr(_launch, "BATCH_CHUNK", 4)
+    q = np.broadcast_to(randn(rng, (3, 1, 2, 5, 8)), (3, 5, 2, 5, 8))
+    k = randn(rng, (1, 5, 2, 7, 8))
+    v = randn(rng, (3, 5, 2, 7, 6))
+    kw = {"lse": dict(return_lse=True, alignment="lower_right"),
+          "lengths": dict(q_lengths=rng.integers(0, 6, (3, 1)), kv_lengths=rng.integers(0, 8, 5),
+                          alignment="lower_right", return_lse=True),
+          }.get(case, {})
+    problems = []
+    _attention.record_problems(problems)
+    try:
+        if case == "weights":
+            got, weights, _ = attention(q, k, v, weights="heads")
+        else:
+            got = pyattn.scaled_dot_product_attention(q, k, v, **kw)
+    finally:
+        _attention.record_problems(None)
+    assert [p[0] for p in problems] == [4, 4, 4, 3]
+    expected = ref.scaled_dot_product_attention(q, k, v, **kw)
+    if case == "weights":
+        scores = np.einsum("...le,...se->...ls", q, k) / np.sqrt(8)
+        np.testing.assert_allclose(weights, ref.softmax(scores), rtol=1e-5, atol=1e-6)
+    for g, e in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, expected))):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
