@@ -100,3 +100,46 @@ def test_launches_split_by_batch_agree_with_the_reference(case, rng, monkeypatch
         np.testing.assert_allclose(weights, ref.softmax(scores), rtol=1e-5, atol=1e-6)
     for g, e in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, expected))):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def _sliding(kind, n=4096, window=2048):
+    """An overlapping (n - window + 1, window) view that conversion must copy:
+    big-endian, misaligned, or big-endian with both strides negative.  It
+    claims 16 MiB over 16 KiB of memory."""
+    values = np.linspace(-1, 1, n)
+    if kind == "misaligned":
+        buf = np.zeros(4 * n + 1, np.uint8)[1:].view(np.float32)  # data at an odd address
+        buf[...] = values
+    else:
+        buf = values.astype(">f4")
+    view = np.lib.stride_tricks.sliding_window_view(buf, window)
+    return view[::-1, ::-1] if kind == "reversed" else view
+
+
+@pytest.mark.parametrize("kind", ["big-endian", "misaligned", "reversed"])
+@pytest.mark.parametrize("arg", ["key-value", "query", "attn_mask"])
+def test_overlapping_views_are_converted_once(arg, kind, helpers):
+    view = _sliding(kind)
+    S, E = view.shape
+    args = {"query": np.full((3, E), 0.01, np.float32), "key": view, "value": view}
+    if arg == "query":
+        args.update(query=view, key=np.linspace(0, 1, 4 * E, dtype=np.float32).reshape(4, E),
+                    value=np.arange(4, dtype=np.float32).reshape(4, 1))
+    elif arg == "attn_mask":  # (L, S) = (2049, 2048) scores
+        args.update(query=np.ones((S, 8), np.float32), key=np.ones((E, 8), np.float32),
+                    value=np.eye(E, 8, dtype=np.float32), attn_mask=view)
+    got, peak = _peak_bytes(lambda: pyattn.scaled_dot_product_attention(**args))
+    assert peak < 4 * MiB, f"{peak / MiB:.1f} MiB to convert views of 16 KiB"
+    native = {k: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for k, a in args.items()}
+    helpers.assert_close(got, ref.scaled_dot_product_attention(**native), np.float32)
+
+
+def test_conversion_that_would_expand_a_view_is_refused_naming_it():
+    # float32 elements one byte apart (strides not in whole elements: no
+    # span to convert as elements) claim 2**42 distinct elements over 8 MiB
+    buf = np.zeros(8 << 20, np.uint8)
+    key = np.lib.stride_tricks.as_strided(buf.view(np.float32)[:1], (2**22, 2**20), (1, 4))
+    query = np.ones((1, 2**20), np.float32)
+    with pytest.raises(ValueError, match=r"a converted copy of key \(4398046511104 distinct "
+                                         r"elements\) would need .* GiB, more than"):
+        pyattn.scaled_dot_product_attention(query, key, key)
