@@ -2,15 +2,13 @@
 view to the shape it claims, neither its elements (conversions copy the
 memory that exists) nor per-batch bookkeeping (offsets, lengths).
 
-Memory is measured with tracemalloc, which sees every NumPy allocation (the
-kernel's C scratch is not NumPy's and stays out of the count).
+Memory is measured with tracemalloc (support.peak_traced_bytes).
 """
 import subprocess
-import tracemalloc
 
 import numpy as np
 import pytest
-from support import randn
+from support import peak_traced_bytes, randn
 
 import pyattn
 from pyattn import _attention, _launch
@@ -18,16 +16,6 @@ from pyattn import reference as ref
 from pyattn.functional import attention
 
 MiB = 1 << 20
-
-
-def _peak_bytes(fn):
-    """(fn(), the peak of NumPy's traced allocations during the call)."""
-    tracemalloc.start()
-    try:
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def _claim(arr, shape):
@@ -43,7 +31,7 @@ def test_broadcast_batch_costs_no_per_batch_tables():
     q = _claim(np.full(1, 0.5, np.float16), (n, 1, 1, 1))
     k = np.ones((1, 1, 1, 1), np.float16)
     v = np.full((1, 1, 1, 1), 3, np.float16)
-    out, peak = _peak_bytes(lambda: pyattn.scaled_dot_product_attention(q, k, v))
+    out, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(q, k, v))
     assert out.shape == (n, 1, 1, 1) and (out == 3).all()
     assert peak < out.nbytes + 16 * MiB, f"{peak / MiB:.0f} MiB for a result of 8 MiB"
 
@@ -128,7 +116,7 @@ def test_overlapping_views_are_converted_once(arg, kind, helpers):
     elif arg == "attn_mask":  # (L, S) = (2049, 2048) scores
         args.update(query=np.ones((S, 8), np.float32), key=np.ones((E, 8), np.float32),
                     value=np.eye(E, 8, dtype=np.float32), attn_mask=view)
-    got, peak = _peak_bytes(lambda: pyattn.scaled_dot_product_attention(**args))
+    got, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(**args))
     assert peak < 4 * MiB, f"{peak / MiB:.1f} MiB to convert views of 16 KiB"
     native = {k: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for k, a in args.items()}
     helpers.assert_close(got, ref.scaled_dot_product_attention(**native), np.float32)
