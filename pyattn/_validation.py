@@ -98,11 +98,11 @@ def typed_access_ok(arr):
     return arr.flags.aligned and not any(st % arr.itemsize for st in arr.strides)
 
 
-def compact(arr):
-    """The smallest array that broadcasts back to `arr` (drops zero strides);
-    a view, also of a 0-d array."""
+def compact(arr, axes=None):
+    """The smallest array that broadcasts back to `arr` (drops zero strides,
+    of its first `axes` axes when given); a view, also of a 0-d array."""
     return arr[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
-                     for st, n in zip(arr.strides, arr.shape)) + (...,)]
+                     for st, n in zip(arr.strides[:axes], arr.shape)) + (...,)]
 
 
 def _span_elements(arr):
@@ -387,6 +387,15 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         batch=batch,
         num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
     )
+
+
+def prepare_lse(prob):
+    """The array for a call's logsumexp, (*batch, H, L) in the compute dtype,
+    after checking that it fits."""
+    shape = prob.work_shape[:-1]
+    check_fits(math.prod(shape), prob.compute_dtype.itemsize,
+               f"return_lse: the logsumexp, of shape {shape},")
+    return np.empty(shape, dtype=prob.compute_dtype)
 
 
 def _overlaps(a, b):

@@ -48,15 +48,29 @@ def _in_child(helpers, tmp_path, code, timeout=60):
 
 def test_broadcast_batch_with_no_work_allocates_nothing_per_batch(helpers, tmp_path):
     # 2**40 claimed batch items and L = 0: an empty result; the per-batch
-    # diagonals (8 TiB of int64) were allocated, the lengths checked one by one
+    # diagonals (8 TiB of int64) were allocated, the lengths checked one by
+    # one, and the reference's matmul looped over every batch item
     out = _in_child(helpers, tmp_path, """
 q = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (2**40, 1, 0, 4), (0,) * 4)
 kv = np.ones((1, 1, 3, 4), np.float32)
-out, lse = pyattn.scaled_dot_product_attention(q, kv, kv, alignment="lower_right",
-                                               kv_lengths=2, return_lse=True)
-print(out.shape, lse.shape)
+for fn in (pyattn.scaled_dot_product_attention, ref.scaled_dot_product_attention):
+    out, lse = fn(q, kv, kv, alignment="lower_right", kv_lengths=2, return_lse=True)
+    print(out.shape, lse.shape)
 """)
-    assert out.split() == ["(1099511627776,", "1,", "0,", "4)", "(1099511627776,", "1,", "0)"]
+    assert out.splitlines() == ["(1099511627776, 1, 0, 4) (1099511627776, 1, 0)"] * 2
+
+
+def test_reference_computes_each_distinct_batch_item_once(rng, helpers):
+    # 2**12 claimed batch items over one stored problem: the reference once
+    # computed them all (about 1 GiB of score-sized arrays for a 4 MiB result)
+    q = np.broadcast_to(randn(rng, (1, 4, 64, 8)), (2**12, 4, 64, 8))
+    k, v = randn(rng, (1, 2, 64, 8)), randn(rng, (1, 2, 64, 1))
+    mask = np.broadcast_to(rng.random((64, 64)) < 0.8, (2**12, 4, 64, 64))
+    got, peak = peak_traced_bytes(lambda: ref.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True))
+    assert peak < got.nbytes + 4 * MiB, f"{peak / MiB:.0f} MiB for a result of 4 MiB"
+    one = pyattn.scaled_dot_product_attention(q[:1], k, v, attn_mask=mask[:1], enable_gqa=True)
+    helpers.assert_close(got, np.broadcast_to(one, got.shape), np.float32)
 
 
 @pytest.mark.parametrize("case", ["plain", "lse", "weights", "lengths"])
