@@ -14,16 +14,30 @@ def _element_strides(arr):
     return tuple(s // arr.itemsize for s in arr.strides)
 
 
-def _batch_byte_offsets(arr, batch):
-    """Byte offset of every flat batch index of `arr` (broadcast to `batch`)."""
+# A launch covers at most this many batch items, so that its per-batch tables
+# (byte offsets, diagonals, lengths) stay small whatever batch a broadcast
+# view claims: a zero-stride batch of 2**28 would otherwise need 10 GiB.
+BATCH_CHUNK = 1 << 16
+
+
+def _batch_index(batch, start, stop):
+    """The index along each batch axis of the flat batch items start..stop-1."""
+    return np.unravel_index(np.arange(start, stop), batch or (1,))
+
+
+def _batch_byte_offsets(arr, batch, index):
+    """Byte offset in `arr` (broadcast to `batch`) of each batch item of `index`."""
     nb = len(batch)
     strides = np.broadcast_to(arr, batch + arr.shape[nb:]).strides[:nb]
-    offsets = np.zeros(batch, dtype=np.int64)
-    for axis, (n, stride) in enumerate(zip(batch, strides)):
-        shape = [1] * nb
-        shape[axis] = n
-        offsets = offsets + (np.arange(n, dtype=np.int64) * stride).reshape(shape)
-    return offsets.reshape(-1)
+    return sum((i * st for i, st in zip(index, strides)), np.zeros(index[0].size, np.int64))
+
+
+def _per_batch(values, batch, index):
+    """The per-batch `values` (shape `batch`, often a broadcast view) of the
+    batch items of `index`, as the contiguous int64 array the driver reads."""
+    if values is None:
+        return None
+    return np.ascontiguousarray(values.reshape(batch or (1,))[index], dtype=np.int64)
 
 
 def _address(arr):
@@ -74,33 +88,40 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         arrays[4] = partial[0]
         os_ = _element_strides(partial[0])
 
-    offsets = np.zeros((5, n_batch), dtype=np.int64)
-    for i, arr in enumerate(arrays):
-        if arr is not None:
-            offsets[i] = _batch_byte_offsets(arr, batch)
-
     def head_stride(arr):  # bytes; 0 for a broadcast (length-1) head axis
         return 0 if arr is None or arr.shape[-3] == 1 else arr.strides[-3]
 
-    used = _attention.attend(
-        _dispatch.KERNEL, q.dtype.name,
-        pointers=tuple(0 if a is None else _address(a) for a in arrays),
-        batch_offsets=offsets,
-        head_strides=tuple(head_stride(a) for a in arrays),
-        num_heads=prob.num_heads, kv_group=prob.kv_group, sizes=(L, S, E, Ev),
-        inner_strides=(qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1],
-                       ms[-2], ms[-1]),
-        mask_kind=mask_kind, window=opts.window, scale=prob.scale, num_threads=nthreads,
-        key_chunk=key_chunk, out_split_stride=0 if partial is None else partial.strides[0],
-        lse_address=0 if chunk_lse is None else _address(chunk_lse),
-        row_sum_address=0 if chunk_sum is None else _address(chunk_sum),
-        weights_address=0 if weights is None else _address(weights),
-        weights_batch_stride=0 if weights is None else weights[(0,) * len(batch)].nbytes,
-        average_heads=average_heads, softcap=opts.softcap, diag=opts.diag, alibi=opts.alibi,
-        sinks=opts.sinks, q_lengths=opts.q_lengths, kv_lengths=opts.kv_lengths,
-        out_real=partial is not None and partial.dtype != dest.dtype,
-        bf16_products=bf16_products,
-    )
+    # the split-KV partials' logsumexp spans the whole batch: one launch (they
+    # have fewer than SPLIT_TARGET_ITEMS batch items anyway)
+    step = n_batch if key_chunk else BATCH_CHUNK
+    lse_step = prob.num_heads * L * prob.compute_dtype.itemsize  # bytes per batch item
+    weights_step = 0 if weights is None else weights[(0,) * len(batch)].nbytes
+    used = 0
+    for start in range(0, n_batch, step):
+        index = _batch_index(batch, start, min(start + step, n_batch))
+        offsets = np.stack([np.zeros(index[0].size, np.int64) if a is None
+                            else _batch_byte_offsets(a, batch, index) for a in arrays])
+        used = max(used, _attention.attend(
+            _dispatch.KERNEL, q.dtype.name,
+            pointers=tuple(0 if a is None else _address(a) for a in arrays),
+            batch_offsets=offsets,
+            head_strides=tuple(head_stride(a) for a in arrays),
+            num_heads=prob.num_heads, kv_group=prob.kv_group, sizes=(L, S, E, Ev),
+            inner_strides=(qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1],
+                           ms[-2], ms[-1]),
+            mask_kind=mask_kind, window=opts.window, scale=prob.scale, num_threads=nthreads,
+            key_chunk=key_chunk, out_split_stride=0 if partial is None else partial.strides[0],
+            lse_address=0 if chunk_lse is None else _address(chunk_lse) + start * lse_step,
+            row_sum_address=0 if chunk_sum is None else _address(chunk_sum),
+            weights_address=0 if weights is None else _address(weights) + start * weights_step,
+            weights_batch_stride=weights_step,
+            average_heads=average_heads, softcap=opts.softcap,
+            diag=_per_batch(opts.diag, batch, index), alibi=opts.alibi, sinks=opts.sinks,
+            q_lengths=_per_batch(opts.q_lengths, batch, index),
+            kv_lengths=_per_batch(opts.kv_lengths, batch, index),
+            out_real=partial is not None and partial.dtype != dest.dtype,
+            bf16_products=bf16_products,
+        ))
     if partial is not None:
         _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse, sums=chunk_sum)
     if dest is not work_out:

@@ -8,19 +8,21 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ._validation import representable
+from ._validation import as_array, compact, representable
 
 
 @dataclass
 class ScoreOptions:
     """The optional score modifiers of a call, in the kernel's terms."""
 
+    # Per-batch values have the batch's shape, as int64 views that may be
+    # broadcast (zero strides): a claimed batch costs no memory.
     window: Tuple[int, int]          # (left, right) keys around the diagonal; -1: open
-    diag: np.ndarray                 # int64 per flat batch: row i's diagonal key is i + diag
+    diag: np.ndarray                 # per batch: row i's diagonal key is i + diag
     alibi: Optional[np.ndarray]      # float64 per head: ALiBi slopes
     softcap: float                   # 0: none
     sinks: Optional[np.ndarray]      # float64 per head: sink logits
-    q_lengths: Optional[np.ndarray]  # int64 per flat batch
+    q_lengths: Optional[np.ndarray]  # per batch
     kv_lengths: Optional[np.ndarray]
 
 
@@ -73,20 +75,21 @@ def _per_head(values, name, num_heads, dtype):
 
 
 def _per_batch_lengths(lengths, name, batch, limit, limit_name):
+    """`lengths` as int64 broadcast to `batch`, a view: checked as given, never
+    expanded to the batch that it broadcasts to."""
     if lengths is None:
         return None
-    arr = np.asarray(lengths)
+    arr = as_array(lengths, name, "an array of ints")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
-    try:
-        arr = np.broadcast_to(arr, batch)
-    except ValueError:
-        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to the batch "
-                         f"dimensions {batch}") from None
     if arr.size and (arr.min() < 0 or arr.max() > limit):
         raise ValueError(f"{name} must lie in [0, {limit_name}] = [0, {limit}]; got values "
                          f"from {arr.min()} to {arr.max()}")
-    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+    try:
+        return np.broadcast_to(compact(arr).astype(np.int64), batch)
+    except ValueError:
+        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to the batch "
+                         f"dimensions {batch}") from None
 
 
 def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, softcap=None,
@@ -102,10 +105,10 @@ def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, 
     left, right = (min(side, L + S) for side in (left, right))
     q_len = _per_batch_lengths(q_lengths, "q_lengths", prob.batch, L, "L")
     kv_len = _per_batch_lengths(kv_lengths, "kv_lengths", prob.batch, S, "S")
-    n_batch = int(np.prod(prob.batch, dtype=np.int64))
-    diag = np.zeros(n_batch, dtype=np.int64)
+    diag = 0
     if alignment == "lower_right":  # each sequence's last query sits on its last key
-        diag = (S if kv_len is None else kv_len) - (L if q_len is None else q_len) + diag
+        # on the lengths' own elements; broadcast to the batch below
+        diag = (S if kv_len is None else compact(kv_len)) - (L if q_len is None else compact(q_len))
     if softcap is None:
         softcap = 0.0
     else:
@@ -127,7 +130,7 @@ def prepare_options(prob, alignment="top_left", window=None, alibi_slopes=None, 
                       "max |alibi_slopes| * (L + S), the largest ALiBi bias,",
                       prob.compute_dtype)
     return ScoreOptions(
-        window=(left, right), diag=np.ascontiguousarray(diag, dtype=np.int64),
+        window=(left, right), diag=np.broadcast_to(np.asarray(diag, np.int64), prob.batch),
         alibi=alibi, softcap=softcap,
         sinks=_per_head(sinks, "sinks", prob.num_heads, prob.compute_dtype),
         q_lengths=q_len, kv_lengths=kv_len,

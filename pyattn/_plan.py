@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 
 from . import _attention
+from ._validation import compact
 
 
 def _query_group(prob):
@@ -28,8 +29,8 @@ def heads_as_rows(prob, opts):
             or opts.alibi is not None or opts.sinks is not None or opts.q_lengths is not None):
         return False
     left, right = opts.window
-    last_key = (prob.k.shape[-2] if opts.kv_lengths is None else opts.kv_lengths) - 1
-    return left < 0 and (right < 0 or bool((opts.diag + right >= last_key).all()))
+    last_key = (prob.k.shape[-2] if opts.kv_lengths is None else compact(opts.kv_lengths)) - 1
+    return left < 0 and (right < 0 or bool((compact(opts.diag) + right >= last_key).all()))
 
 
 def group_query_heads(prob, work_out, lse):

@@ -98,22 +98,49 @@ def typed_access_ok(arr):
     return arr.flags.aligned and not any(st % arr.itemsize for st in arr.strides)
 
 
-def _compact(arr):
-    """The smallest array that broadcasts back to `arr` (drops zero strides)."""
+def compact(arr, axes=None):
+    """The smallest array that broadcasts back to `arr` (drops zero strides,
+    of its first `axes` axes when given); a view, also of a 0-d array."""
     return arr[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
-                     for st, n in zip(arr.strides, arr.shape))]
+                     for st, n in zip(arr.strides[:axes], arr.shape)) + (...,)]
 
 
-def convert_stored(arr, dtype=None):
-    """`arr` as `dtype` (default: its own), native byte order, aligned, in
-    whole-element strides.  Whatever must be copied is copied as it is stored:
-    a broadcast view stays a view of its compact copy, never expanded."""
+def _span_elements(arr):
+    """Elements of `arr`'s dtype from its lowest element to its highest, or
+    None when its strides are not whole elements (no such count exists)."""
+    if any(st % arr.itemsize for st in arr.strides):
+        return None
+    return 1 + sum(abs(st) // arr.itemsize * (n - 1) for st, n in zip(arr.strides, arr.shape))
+
+
+def _convert_span(arr, dtype, n):
+    """`arr` as a read-only view into one converted copy of the `n` elements
+    that its elements span: overlapping elements are converted once."""
+    flip = tuple(slice(None, None, -1) if st < 0 else slice(None) for st in arr.strides)
+    up = arr[flip]  # strides >= 0: the data pointer is at the lowest element
+    as_strided = np.lib.stride_tricks.as_strided
+    copy = as_strided(up, (n,), (arr.itemsize,)).astype(dtype)
+    strides = tuple(st // arr.itemsize * dtype.itemsize for st in up.strides)
+    return as_strided(copy, up.shape, strides, writeable=False)[flip]
+
+
+def convert_stored(arr, name, dtype=None):
+    """`arr` (the argument `name`) as `dtype` (default: its own), native byte
+    order, aligned, in whole-element strides.  Whatever must be copied is
+    copied as it is stored: the distinct elements of a broadcast view
+    (dropping zero strides) or, when fewer, the memory that its elements span
+    (overlapping views such as sliding windows), never the claimed shape."""
     dtype = arr.dtype.newbyteorder("=") if dtype is None else np.dtype(dtype)
     if arr.dtype == dtype and typed_access_ok(arr):
         return arr
-    compact = _compact(arr)
-    check_fits(compact.size, dtype.itemsize, "a converted copy of an input")
-    return np.broadcast_to(compact.astype(dtype, order="C"), arr.shape)
+    stored = compact(arr)
+    span = _span_elements(arr) if arr.size else None
+    if span is not None and span < stored.size:
+        check_fits(span, dtype.itemsize, f"a converted copy of {name} ({span} elements)")
+        return _convert_span(arr, dtype, span)
+    check_fits(stored.size, dtype.itemsize, f"a converted copy of {name} "
+               f"({stored.size} distinct elements)")
+    return np.broadcast_to(stored.astype(dtype, order="C"), arr.shape)
 
 
 def as_array(x, name, what="an array"):
@@ -132,14 +159,14 @@ def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
     already is one."""
     arr = as_array(x, name, f"an array of {_SUPPORTED_NAMES}")
     if arr.dtype.kind == "f" and not arr.dtype.isnative:  # e.g. '>f4'
-        arr = convert_stored(arr)
+        arr = convert_stored(arr, name)
     if not is_kernel_dtype(arr.dtype):
         raise TypeError(f"{name} has dtype {arr.dtype}; supported dtypes are {_SUPPORTED_NAMES}")
     if arr.ndim < min_ndim:
         raise ValueError(
             f"{name} must have at least {min_ndim} dimensions {layout}; got shape {arr.shape}"
         )
-    return convert_stored(arr)
+    return convert_stored(arr, name)
 
 
 def representable(value, name, dtype, positive=False):
@@ -291,7 +318,7 @@ def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
             f"(..., Hq, L, S) = {scores_shape}"
         )
     if mask.dtype != np.bool_:  # the compute dtype, where a finite mask value is a score
-        mask = convert_stored(mask, dtype)
+        mask = convert_stored(mask, "attn_mask", dtype)
     return np.broadcast_to(mask, scores_shape)  # a view, no copy
 
 
@@ -360,6 +387,15 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         batch=batch,
         num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
     )
+
+
+def prepare_lse(prob):
+    """The array for a call's logsumexp, (*batch, H, L) in the compute dtype,
+    after checking that it fits."""
+    shape = prob.work_shape[:-1]
+    check_fits(math.prod(shape), prob.compute_dtype.itemsize,
+               f"return_lse: the logsumexp, of shape {shape},")
+    return np.empty(shape, dtype=prob.compute_dtype)
 
 
 def _overlaps(a, b):

@@ -7,12 +7,14 @@ import numpy as np
 from . import _attention, _dispatch, _launch, _plan
 from ._options import ALIGNMENTS, prepare_options
 from ._validation import (
+    as_array,
     as_float_array,
     check_fits,
     check_flag,
     check_num_threads,
     compute_dtype,
     prepare_attention,
+    prepare_lse,
     prepare_out,
 )
 
@@ -137,9 +139,7 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
                    f"the attention weights {prob.batch + heads + (L, S)}")
         probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.compute_dtype)
     if return_lse:
-        check_fits(math.prod(prob.work_shape[:-1]), prob.compute_dtype.itemsize,
-                   f"return_lse: the logsumexp, of shape {prob.work_shape[:-1]},")
-        lse = np.empty(prob.work_shape[:-1], dtype=prob.compute_dtype)
+        lse = prepare_lse(prob)
     work = result
     if work.size == 0 and any(a is not None and a.size for a in (lse, probs)):
         # Ev = 0: no output, but the logsumexp and the weights do not depend
@@ -171,6 +171,26 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     return result, probs, lse
 
 
+_NO_PARTS = "merge_attention needs at least one part; got 0"
+
+
+def _stacked(parts, name):
+    """`parts`, a sequence of arrays, as one stacked array (checked to fit
+    first: each part may be a broadcast view); any other value as it is."""
+    if not isinstance(parts, (list, tuple)):
+        return parts
+    if not parts:
+        raise ValueError(_NO_PARTS)
+    arrays = [as_array(p, name) for p in parts]
+    check_fits(sum(a.size for a in arrays), max(a.itemsize for a in arrays),
+               f"{name}: the {len(arrays)} parts stacked")
+    try:
+        return np.stack(arrays)
+    except ValueError:
+        raise ValueError(f"{name} must be parts of one shape; got shapes "
+                         f"{[a.shape for a in arrays]}") from None
+
+
 def merge_attention(outputs, lses, *, out=None):
     """Attention over several disjoint sets of keys, merged into attention
     over their union, exactly: the basis of split-KV decoding and of sharding
@@ -190,10 +210,9 @@ def merge_attention(outputs, lses, *, out=None):
     (output (..., L, Ev) in the outputs' dtype, lse (..., L) in the lses').  Parts in any
     order give the same result up to rounding.
     """
-    outs = as_float_array(np.stack(outputs) if isinstance(outputs, (list, tuple)) else outputs,
-                          "outputs", min_ndim=3, layout="(n, ..., L, Ev)")
-    ls = as_float_array(np.stack(lses) if isinstance(lses, (list, tuple)) else lses,
-                        "lses", min_ndim=2, layout="(n, ..., L)")
+    outs = as_float_array(_stacked(outputs, "outputs"), "outputs", min_ndim=3,
+                          layout="(n, ..., L, Ev)")
+    ls = as_float_array(_stacked(lses, "lses"), "lses", min_ndim=2, layout="(n, ..., L)")
     if ls.dtype != compute_dtype(outs.dtype):
         raise TypeError(f"lses must have dtype {compute_dtype(outs.dtype)} (as return_lse gives "
                         f"for {outs.dtype} outputs); got {ls.dtype}")
@@ -201,7 +220,12 @@ def merge_attention(outputs, lses, *, out=None):
         raise ValueError(f"lses must have the outputs' shape without the last axis; got "
                          f"outputs {outs.shape} and lses {ls.shape}")
     if outs.shape[0] == 0:
-        raise ValueError("merge_attention needs at least one part; got 0")
+        raise ValueError(_NO_PARTS)
+    # the parts' weights and their sum, and the merged output (the result and
+    # a division's) in the compute dtype: claimed sizes are checked first
+    merged = math.prod(outs.shape[1:])
+    check_fits(2 * ls.size + 3 * merged, ls.itemsize,
+               f"merging {outs.shape[0]} outputs of shape {outs.shape[1:]}")
     if out is None:  # the outputs' dtype, also for the half types (merged in float32)
         out = np.empty(outs.shape[1:], dtype=outs.dtype)
     else:

@@ -4,7 +4,13 @@ import threading
 
 import numpy as np
 
-from ._validation import KERNEL_DTYPE_NAMES, as_float_array, check_dtype, check_size
+from ._validation import (
+    KERNEL_DTYPE_NAMES,
+    as_float_array,
+    check_dtype,
+    check_fits,
+    check_size,
+)
 from .functional import scaled_dot_product_attention
 
 __all__ = ["KVCache", "decode_attention"]
@@ -53,7 +59,7 @@ class KVCache:
         self.lengths = np.zeros(self.batch, dtype=np.int64)
         self._lock = threading.Lock()
         self._k = self._v = None
-        self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY))
+        self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY), "the KVCache")
 
     # A lock cannot be pickled or copied: a copy (pickle, copy.deepcopy) gets its own.
     def __getstate__(self):
@@ -71,8 +77,15 @@ class KVCache:
         # either would overwrite the other's positions, so copies are whole
         return copy.deepcopy(self)
 
-    def _allocate(self, capacity):
+    def _allocate(self, capacity, why):
+        """Storage for `capacity` positions, checked to fit first; `why` says
+        what asked for them, for the error."""
         shape = (self.batch, self.num_kv_heads, capacity)
+        check_fits(self.batch * self.num_kv_heads * capacity * (self.head_dim + self.value_dim),
+                   self.dtype.itemsize,
+                   f"{why}: keys and values for {capacity} positions (batch={self.batch}, "
+                   f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                   f"value_dim={self.value_dim})")
         # zeros (calloc: pages appear as they are written): never-written
         # storage in the keys/values views reads as zeros, not garbage
         k = np.zeros(shape + (self.head_dim,), dtype=self.dtype)
@@ -138,7 +151,8 @@ class KVCache:
                                  f"appending would make {needed}")
             if needed > self.capacity:
                 grown = max(needed, 2 * self.capacity)
-                self._allocate(grown if self.max_len is None else min(grown, self.max_len))
+                self._allocate(grown if self.max_len is None else min(grown, self.max_len),
+                               f"appending n = {n} positions (k_new, v_new)")
             for b in range(self.batch):
                 start, c = int(self.lengths[b]), int(counts[b])
                 self._k[b, :, start:start + c] = k_new[b, :, :c]

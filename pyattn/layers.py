@@ -21,6 +21,7 @@ from ._validation import (
     check_dtype,
     check_fits,
     check_size,
+    compact,
     is_kernel_dtype,
     is_mask_dtype,
     resolve_dtype,
@@ -381,6 +382,8 @@ class MultiHeadAttention:
                 raise ValueError(f"attn_mask must have shape ({L}, {S}) or {full}; got {am.shape}")
         if not masks:
             return None, kv_lengths
+        # combined on their stored elements: a broadcast mask stays a view
+        masks = [compact(m) for m in masks]
         if all(m.dtype == np.bool_ for m in masks):
             return (~masks[0] if len(masks) == 1 else ~(masks[0] | masks[1])), kv_lengths
         additive = [np.where(m, -np.inf, 0).astype(self.dtype) if m.dtype == np.bool_

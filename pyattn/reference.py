@@ -2,14 +2,20 @@
 benchmarks.  Same signature and rules as ``pyattn.scaled_dot_product_attention``,
 written as the classic four steps; it materialises the full (..., L, S) score
 matrix, which is exactly what the compiled kernel avoids."""
+import math
+
 import numpy as np
 
 from ._options import prepare_options
 from ._validation import (
+    check_fits,
     check_flag,
     check_num_threads,
+    compact,
+    convert_stored,
     cpu_count,
     prepare_attention,
+    prepare_lse,
     prepare_out,
 )
 
@@ -53,52 +59,76 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     check_num_threads(num_threads, cpu_count)  # validated for parity; NumPy's BLAS decides
     read = {"query": prob.q, "key": prob.k, "value": prob.v, "attn_mask": prob.mask}
     result = prepare_out(out, prob.out_shape, prob.dtype, read)
+    lse_out = prepare_lse(prob) if return_lse else None
 
-    # half types are computed in float32, like the kernel does
-    q, k, v = (a.astype(prob.compute_dtype, copy=False) for a in (prob.q, prob.k, prob.v))
-    if prob.kv_group > 1:  # GQA: query head h reads key/value head h // group
-        k = np.repeat(k, prob.num_heads // k.shape[-3], axis=-3)
-        v = np.repeat(v, prob.num_heads // v.shape[-3], axis=-3)
-    L, S = q.shape[-2], k.shape[-2]
-    per_batch = prob.batch + (1, 1, 1)  # per-sequence values against (H, L, S)
+    # Computed once per distinct batch item: a batch axis that every operand
+    # broadcasts (zero strides) stays of length 1, and so do the scores, until
+    # the result is broadcast back.  Half types are computed in float32, like
+    # the kernel does.
+    nb = len(prob.batch)
+    q, k, v = (compact(convert_stored(a, name, prob.compute_dtype), nb)
+               for name, a in (("query", prob.q), ("key", prob.k), ("value", prob.v)))
+    mask = None if prob.mask is None else compact(prob.mask, nb)
+    diag, q_len, kv_len = (None if a is None else compact(a)[..., None, None, None]
+                           for a in (opts.diag, opts.q_lengths, opts.kv_lengths))
+    batch = np.broadcast_shapes(*(a.shape[:nb] for a in (q, k, v, mask, diag, q_len, kv_len)
+                                  if a is not None))
+    L, S, H = q.shape[-2], k.shape[-2], prob.num_heads
+    scores_shape = batch + (H, L, S)
+    # scores, their exponentials, the weights and the int64 key offsets live at once
+    check_fits(4 * math.prod(scores_shape), 8,
+               f"the reference's scores of query against key, of shape {scores_shape}, "
+               f"and three arrays like them,")
+
+    # GQA: query head h reads key/value head h // group, through views
+    g = prob.kv_group
+
+    def grouped(a):  # (..., Hkv * g, N, W) -> (..., Hkv, g, N, W)
+        return a.reshape(a.shape[:-3] + (a.shape[-3] // g, g) + a.shape[-2:])
+
+    def shared(a):  # (..., Hkv, N, W) -> (..., Hkv, 1, N, W)
+        return a[..., None, :, :]
+
+    def heads(a):  # (..., Hkv, g, N, W) -> (..., Hkv * g, N, W)
+        return a.reshape(a.shape[:-4] + (a.shape[-4] * a.shape[-3],) + a.shape[-2:])
 
     # 1. scores: every query against every key
-    scores = q @ np.swapaxes(k, -1, -2)
+    scores = heads(grouped(q) @ np.swapaxes(shared(k), -1, -2))
     # 2. scaling, then the optional modifiers in the kernel's order
     scores = scores * prob.scale
     if opts.softcap:
         scores = opts.softcap * np.tanh(scores / opts.softcap)
     # key j's offset from row i's diagonal key i + diag
-    offset = np.arange(S) - np.arange(L)[:, None] - opts.diag.reshape(per_batch)
+    offset = np.arange(S) - np.arange(L)[:, None] - diag
     if opts.alibi is not None:
         # in the scores' dtype, as the kernel computes it
         distance = np.abs(offset).astype(scores.dtype)
         scores = scores - opts.alibi[:, None, None].astype(scores.dtype) * distance
-    if prob.mask is not None:
-        if prob.mask.dtype == np.bool_:
-            scores = np.where(prob.mask, scores, -np.inf)
+    if mask is not None:
+        if mask.dtype == np.bool_:
+            scores = np.where(mask, scores, -np.inf)
         else:
-            scores = scores + prob.mask
+            scores = scores + mask
     left, right = opts.window  # causality is right = 0
-    visible = np.ones(offset.shape, dtype=bool)
+    visible = True
     if left >= 0:
-        visible &= offset >= -left
+        visible = visible & (offset >= -left)
     if right >= 0:
-        visible &= offset <= right
-    if opts.kv_lengths is not None:
-        visible &= np.arange(S) < opts.kv_lengths.reshape(per_batch)
+        visible = visible & (offset <= right)
+    if kv_len is not None:
+        visible = visible & (np.arange(S) < kv_len)
     scores = np.where(visible, scores, -np.inf)
     # 3. softmax over the keys (and the sink, if any)
     sink = None if opts.sinks is None else opts.sinks[:, None].astype(scores.dtype)
     weights, lse = _softmax_lse(scores, sink)
     # 4. weighted sum of the values
-    attended = weights @ v
-    if opts.q_lengths is not None:  # rows past a sequence's queries: zeros
-        padded = np.arange(L)[:, None] >= opts.q_lengths.reshape(per_batch)
+    attended = heads(grouped(weights) @ shared(v))
+    if q_len is not None:  # rows past a sequence's queries: zeros
+        padded = np.arange(L)[:, None] >= q_len
         attended = np.where(padded, 0, attended)
         lse = np.where(padded[..., 0], -np.inf, lse)
     result[...] = np.broadcast_to(attended, prob.work_shape).reshape(prob.out_shape)
     if not return_lse:
         return result
-    lse = np.broadcast_to(lse, prob.work_shape[:-1]).reshape(prob.out_shape[:-1])
-    return result, lse.astype(prob.compute_dtype)
+    lse_out[...] = lse
+    return result, lse_out.reshape(prob.out_shape[:-1])

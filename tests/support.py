@@ -9,6 +9,7 @@ time (parametrize lists and ids, module-level data) lives here.
 """
 import contextlib
 import re
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -96,3 +97,14 @@ def using_kernel(name, exact_threads=False):
         _dispatch.KERNEL = saved[0]
         if exact_threads and saved[1] is not None:
             _attention.THREAD_COST_MODEL = saved[1]
+
+
+def peak_traced_bytes(fn):
+    """(fn(), the peak of the memory traced during the call): tracemalloc
+    sees every NumPy allocation, not the kernel's C scratch."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -1013,6 +1013,25 @@ ISOLATED = [
     Case("MultiHeadAttention.__call__:attn_mask-claims-2^40", MHA_EXPR,
          "dict(query=f32(1, 2, 8), key=f32(1, 2, 8), value=f32(1, 2, 8), "
          "attn_mask=bc((2**40, 2, 2), np.float64))", ValueError, r"attn_mask must have shape"),
+    # Allocations outside attention proper: merging, a cache, the reference's scores.
+    Case("merge_attention:outputs-claim-2^41", "pyattn.merge_attention",
+         "dict(outputs=bc((2, 2**20, 2**14, 64)), lses=bc((2, 2**20, 2**14)))", ValueError,
+         _names("outputs", "merging")),
+    Case("merge_attention:parts-claim-2^40", "pyattn.merge_attention",
+         "dict(outputs=[bc((2**20, 2**14, 64))] * 2, lses=[bc((2**20, 2**14))] * 2)",
+         ValueError, _names("outputs")),
+    Case("KVCache():sizes-2^50", "pyattn.KVCache",
+         "dict(batch=2**20, num_kv_heads=2**10, head_dim=2**10)", ValueError,
+         _names("batch", "num_kv_heads", "head_dim")),
+    Case("KVCache():max_len-4-sizes-2^50", "pyattn.KVCache",
+         "dict(batch=2**20, num_kv_heads=2**10, head_dim=2**10, max_len=4)", ValueError,
+         _names("batch", "num_kv_heads", "head_dim")),
+    Case("KVCache.append:claims-2^40-positions", "pyattn.KVCache(1, 1, 64).append",
+         "dict(k_new=bc((1, 1, 2**40, 64)), v_new=bc((1, 1, 2**40, 64)))", ValueError,
+         _names("k_new", "v_new")),
+    Case("reference:scores-2^40", "pyattn.reference.scaled_dot_product_attention",
+         "dict(query=bc((2**20, 8)), key=bc((2**20, 8)), value=bc((2**20, 8)))", ValueError,
+         _names("scores") + _names("query", "key")),
     Case("MultiHeadAttention.load_state_dict:claims-2^40",
          "pyattn.MultiHeadAttention(8, 2, rng=0).load_state_dict",
          "dict(state_dict={'in_proj_weight': bc((2**20, 2**20)), 'in_proj_bias': f32(24), "
@@ -1132,3 +1151,11 @@ def test_out_with_elements_sharing_memory_is_value_error():
     transposed = np.zeros(q.shape[::-1], np.float32).transpose(3, 2, 1, 0)  # fine
     pyattn.scaled_dot_product_attention(q, q, q, out=transposed)
     np.testing.assert_array_equal(transposed, pyattn.scaled_dot_product_attention(q, q, q))
+
+
+def test_merge_parts_of_different_shapes_name_the_argument():
+    with pytest.raises(ValueError, match=r"outputs must be parts of one shape; got shapes "
+                                         r"\[\(2, 3\), \(3, 3\)\]"):
+        pyattn.merge_attention([np.ones((2, 3)), np.ones((3, 3))], [np.ones(2), np.ones(3)])
+    with pytest.raises(ValueError, match="merge_attention needs at least one part; got 0"):
+        pyattn.merge_attention([], [])

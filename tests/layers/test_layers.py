@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from support import FULL as DTYPES
-from support import f32, ids, randn
+from support import f32, ids, peak_traced_bytes, randn
 
 import pyattn
 from pyattn import functional
@@ -508,6 +508,42 @@ def test_mha_masks(which, kind, is_causal, dtype, rng, helpers):
         assert np.all(w_h[np.broadcast_to(padded[:, None, None, :], w_h.shape)] == 0)
     if is_causal:
         assert np.all(w_h[..., np.triu(np.ones((L, S), bool), 1)] == 0)
+
+
+MiB = 1 << 20
+# (key_padding_mask, attn_mask) as broadcast views of one row, claiming (B, S)
+# and (B * H, L, S) = 8 MiB as bool, 32 MiB as float32 and 64 MiB as float64
+BROADCAST_MASKS = {
+    "bool-attn": (None, np.bool_),
+    "float32-attn": (None, np.float32),
+    "float64-attn": (None, np.float64),  # converted to the layer's float32
+    "bool-kpm+bool-attn": (np.bool_, np.bool_),
+    "float32-kpm+bool-attn": (np.float32, np.bool_),
+    "bool-kpm+float64-attn": (np.bool_, np.float64),
+}
+
+
+@pytest.mark.parametrize("case", BROADCAST_MASKS)
+def test_mha_broadcast_masks_stay_views(case, rng, helpers):
+    E, H, B, L, S = 8, 2, 4, 1024, 1024
+    mha = make_mha(E, H, rng, dtype=np.float32)
+    x = randn(rng, (B, L, E))
+    masked = rng.random(S) < 0.3  # not a padded suffix: not kv_lengths
+    masked[0] = False
+
+    def row(dtype):  # torch's convention: True / -inf masks out
+        return masked if dtype == np.bool_ else np.where(masked, -np.inf, 0.5).astype(dtype)
+
+    kpm_dtype, attn_dtype = BROADCAST_MASKS[case]
+    kpm = None if kpm_dtype is None else np.broadcast_to(row(kpm_dtype), (B, S))
+    attn = np.broadcast_to(row(attn_dtype), (B * H, L, S))
+    got, peak = peak_traced_bytes(lambda: mha(x, x, x, key_padding_mask=kpm, attn_mask=attn,
+                                              need_weights=False)[0])
+    assert peak < 4 * MiB, f"{peak / MiB:.1f} MiB for a {got.nbytes // 1024} KiB result"
+    copies = [None if m is None else np.ascontiguousarray(m) for m in (kpm, attn)]
+    expected = mha(x, x, x, key_padding_mask=copies[0], attn_mask=copies[1],
+                   need_weights=False)[0]
+    helpers.assert_close(got, expected, np.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)

@@ -1,0 +1,147 @@
+"""Broadcast and overlapping views are read where they lie: no call expands a
+view to the shape it claims, neither its elements (conversions copy the
+memory that exists) nor per-batch bookkeeping (offsets, lengths).
+
+Memory is measured with tracemalloc (support.peak_traced_bytes).
+"""
+import subprocess
+
+import numpy as np
+import pytest
+from support import peak_traced_bytes, randn
+
+import pyattn
+from pyattn import _attention, _launch
+from pyattn import reference as ref
+from pyattn.functional import attention
+
+MiB = 1 << 20
+
+
+def _claim(arr, shape):
+    """A zero-stride view of the one element `arr` that claims `shape`."""
+    return np.lib.stride_tricks.as_strided(arr, shape, (0,) * len(shape))
+
+
+def test_broadcast_batch_costs_no_per_batch_tables():
+    # 2**22 batch items on the general path (key and value do not share the
+    # batch): the result is 8 MiB; the driver's (5, n_batch) int64 offsets
+    # once added 160 MiB, and their temporaries as much again.
+    n = 2**22
+    q = _claim(np.full(1, 0.5, np.float16), (n, 1, 1, 1))
+    k = np.ones((1, 1, 1, 1), np.float16)
+    v = np.full((1, 1, 1, 1), 3, np.float16)
+    out, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(q, k, v))
+    assert out.shape == (n, 1, 1, 1) and (out == 3).all()
+    assert peak < out.nbytes + 16 * MiB, f"{peak / MiB:.0f} MiB for a result of 8 MiB"
+
+
+def _in_child(helpers, tmp_path, code, timeout=60):
+    """Run `code` (after the imports) in a fresh interpreter: a call that
+    walks a claimed size element by element fails the test, not hangs it."""
+    code = "import numpy as np, pyattn\nfrom pyattn import reference as ref\n" + code
+    try:
+        return helpers.run_python(code, cwd=tmp_path, timeout=timeout).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s:\n{code}", pytrace=False)
+
+
+def test_broadcast_batch_with_no_work_allocates_nothing_per_batch(helpers, tmp_path):
+    # 2**40 claimed batch items and L = 0: an empty result; the per-batch
+    # diagonals (8 TiB of int64) were allocated, the lengths checked one by
+    # one, and the reference's matmul looped over every batch item
+    out = _in_child(helpers, tmp_path, """
+q = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (2**40, 1, 0, 4), (0,) * 4)
+kv = np.ones((1, 1, 3, 4), np.float32)
+for fn in (pyattn.scaled_dot_product_attention, ref.scaled_dot_product_attention):
+    out, lse = fn(q, kv, kv, alignment="lower_right", kv_lengths=2, return_lse=True)
+    print(out.shape, lse.shape)
+""")
+    assert out.splitlines() == ["(1099511627776, 1, 0, 4) (1099511627776, 1, 0)"] * 2
+
+
+def test_reference_computes_each_distinct_batch_item_once(rng, helpers):
+    # 2**12 claimed batch items over one stored problem: the reference once
+    # computed them all (about 1 GiB of score-sized arrays for a 4 MiB result)
+    q = np.broadcast_to(randn(rng, (1, 4, 64, 8)), (2**12, 4, 64, 8))
+    k, v = randn(rng, (1, 2, 64, 8)), randn(rng, (1, 2, 64, 1))
+    mask = np.broadcast_to(rng.random((64, 64)) < 0.8, (2**12, 4, 64, 64))
+    got, peak = peak_traced_bytes(lambda: ref.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True))
+    assert peak < got.nbytes + 4 * MiB, f"{peak / MiB:.0f} MiB for a result of 4 MiB"
+    one = pyattn.scaled_dot_product_attention(q[:1], k, v, attn_mask=mask[:1], enable_gqa=True)
+    helpers.assert_close(got, np.broadcast_to(one, got.shape), np.float32)
+
+
+@pytest.mark.parametrize("case", ["plain", "lse", "weights", "lengths"])
+def test_launches_split_by_batch_agree_with_the_reference(case, rng, monkeypatch):
+    """Batches beyond BATCH_CHUNK items run as several launches, each with its
+    slice of offsets, lengths, logsumexp and weights; made small here so that
+    a 2-D broadcast batch of 15 items takes 4 launches (the last one short)."""
+    monkeypatch.setattr(_launch, "BATCH_CHUNK", 4)
+    q = np.broadcast_to(randn(rng, (3, 1, 2, 5, 8)), (3, 5, 2, 5, 8))
+    k = randn(rng, (1, 5, 2, 7, 8))
+    v = randn(rng, (3, 5, 2, 7, 6))
+    kw = {"lse": dict(return_lse=True, alignment="lower_right"),
+          "lengths": dict(q_lengths=rng.integers(0, 6, (3, 1)), kv_lengths=rng.integers(0, 8, 5),
+                          alignment="lower_right", return_lse=True),
+          }.get(case, {})
+    problems = []
+    _attention.record_problems(problems)
+    try:
+        if case == "weights":
+            got, weights, _ = attention(q, k, v, weights="heads")
+        else:
+            got = pyattn.scaled_dot_product_attention(q, k, v, **kw)
+    finally:
+        _attention.record_problems(None)
+    assert [p[0] for p in problems] == [4, 4, 4, 3]
+    expected = ref.scaled_dot_product_attention(q, k, v, **kw)
+    if case == "weights":
+        scores = np.einsum("...le,...se->...ls", q, k) / np.sqrt(8)
+        np.testing.assert_allclose(weights, ref.softmax(scores), rtol=1e-5, atol=1e-6)
+    for g, e in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, expected))):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def _sliding(kind, n=4096, window=2048):
+    """An overlapping (n - window + 1, window) view that conversion must copy:
+    big-endian, misaligned, or big-endian with both strides negative.  It
+    claims 16 MiB over 16 KiB of memory."""
+    values = np.linspace(-1, 1, n)
+    if kind == "misaligned":
+        buf = np.zeros(4 * n + 1, np.uint8)[1:].view(np.float32)  # data at an odd address
+        buf[...] = values
+    else:
+        buf = values.astype(">f4")
+    view = np.lib.stride_tricks.sliding_window_view(buf, window)
+    return view[::-1, ::-1] if kind == "reversed" else view
+
+
+@pytest.mark.parametrize("kind", ["big-endian", "misaligned", "reversed"])
+@pytest.mark.parametrize("arg", ["key-value", "query", "attn_mask"])
+def test_overlapping_views_are_converted_once(arg, kind, helpers):
+    view = _sliding(kind)
+    S, E = view.shape
+    args = {"query": np.full((3, E), 0.01, np.float32), "key": view, "value": view}
+    if arg == "query":
+        args.update(query=view, key=np.linspace(0, 1, 4 * E, dtype=np.float32).reshape(4, E),
+                    value=np.arange(4, dtype=np.float32).reshape(4, 1))
+    elif arg == "attn_mask":  # (L, S) = (2049, 2048) scores
+        args.update(query=np.ones((S, 8), np.float32), key=np.ones((E, 8), np.float32),
+                    value=np.eye(E, 8, dtype=np.float32), attn_mask=view)
+    got, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(**args))
+    assert peak < 4 * MiB, f"{peak / MiB:.1f} MiB to convert views of 16 KiB"
+    native = {k: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for k, a in args.items()}
+    helpers.assert_close(got, ref.scaled_dot_product_attention(**native), np.float32)
+
+
+def test_conversion_that_would_expand_a_view_is_refused_naming_it():
+    # float32 elements one byte apart (strides not in whole elements: no
+    # span to convert as elements) claim 2**42 distinct elements over 8 MiB
+    buf = np.zeros(8 << 20, np.uint8)
+    key = np.lib.stride_tricks.as_strided(buf.view(np.float32)[:1], (2**22, 2**20), (1, 4))
+    query = np.ones((1, 2**20), np.float32)
+    with pytest.raises(ValueError, match=r"a converted copy of key \(4398046511104 distinct "
+                                         r"elements\) would need .* GiB, more than"):
+        pyattn.scaled_dot_product_attention(query, key, key)
