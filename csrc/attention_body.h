@@ -34,6 +34,7 @@
  * (windows, soft-capping, ALiBi, masks, sinks); this file holds the
  * workspace, the packing, the online softmax and the two paths.
  */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -65,6 +66,7 @@ typedef struct {
     PANEL *p_block;        /* the weights as the products read them, if they differ */
     REAL *acc;             /* BLOCK_M x evp: unnormalised output */
     REAL *row_max, *row_sum; /* BLOCK_M each */
+    REAL scale_left;       /* what the scores are multiplied by: scale / what pack_q folded */
     int whole_head;        /* the panels hold all tiles of the head */
 } FN(workspace);
 
@@ -275,7 +277,7 @@ static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE 
         FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
     }
     FN(score_product)(p, last - first, cols_pad, w->q_block + first * FN(q_width)(p->E), kt,
-                      w->scores + first * BLOCK_N);
+                      w->scale_left, w->scores + first * BLOCK_N);
     for (int64_t r = first; r < last && r < nrows; r++)
         if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
             FN(finish_row)(p, blk, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
@@ -355,7 +357,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     STORE *out = out_;
     const int64_t Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
-    const FN(workspace) w = FN(carve)(p, scratch);
+    FN(workspace) w = FN(carve)(p, scratch);
     for (int64_t r = 0; r < rows_pad; r++) w.row_max[r] = -(REAL)INFINITY, w.row_sum[r] = 0;
     memset(w.acc, 0, sizeof(REAL) * (size_t)(rows_pad * evp));
 
@@ -370,7 +372,8 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                           w.row_max, w.row_sum);
     } else {
         /* Padding rows of Q are zero and never written out. */
-        FN(pack_q)(p, q, row0, nrows, rows_pad, w.q_block);
+        const REAL folded = FN(pack_q)(p, q, row0, nrows, rows_pad, w.q_block);
+        w.scale_left = folded == 1 ? (REAL)p->scale : 1;
         if (WEIGHTS_ROUNDED)
             memset(w.p_block + nrows * BLOCK_N, 0,
                    sizeof(PANEL) * (size_t)((rows_pad - nrows) * BLOCK_N));

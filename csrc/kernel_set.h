@@ -78,6 +78,9 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 
 /* bfloat16 products, on sets whose CPUs have a bfloat16 unit (BF16_UNIT) */
 #ifdef BF16_UNIT
+/* Their direct (decode) path is exact: the same bits as the exact kernels,
+ * which needs the same key tiles. */
+_Static_assert(BF16_BLOCK_N == F32_BLOCK_N, "bf16 and float32 key tiles must agree");
 #define BF16_PRODUCTS 1
 #define MR BF16_MR
 #define NV BF16_NV

@@ -18,7 +18,7 @@
 #define BF16_MR 32 /* rows of a 2 x 2 block of 16-row tiles */
 #define BF16_NV 2
 #define BF16_BLOCK_M 128
-#define BF16_BLOCK_N 256
+#define BF16_BLOCK_N 128
 
 /* CPUID's AMX bits, and the kernel's leave to use the tile state: Linux
  * hands out the 8 KiB of tile data per process on request, once. */

@@ -76,7 +76,7 @@ static inline __m512i FN(load_bf16x32)(const STORE *src)
 #endif
 }
 
-/* The part of `scale` folded into Q as it is packed, so that the scores need
+/* The part of `scale` to fold into Q as it is packed, so that the scores need
  * no pass of their own: all of it where that rounds nothing more (float32
  * and float16 Q is rounded to bfloat16 anyway, and a power of two keeps
  * bfloat16 Q exact), and only |scale| <= 1, so that no q * scale overflows
@@ -90,39 +90,55 @@ static inline REAL FN(q_scale)(const pyattn_problem *p)
 }
 
 /* Elements [0, n) of a row (element stride `stride`) times mul, as
- * bfloat16, zero from n up to `width`. */
-static void FN(row_bf16)(const STORE *src, int64_t stride, int64_t n, int64_t width, REAL mul,
-                         uint16_t *dst)
+ * bfloat16, zero from n up to `width`.  Returns 0 when a product fell below
+ * float's normal range: the bfloat16 units read it as 0, where q . k * scale
+ * may be normal (tiny q against huge k), so Q must be packed unscaled. */
+static int FN(row_bf16)(const STORE *src, int64_t stride, int64_t n, int64_t width, REAL mul,
+                        uint16_t *dst)
 {
     int64_t x = 0;
+    int normal = 1;
     if (mul == 1) {
         if (stride == 1)
             for (; x + 2 * LANES <= n; x += 2 * LANES)
                 _mm512_storeu_si512(dst + x, FN(load_bf16x32)(src + x));
         for (; x < n; x++) dst[x] = FN(bf16_bits)(src[x * stride]);
     } else {
-        const VEC vmul = FN(vsplat)(mul);
+        const __m512 vmul = _mm512_set1_ps(mul), tiny = _mm512_set1_ps(FLT_MIN);
+        __mmask16 flushed = 0;
         if (stride == 1)
-            for (; x + LANES <= n; x += LANES)
-                _mm256_storeu_si256((__m256i *)(dst + x),
-                                    (__m256i)_mm512_cvtneps_pbh(
-                                        (__m512)(FN(vload_store)(src + x) * vmul)));
+            for (; x + LANES <= n; x += LANES) {
+                const __m512 y = _mm512_mul_ps((__m512)FN(vload_store)(src + x), vmul);
+                const __m512 ay = _mm512_abs_ps(y);
+                flushed |= _mm512_cmp_ps_mask(ay, tiny, _CMP_LT_OQ) &
+                           _mm512_cmp_ps_mask(ay, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+                _mm256_storeu_si256((__m256i *)(dst + x), (__m256i)_mm512_cvtneps_pbh(y));
+            }
+        normal = flushed == 0;
         for (; x < n; x++) {
-            dst[x] = FN(round_bf16)(TO_REAL(src[x * stride]) * mul);
+            const float y = TO_REAL(src[x * stride]) * mul;
+            normal &= !(y != 0 && fabsf(y) < FLT_MIN);
+            dst[x] = FN(round_bf16)(y);
         }
     }
     for (; x < width; x++) dst[x] = 0;
+    return normal;
 }
 
-/* Q rows [row0, row0 + nrows) as bfloat16, times q_scale, then zero rows. */
-static void FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, int64_t nrows,
+/* Q rows [row0, row0 + nrows) as bfloat16, then zero rows; returns the
+ * factor of `scale` folded in (see q_scale): 1 when a row had to go
+ * unscaled. */
+static REAL FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, int64_t nrows,
                        int64_t rows_pad, uint16_t *dst)
 {
     const int64_t E = p->E, width = FN(q_width)(E);
-    const REAL mul = FN(q_scale)(p);
+    REAL mul = FN(q_scale)(p);
     for (int64_t r = 0; r < nrows; r++)
-        FN(row_bf16)(q + (row0 + r) * p->q_row, p->q_col, E, width, mul, dst + r * width);
+        if (!FN(row_bf16)(q + (row0 + r) * p->q_row, p->q_col, E, width, mul, dst + r * width)) {
+            mul = 1, r = -1; /* start again, unscaled */
+        }
     memset(dst + nrows * width, 0, sizeof(uint16_t) * (size_t)((rows_pad - nrows) * width));
+    return mul;
 }
 
 /* Pack keys [j0, j0 + nb) in the pair layout (see the top). */
@@ -321,15 +337,16 @@ static void FN(bf16_gemm)(int64_t rows, int64_t cols, int64_t K, const uint16_t 
 }
 #endif
 
-/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N): what q_scale did
- * not fold into Q is applied to the float32 scores. */
+/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N), `scale` being
+ * what pack_q left out of Q, applied to the float32 scores. */
 static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t cols,
-                              const uint16_t *q, const uint16_t *kt, REAL *scores)
+                              const uint16_t *q, const uint16_t *kt, REAL scale_left,
+                              REAL *scores)
 {
     const int64_t width = FN(q_width)(p->E);
     FN(bf16_gemm)(rows, cols, width, q, width, (const uint32_t *)kt, BLOCK_N, scores, BLOCK_N, 0);
-    if (FN(q_scale)(p) != 1) return;
-    const VEC scale = FN(vsplat)((REAL)p->scale);
+    if (scale_left == 1) return;
+    const VEC scale = FN(vsplat)(scale_left);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < cols; c += LANES)
             FN(vstore)(scores + r * BLOCK_N + c, FN(vload)(scores + r * BLOCK_N + c) * scale);

@@ -11,7 +11,8 @@
  *   WEIGHTS_ROUNDED  1: the tiled path's weights go to that buffer, rounded
  *   weights_exp2     with WEIGHTS_ROUNDED, 2^x for the weights that are rounded
  *   store_weights    one vector of weights, where the products read them
- *   pack_q, pack_tile             the packing
+ *   pack_q, pack_tile             the packing (pack_q returns the factor
+ *                    of `scale` it folded into Q)
  *   score_product    scores = scale * Q K^T for whole MR x NR micro-tiles
  *   value_product    acc += P V, P being the softmax weights in the scores
  *   products_begin/end            per-call set-up of the matrix unit
@@ -77,13 +78,15 @@ static inline void FN(store_weights)(REAL *s, PANEL *rounded, int64_t c, VEC p)
     FN(vstore)(s + c, p);
 }
 
-/* Q rows [row0, row0 + nrows) as REAL, then zero rows up to rows_pad. */
-static void FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, int64_t nrows,
+/* Q rows [row0, row0 + nrows) as REAL, then zero rows up to rows_pad;
+ * unscaled (the factor of `scale` folded in is 1: the micro-kernel scales). */
+static REAL FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, int64_t nrows,
                        int64_t rows_pad, REAL *dst)
 {
     const int64_t E = p->E;
     for (int64_t r = 0; r < nrows; r++) FN(load_row)(q + (row0 + r) * p->q_row, p->q_col, E, dst + r * E);
     memset(dst + nrows * E, 0, sizeof(REAL) * (size_t)((rows_pad - nrows) * E));
+    return 1;
 }
 
 /* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
@@ -119,11 +122,12 @@ static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *
     }
 }
 
-/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N). */
+/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N), `scale` being
+ * what pack_q left out of Q. */
 static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t cols,
-                              const REAL *q, const REAL *kt, REAL *scores)
+                              const REAL *q, const REAL *kt, REAL scale_left, REAL *scores)
 {
-    FN(tile_gemm)(rows, cols, p->E, q, p->E, kt, BLOCK_N, scores, BLOCK_N, 0, (REAL)p->scale);
+    FN(tile_gemm)(rows, cols, p->E, q, p->E, kt, BLOCK_N, scores, BLOCK_N, 0, scale_left);
 }
 
 /* acc[rows x evp] += P[rows x nb] V (P in the scores, row stride BLOCK_N). */

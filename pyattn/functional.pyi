@@ -16,6 +16,7 @@ def scaled_dot_product_attention(
     alignment: _Alignment = ..., window: _Window = ..., alibi_slopes: ArrayLike | None = ...,
     softcap: float | None = ..., sinks: ArrayLike | None = ..., q_lengths: ArrayLike | None = ...,
     kv_lengths: ArrayLike | None = ..., return_lse: Literal[False] = ...,
+    precision: Literal['exact', 'bf16'] | None = ...,
 ) -> NDArray[np.generic]: ...
 @overload
 def scaled_dot_product_attention(
@@ -25,6 +26,7 @@ def scaled_dot_product_attention(
     alignment: _Alignment = ..., window: _Window = ..., alibi_slopes: ArrayLike | None = ...,
     softcap: float | None = ..., sinks: ArrayLike | None = ..., q_lengths: ArrayLike | None = ...,
     kv_lengths: ArrayLike | None = ..., return_lse: Literal[True],
+    precision: Literal['exact', 'bf16'] | None = ...,
 ) -> tuple[NDArray[np.generic], NDArray[np.floating]]: ...
 def merge_attention(
     outputs: Sequence[ArrayLike] | ArrayLike, lses: Sequence[ArrayLike] | ArrayLike, *,

@@ -26,7 +26,7 @@ from ._validation import (
     is_mask_dtype,
     resolve_dtype,
 )
-from .functional import attention
+from .functional import attention, check_precision
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]
 
@@ -125,9 +125,15 @@ class SelfAttention:
     rng : numpy.random.Generator or int, optional
         Seeds the xavier-uniform init of w_q (embed_dim, kdim), w_k
         (embed_dim, kdim) and w_v (embed_dim, vdim).
+    precision : None, "exact" or "bf16"
+        The attention's products, as scaled_dot_product_attention's
+        ``precision`` (the projections stay in the layer's dtype).
     """
 
-    def __init__(self, embed_dim, kdim=None, vdim=None, bias=False, dtype=np.float32, rng=None):
+    def __init__(self, embed_dim, kdim=None, vdim=None, bias=False, dtype=np.float32, rng=None,
+                 precision=None):
+        check_precision(precision)
+        self.precision = precision
         self.embed_dim = check_size(embed_dim, "embed_dim")
         self.kdim = self.embed_dim if kdim is None else check_size(kdim, "kdim")
         self.vdim = self.embed_dim if vdim is None else check_size(vdim, "vdim")
@@ -161,7 +167,8 @@ class SelfAttention:
         qkv = _linear(x, w.T, b, "x")
         q, k, v = np.split(qkv, [self.kdim, 2 * self.kdim], axis=-1)
         out, weights, _ = attention(q, k, v, attn_mask, is_causal, num_threads=num_threads,
-                                    weights="heads" if return_weights else None)
+                                    weights="heads" if return_weights else None,
+                                    precision=self.precision)
         return (out, weights) if return_weights else out
 
 
@@ -176,10 +183,14 @@ class MultiHeadAttention:
     (E, vdim); ``in_proj_bias`` (3E,), ``out_proj_weight`` (E, E),
     ``out_proj_bias`` (E,).  Init as torch: xavier-uniform input projections,
     zero biases, out_proj.weight uniform(+-1/sqrt(E)), seeded by ``rng``.
+    ``precision`` chooses the attention's products, as in
+    scaled_dot_product_attention (the projections stay in the layer's dtype).
     """
 
     def __init__(self, embed_dim, num_heads, bias=True, kdim=None, vdim=None, batch_first=True,
-                 dtype=np.float32, rng=None):
+                 dtype=np.float32, rng=None, precision=None):
+        check_precision(precision)
+        self.precision = precision
         self.embed_dim = E = check_size(embed_dim, "embed_dim")
         self.num_heads = check_size(num_heads, "num_heads")
         if E % self.num_heads:
@@ -319,6 +330,7 @@ class MultiHeadAttention:
         context = np.empty(query.shape, dtype=self.dtype)
         _, weights, _ = self._attention(q, k, v, mask, is_causal, out=heads(batch_major(context)),
                                         num_threads=num_threads, kv_lengths=kv_lengths,
+                                        precision=self.precision,
                                         weights=None if not need_weights
                                         else "mean" if average_attn_weights else "heads")
         output = _linear(context, self.out_proj_weight, self.out_proj_bias, "the heads' output")

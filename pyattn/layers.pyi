@@ -1,6 +1,6 @@
 __all__ = ["MultiHeadAttention", "SelfAttention"]
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -12,6 +12,7 @@ class SelfAttention:
     kdim: int
     vdim: int
     dtype: np.dtype[Any]
+    precision: str | None
     w_q: NDArray[np.floating]
     w_k: NDArray[np.floating]
     w_v: NDArray[np.floating]
@@ -19,7 +20,8 @@ class SelfAttention:
     b_k: NDArray[np.floating] | None
     b_v: NDArray[np.floating] | None
     def __init__(self, embed_dim: int, kdim: int | None = ..., vdim: int | None = ...,
-                 bias: bool = ..., dtype: DTypeLike = ..., rng: _Rng = ...) -> None: ...
+                 bias: bool = ..., dtype: DTypeLike = ..., rng: _Rng = ...,
+                 precision: Literal['exact', 'bf16'] | None = ...) -> None: ...
     def __call__(self, x: ArrayLike, attn_mask: ArrayLike | None = ..., is_causal: bool = ...,
                  return_weights: bool = ..., *, num_threads: int | None = ...) -> Any: ...
 
@@ -31,6 +33,7 @@ class MultiHeadAttention:
     vdim: int
     batch_first: bool
     dtype: np.dtype[Any]
+    precision: str | None
     in_proj_weight: NDArray[np.floating] | None
     q_proj_weight: NDArray[np.floating] | None
     k_proj_weight: NDArray[np.floating] | None
@@ -40,7 +43,7 @@ class MultiHeadAttention:
     out_proj_bias: NDArray[np.floating] | None
     def __init__(self, embed_dim: int, num_heads: int, bias: bool = ..., kdim: int | None = ...,
                  vdim: int | None = ..., batch_first: bool = ..., dtype: DTypeLike = ...,
-                 rng: _Rng = ...) -> None: ...
+                 rng: _Rng = ..., precision: Literal['exact', 'bf16'] | None = ...) -> None: ...
     def state_dict(self) -> dict[str, NDArray[np.floating]]: ...
     def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = ...) -> None: ...
     def __call__(self, query: ArrayLike, key: ArrayLike, value: ArrayLike,

@@ -60,7 +60,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False, *, out=None,
                                  num_threads=None, alignment="top_left", window=None,
                                  alibi_slopes=None, softcap=None, sinks=None, q_lengths=None,
-                                 kv_lengths=None, return_lse=False):
+                                 kv_lengths=None, return_lse=False, precision=None):
     """``torch.nn.functional.scaled_dot_product_attention`` on CPU tensors,
     computed by pyattn (inference only).
 
@@ -90,7 +90,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         **arrays, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         out=_as_array(out, "out") if out is not None else None,
         num_threads=torch.get_num_threads() if num_threads is None else num_threads,
-        alignment=alignment, window=window, softcap=softcap, return_lse=return_lse)
+        alignment=alignment, window=window, softcap=softcap, return_lse=return_lse,
+        precision=precision)
     output, lse = result if return_lse else (result, None)
     output = out if out is not None else _as_tensor(output)
     return (output, _as_tensor(lse)) if return_lse else output

@@ -18,6 +18,7 @@ def scaled_dot_product_attention(
     alibi_slopes: _TensorOrArray | None = ..., softcap: float | None = ...,
     sinks: _TensorOrArray | None = ..., q_lengths: _TensorOrArray | None = ...,
     kv_lengths: _TensorOrArray | None = ..., return_lse: Literal[False] = ...,
+    precision: Literal['exact', 'bf16'] | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def scaled_dot_product_attention(
@@ -28,4 +29,5 @@ def scaled_dot_product_attention(
     alibi_slopes: _TensorOrArray | None = ..., softcap: float | None = ...,
     sinks: _TensorOrArray | None = ..., q_lengths: _TensorOrArray | None = ...,
     kv_lengths: _TensorOrArray | None = ..., return_lse: Literal[True],
+    precision: Literal['exact', 'bf16'] | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...

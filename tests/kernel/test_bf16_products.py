@@ -46,14 +46,14 @@ test_the_error_model_rejects_wrong_results shows the check fails on two
 swapped keys, a dropped last key, a 1% scale error and padding keys taking
 part.
 
-Known departures, each pinned by a test: on amx the direct path is not the
-exact kernel's bits past 128 keys (test_decode_past_one_exact_key_tile, a
-kernel bug); the bfloat16 units flush float32 subnormal products to zero
-(test_products_below_float32s_normal_range, xfail: a hardware limit), and
-folding the scale into Q makes tiny normal q subnormal, so flushed
-(test_tiny_q_against_huge_k, a kernel bug); a decode row with 8 or more
-query heads per key head runs as a tiled block of heads, so it takes the
-products (the "gqa_heads_as_rows" case).
+Pinned corners: the direct path keeps the exact kernel's bits past one key
+tile (test_decode_past_one_exact_key_tile: the bfloat16 and float32 key
+tiles agree); tiny normal q against huge k stays normal, as the scale is
+then not folded into Q (test_tiny_q_against_huge_k); the bfloat16 units
+flush float32 subnormal products to zero (test_products_below_float32s_
+normal_range, xfail: a hardware limit); a decode row with 8 or more query
+heads per key head runs as a tiled block of heads, so it takes the products
+(the "gqa_heads_as_rows" case).
 """
 import functools
 import hashlib
@@ -144,23 +144,32 @@ def to_bf16(a):
     return np.asarray(a).astype(np.float32).astype(bfloat16).astype(np.float64)
 
 
-def folded_scale(dtype, E, scale=None):
+def folded_scale(dtype, E, scale=None, q=None):
     """The part of the scale the tiled path multiplies into Q (in float32)
-    before rounding Q to bfloat16, as csrc/products_bf16.h's q_scale: all of
-    it when |scale| <= 1 (no q * scale can overflow) and the fold rounds
-    nothing more: float32 and float16 Q is rounded anyway, bfloat16 Q stays
-    exact only under a power of two.  Otherwise 1: the float32 scores are
+    before rounding Q to bfloat16, as csrc/products_bf16.h's q_scale and
+    pack_q: all of it when |scale| <= 1 (no q * scale can overflow) and the
+    fold rounds nothing more: float32 and float16 Q is rounded anyway,
+    bfloat16 Q stays exact only under a power of two; and when no q * scale
+    falls below float32's normal range (the bfloat16 units would read it as
+    0; the kernel decides per block of rows, this per call, which the
+    tests' inputs make the same).  Otherwise 1: the float32 scores are
     scaled after the products."""
     scale = 1 / math.sqrt(E) if scale is None else float(scale)
     a = abs(scale)
     exact = np.dtype(dtype) != BF16 or math.frexp(a)[0] == 0.5
-    return float(np.float32(scale)) if 0 < a <= 1 and exact else 1.0
+    if not (0 < a <= 1 and exact):
+        return 1.0
+    if q is not None:
+        y = np.abs(np.asarray(q).astype(np.float32) * np.float32(scale))
+        if ((y > 0) & (y < np.finfo(np.float32).tiny)).any():
+            return 1.0
+    return float(np.float32(scale))
 
 
 def products_inputs(q, k, v, kwargs):
     """What the bfloat16 products read, as float64 (q with its folded scale),
     and the kwargs that finish the scores."""
-    fold = folded_scale(np.asarray(q).dtype, q.shape[-1], kwargs.get("scale"))
+    fold = folded_scale(np.asarray(q).dtype, q.shape[-1], kwargs.get("scale"), q)
     qh = to_bf16(np.asarray(q).astype(np.float32) * np.float32(fold))
     kwargs = dict(kwargs)
     if fold != 1.0:
