@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pyattn import _cli, bench
-from pyattn.bench.cli import DEFAULT_PEERS
 from pyattn.bench import cli as bench_cli
+from pyattn.bench.cli import DEFAULT_PEERS
 
 WORKERS = 2  # children at once
 TIMEOUT = 60  # s: a child that passes its argument checks starts a real run
