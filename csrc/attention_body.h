@@ -19,20 +19,23 @@
  * or AVX-512 depending on the target the including file selects.
  *
  * Structure, the BLIS way:
- *   micro-kernel  C[MR x NR] (+)= A[MR x K] * B[K x NR], B packed row-major;
- *                 used for both S = Q K^T (K = E) and O += P V (K = keys).
+ *   products      S = scale Q K^T (K = E) and O += P V (K = keys) on packed
+ *                 panels, from a products header: products_exact.h (the
+ *                 MR x NR register micro-kernel in REAL) or, with
+ *                 BF16_PRODUCTS, products_bf16.h (bfloat16 products on
+ *                 AVX512-BF16 or AMX tiles, float32 accumulation).
  *   macro-kernel  attend_tiled(): walks the key tiles of K^T / V panels
  *                 (packed once per head and thread, see workspace), masks,
  *                 and keeps the online softmax state per query row.
- *   decode path   attend_direct(): fewer than MR query rows read K and V in
- *                 place, one dot product per score.
- * attend() packs the scaled Q block, picks the path, and normalises.  The
- * L x S score matrix never exists: only one BLOCK_M x BLOCK_N tile does.
+ *   decode path   attend_direct(): fewer than DIRECT_BELOW query rows read K
+ *                 and V in place, one dot product per score, always exact.
+ * attend() packs the Q block, picks the path, and normalises.  The L x S
+ * score matrix never exists: only one BLOCK_M x BLOCK_N tile does.
  *
  * The template's parts: simd.h (vectors, loads, 2^x, reductions),
- * micro_kernel.h (the register kernels of both paths), score_modifiers.h
- * (windows, soft-capping, ALiBi, masks, sinks); this file holds the
- * workspace, the packing, the online softmax and the two paths.
+ * micro_kernel.h (the direct path's register kernels), the products header,
+ * score_modifiers.h (windows, soft-capping, ALiBi, masks, sinks); this file
+ * holds the workspace, the online softmax and the two paths.
  */
 #include <float.h>
 #include <math.h>

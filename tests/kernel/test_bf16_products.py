@@ -321,7 +321,7 @@ CASES = {
     "additive_mask_broadcast": ((2, 3, 37, 40), (2, 3, 77, 40), (2, 3, 77, 24),
                                 dict(attn_mask="float_broadcast")),
     "causal": ((2, 2, 37, 40), (2, 2, 77, 40), (2, 2, 77, 24), dict(is_causal=True)),
-    # several key tiles (BLOCK_N is 256 on amx), tiles skipped above the diagonal
+    # several key tiles (BLOCK_N is 128), tiles skipped above the diagonal
     "causal_lower_right": ((1, 2, 130, 32), (1, 2, 600, 32), (1, 2, 600, 16),
                            dict(is_causal=True, alignment="lower_right")),
     # L > S: the first L - S rows see no key (zeros, lse -inf)
