@@ -323,6 +323,13 @@ def test_bad_dtype_is_a_type_error_naming_dtype(dtype):
         pyattn.KVCache(1, 1, 1, dtype=dtype)
 
 
+def test_non_native_dtype_is_named_with_its_byte_order():
+    # '>f4' is float32 by name: the message said "got float32"
+    with pytest.raises(TypeError, match=r"^dtype must be in native byte order, got >f4 \(use "
+                                        r"float32\)"):
+        pyattn.KVCache(1, 1, 1, dtype=">f4")
+
+
 def _kv(shape_k, shape_v=None, dtype=np.float32):
     return np.zeros(shape_k, dtype), np.zeros(shape_v or shape_k, dtype)
 
