@@ -238,10 +238,9 @@ class MultiHeadAttention:
     def load_state_dict(self, state_dict, strict=True):
         """Load parameters saved by state_dict() here or by torch: NumPy
         arrays, or CPU torch tensors of any float dtype, bfloat16 and float8
-        included.
-        They take the layer's dtype (float32 or float64, as the inputs do):
-        float16 and bfloat16 widen exactly, float64 rounds into a float32
-        layer.  strict=False ignores missing and unexpected keys; shapes are
+        included.  They take the layer's dtype (float32 or float64, as the
+        inputs do): float16, bfloat16 and float8 widen exactly, float64 rounds
+        into a float32 layer.  strict=False ignores missing and unexpected keys; shapes are
         always checked."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of parameter names to arrays, "
