@@ -354,6 +354,8 @@ def _kv(shape_k, shape_v=None, dtype=np.float32):
     (_kv((2, 2, 3, 4)), dict(lengths=1), ValueError, "lengths"),
     (_kv((2, 2, 3, 4)), dict(lengths=[1.0, 1.0]), ValueError, "lengths"),
     (_kv((2, 2, 3, 4)), dict(lengths=[True, False]), ValueError, "lengths"),
+    (_kv((2, 2, 3, 4)), dict(lengths=[[1], [1, 2]]), ValueError,
+     "lengths cannot be converted"),  # ragged: NumPy's message named no argument
 ])
 def test_bad_append_arguments(args, kwargs, exc, match, rng, helpers):
     cache, k, v = filled(rng, helpers, [3, 1], hkv=2, E=4)
@@ -370,11 +372,20 @@ def test_bad_append_arguments(args, kwargs, exc, match, rng, helpers):
     (1.5, "n must be", TypeError),
     ("1", "n must be", TypeError),
     (None, "n must be", TypeError),
+    ([[1], [1, 2]], "n cannot be converted", ValueError),
+    (-2**70, "non-negative", ValueError),  # an int beyond int64 is still an int
 ])
 def test_bad_truncate_arguments(n, match, error, rng, helpers):
     cache, k, v = filled(rng, helpers, [3, 2], hkv=1, E=2)
     with pytest.raises(error, match=match):
         cache.truncate(n)
+    assert_holds(cache, k, v, [3, 2])
+
+
+@pytest.mark.parametrize("n", [2**70, np.uint64(2**64 - 1)], ids=repr)
+def test_truncate_beyond_int64_keeps_every_position(n, rng, helpers):
+    cache, k, v = filled(rng, helpers, [3, 2], hkv=1, E=2)
+    cache.truncate(n)
     assert_holds(cache, k, v, [3, 2])
 
 
