@@ -33,7 +33,10 @@ def int_range(low, high=None):
 
 def output_file(text):
     """A ``type=`` for a file to be written: checked up front, so that a
-    missing folder or a directory is refused before the work, not after it."""
+    missing folder, a directory, a name too long or a folder that cannot be
+    written is refused before the work, not after it.  The check opens the
+    file for appending (what the write will need), which changes no file
+    that exists; one that did not is removed again."""
     if not text:
         raise argparse.ArgumentTypeError("expected a file path, got ''")
     if text.endswith(("/", os.sep)) or os.path.isdir(text):
@@ -41,10 +44,25 @@ def output_file(text):
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"no such directory: {folder}")
-    target = text if os.path.exists(text) else folder
-    if not os.access(target, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot write to {target} (permission denied)")
+    existed = os.path.exists(text)
+    try:
+        with open(text, "a"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: {exc.strerror}") from None
+    if not existed:
+        os.remove(text)
     return text
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file (through links too)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): not a link of the other
+        return False
 
 
 def plot_file(text):

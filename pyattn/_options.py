@@ -54,7 +54,7 @@ def _per_head(values, name, num_heads, dtype):
     roundings, which the kernel and the reference both use."""
     if values is None:
         return None
-    arr = np.asarray(values)
+    arr = as_array(values, name, "an array of real numbers")
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     arr = arr.astype(np.float64)

@@ -61,8 +61,11 @@ def check_dtype(dtype, allowed_names, names):
         dt = None if dtype is None else resolve_dtype(dtype)
     except (TypeError, ValueError):
         raise TypeError(f"dtype must be {names}, got {dtype!r}") from None
-    if dt is None or not dt.isnative or dt.name not in allowed_names:
+    if dt is None or dt.name not in allowed_names:
         raise TypeError(f"dtype must be {names}, got {'None' if dt is None else dt.name}")
+    if not dt.isnative:  # str(dt) keeps the byte order: '>f4', where dt.name says float32
+        raise TypeError(f"dtype must be in native byte order, got {dt} (use "
+                        f"{dt.newbyteorder('=')})")
     return dt
 
 

@@ -1,11 +1,13 @@
 """A key/value cache for autoregressive decoding, and attention against it."""
 import copy
+import numbers
 import threading
 
 import numpy as np
 
 from ._validation import (
     KERNEL_DTYPE_NAMES,
+    as_array,
     as_float_array,
     check_dtype,
     check_fits,
@@ -136,7 +138,7 @@ class KVCache:
         if lengths is None:
             counts = np.full(self.batch, n, dtype=np.int64)
         else:
-            counts = np.asarray(lengths)
+            counts = as_array(lengths, "lengths", f"{self.batch} ints")
             if counts.dtype.kind not in "iu" or counts.shape != (self.batch,):
                 raise ValueError(f"lengths must be {self.batch} ints, one per sequence; "
                                  f"got {counts.dtype} of shape {counts.shape}")
@@ -167,7 +169,11 @@ class KVCache:
     def truncate(self, n):
         """Keep at most the first n positions of every sequence (n an int, or
         one int per sequence)."""
-        limit = np.asarray(n)
+        if isinstance(n, numbers.Integral) and not isinstance(n, bool):
+            # into int64: beyond every length keeps them all, below 0 is refused below
+            limit = np.int64(max(-1, min(int(n), np.iinfo(np.int64).max)))
+        else:
+            limit = as_array(n, "n", f"an int or {self.batch} ints")
         if limit.dtype.kind not in "iu":
             raise TypeError(f"n must be an int or {self.batch} ints; got {n!r}")
         if limit.ndim and limit.shape != (self.batch,):

@@ -24,7 +24,6 @@ from ._validation import (
     compact,
     is_kernel_dtype,
     is_mask_dtype,
-    resolve_dtype,
 )
 from .functional import attention, check_precision
 
@@ -56,26 +55,24 @@ def _is_real(dtype):
 
 
 def _parameter_array(value, name):
-    """`value`, an array-like or a CPU torch tensor of any dtype (bfloat16
-    included), as an ndarray; ValueError naming `name` when it cannot be one.
-    torch is never imported here: a tensor means that the caller did."""
+    """`value`, an array-like or a CPU torch tensor of any dtype, as an
+    ndarray; ValueError naming `name` (and a tensor's dtype) when it cannot be
+    one.  torch is never imported here: a tensor means that the caller did."""
     torch = sys.modules.get("torch")
     is_tensor = torch is not None and isinstance(value, torch.Tensor)
-    if is_tensor and value.device.type != "cpu":  # meta: no data; cuda: not host memory
-        raise ValueError(f"{name} is a torch tensor on the {value.device} device; "
-                         f"load CPU tensors (move it there with .cpu())")
+    if is_tensor:
+        if value.device.type != "cpu":  # meta: no data; cuda: not host memory
+            raise ValueError(f"{name} is a torch tensor on the {value.device} device; "
+                             f"load CPU tensors (move it there with .cpu())")
+        value = value.detach()
+        if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32,
+                                                             torch.float64):
+            value = value.float()  # bfloat16, float8: NumPy cannot read them; exact in float32
     try:
-        if is_tensor:
-            value = value.detach()
-            if value.dtype == torch.bfloat16:  # NumPy cannot read it
-                try:  # reinterpret its bits: no conversion, no copy when contiguous
-                    bfloat16 = resolve_dtype("bfloat16")
-                    value = value.contiguous().view(torch.int16).numpy().view(bfloat16)
-                except TypeError:  # no ml_dtypes: widen to float32, which is exact
-                    value = value.float()
         return np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+        what = f" (a torch tensor of dtype {value.dtype})" if is_tensor else ""
+        raise ValueError(f"{name}{what} cannot be converted to an array: {exc}") from None
 
 
 def _xavier_uniform(rng, shape, dtype):
@@ -251,10 +248,10 @@ class MultiHeadAttention:
 
     def load_state_dict(self, state_dict, strict=True):
         """Load parameters saved by state_dict() here or by torch: NumPy
-        arrays, or CPU torch tensors of any float dtype, bfloat16 included.
-        They take the layer's dtype (float32 or float64, as the inputs do):
-        float16 and bfloat16 widen exactly, float64 rounds into a float32
-        layer.  strict=False ignores missing and unexpected keys; shapes are
+        arrays, or CPU torch tensors of any float dtype, bfloat16 and float8
+        included.  They take the layer's dtype (float32 or float64, as the
+        inputs do): float16, bfloat16 and float8 widen exactly, float64 rounds
+        into a float32 layer.  strict=False ignores missing and unexpected keys; shapes are
         always checked."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of parameter names to arrays, "

@@ -1,12 +1,11 @@
 """The command line of pyattn.bench: ``python -m pyattn.bench`` and
 ``python -m pyattn bench`` (the argparse validators are pyattn._cli's)."""
 import argparse
-import os
 import sys
 from datetime import datetime, timezone
 
 from pyattn import _attention
-from pyattn._cli import int_range, output_file, plot_file
+from pyattn._cli import int_range, output_file, plot_file, same_file
 from pyattn._validation import MAX_THREADS
 from pyattn.bench.cases import (
     CASES,
@@ -165,7 +164,7 @@ def _check_args(parser, args):
                          f"{', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(PEERS)}, or none alone")
     # both would be written, the second over the first
-    if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):
+    if args.json and args.plot and same_file(args.json, args.plot):
         parser.error("argument --json: the same file as --plot")
     return names, peer_names
 

@@ -1151,11 +1151,3 @@ def test_out_with_elements_sharing_memory_is_value_error():
     transposed = np.zeros(q.shape[::-1], np.float32).transpose(3, 2, 1, 0)  # fine
     pyattn.scaled_dot_product_attention(q, q, q, out=transposed)
     np.testing.assert_array_equal(transposed, pyattn.scaled_dot_product_attention(q, q, q))
-
-
-def test_merge_parts_of_different_shapes_name_the_argument():
-    with pytest.raises(ValueError, match=r"outputs must be parts of one shape; got shapes "
-                                         r"\[\(2, 3\), \(3, 3\)\]"):
-        pyattn.merge_attention([np.ones((2, 3)), np.ones((3, 3))], [np.ones(2), np.ones(3)])
-    with pytest.raises(ValueError, match="merge_attention needs at least one part; got 0"):
-        pyattn.merge_attention([], [])

@@ -323,6 +323,13 @@ def test_bad_dtype_is_a_type_error_naming_dtype(dtype):
         pyattn.KVCache(1, 1, 1, dtype=dtype)
 
 
+def test_non_native_dtype_is_named_with_its_byte_order():
+    # '>f4' is float32 by name: the message said "got float32"
+    with pytest.raises(TypeError, match=r"^dtype must be in native byte order, got >f4 \(use "
+                                        r"float32\)"):
+        pyattn.KVCache(1, 1, 1, dtype=">f4")
+
+
 def _kv(shape_k, shape_v=None, dtype=np.float32):
     return np.zeros(shape_k, dtype), np.zeros(shape_v or shape_k, dtype)
 
@@ -347,6 +354,8 @@ def _kv(shape_k, shape_v=None, dtype=np.float32):
     (_kv((2, 2, 3, 4)), dict(lengths=1), ValueError, "lengths"),
     (_kv((2, 2, 3, 4)), dict(lengths=[1.0, 1.0]), ValueError, "lengths"),
     (_kv((2, 2, 3, 4)), dict(lengths=[True, False]), ValueError, "lengths"),
+    (_kv((2, 2, 3, 4)), dict(lengths=[[1], [1, 2]]), ValueError,
+     "lengths cannot be converted"),  # ragged: NumPy's message named no argument
 ])
 def test_bad_append_arguments(args, kwargs, exc, match, rng, helpers):
     cache, k, v = filled(rng, helpers, [3, 1], hkv=2, E=4)
@@ -363,11 +372,20 @@ def test_bad_append_arguments(args, kwargs, exc, match, rng, helpers):
     (1.5, "n must be", TypeError),
     ("1", "n must be", TypeError),
     (None, "n must be", TypeError),
+    ([[1], [1, 2]], "n cannot be converted", ValueError),
+    (-2**70, "non-negative", ValueError),  # an int beyond int64 is still an int
 ])
 def test_bad_truncate_arguments(n, match, error, rng, helpers):
     cache, k, v = filled(rng, helpers, [3, 2], hkv=1, E=2)
     with pytest.raises(error, match=match):
         cache.truncate(n)
+    assert_holds(cache, k, v, [3, 2])
+
+
+@pytest.mark.parametrize("n", [2**70, np.uint64(2**64 - 1)], ids=repr)
+def test_truncate_beyond_int64_keeps_every_position(n, rng, helpers):
+    cache, k, v = filled(rng, helpers, [3, 2], hkv=1, E=2)
+    cache.truncate(n)
     assert_holds(cache, k, v, [3, 2])
 
 

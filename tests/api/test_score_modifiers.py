@@ -551,10 +551,11 @@ def test_merge_attention_single_part_and_empty_rows():
 
 @pytest.mark.parametrize("outputs, lses, exc, match", [
     ([np.zeros((2, 4, 3))], [np.zeros((2, 5))], ValueError, "lses"),
-    ([np.zeros((2, 4, 3)), np.zeros((2, 5, 3))], [np.zeros((2, 4))] * 2, ValueError, None),
+    ([np.zeros((2, 4, 3)), np.zeros((2, 5, 3))], [np.zeros((2, 4))] * 2, ValueError,
+     r"outputs must be parts of one shape; got shapes \[\(2, 4, 3\), \(2, 5, 3\)\]"),
     ([np.zeros((2, 4, 3))], [np.zeros((2, 4), np.float32)], TypeError, "dtype"),
     ([np.zeros((2, 4, 3), np.float32)], [np.zeros((2, 4))], TypeError, "dtype"),
-    ([], [], ValueError, None),
+    ([], [], ValueError, "at least one"),
     (np.zeros((0, 2, 4, 3)), np.zeros((0, 2, 4)), ValueError, "at least one"),
     ([np.zeros((2, 4, 3), np.int64)], [np.zeros((2, 4), np.int64)], TypeError, "outputs"),
     (np.zeros((4, 3)), np.zeros((4,)), ValueError, "outputs"),
@@ -655,6 +656,11 @@ ERRORS = {
     "q_lengths_shape": (dict(q_lengths=[1, 2, 3]), ValueError, "q_lengths"),
     "kv_lengths_shape": (dict(kv_lengths=np.ones((2, 2), int)), ValueError, "kv_lengths"),
     "return_lse_not_bool": (dict(return_lse=1), TypeError, "return_lse"),
+    # ragged nested lists: NumPy's own message names no argument
+    "alibi_ragged": (dict(alibi_slopes=[[1.0], [1.0, 2.0], 3.0]), ValueError, "alibi_slopes"),
+    "sinks_ragged": (dict(sinks=[[0.0], [0.0, 1.0], 0.0]), ValueError, "sinks"),
+    "q_lengths_ragged": (dict(q_lengths=[[1], [1, 2]]), ValueError, "q_lengths"),
+    "kv_lengths_ragged": (dict(kv_lengths=[[1], [1, 2]]), ValueError, "kv_lengths"),
 }
 
 

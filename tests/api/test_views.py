@@ -73,7 +73,7 @@ def test_reference_computes_each_distinct_batch_item_once(rng, helpers):
     helpers.assert_close(got, np.broadcast_to(one, got.shape), np.float32)
 
 
-@pytest.mark.parametrize("case", ["plain", "lse", "weights", "lengths"])
+@pytest.mark.parametrize("case", ["plain", "lse", "weights", "lengths", "heads-as-rows"])
 def test_launches_split_by_batch_agree_with_the_reference(case, rng, monkeypatch):
     """Batches beyond BATCH_CHUNK items run as several launches, each with its
     slice of offsets, lengths, logsumexp and weights; made small here so that
@@ -85,7 +85,12 @@ def test_launches_split_by_batch_agree_with_the_reference(case, rng, monkeypatch
     kw = {"lse": dict(return_lse=True, alignment="lower_right"),
           "lengths": dict(q_lengths=rng.integers(0, 6, (3, 1)), kv_lengths=rng.integers(0, 8, 5),
                           alignment="lower_right", return_lse=True),
+          # one query row per head, 4 per key/value head: the heads run as rows
+          "heads-as-rows": dict(enable_gqa=True, return_lse=True, is_causal=True,
+                                alignment="lower_right", kv_lengths=rng.integers(1, 8, (3, 5))),
           }.get(case, {})
+    if case == "heads-as-rows":
+        q = randn(rng, (3, 5, 8, 1, 8))
     problems = []
     _attention.record_problems(problems)
     try:
@@ -96,6 +101,8 @@ def test_launches_split_by_batch_agree_with_the_reference(case, rng, monkeypatch
     finally:
         _attention.record_problems(None)
     assert [p[0] for p in problems] == [4, 4, 4, 3]
+    if case == "heads-as-rows":  # (heads, rows) of each launch
+        assert {p[1:3] for p in problems} == {(2, 4)}
     expected = ref.scaled_dot_product_attention(q, k, v, **kw)
     if case == "weights":
         scores = np.einsum("...le,...se->...ls", q, k) / np.sqrt(8)

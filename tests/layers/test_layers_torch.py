@@ -394,6 +394,27 @@ def test_load_state_dict_takes_torch_tensors_of_every_float_dtype(tensor_dtype, 
             got, params[key].detach().double().numpy().astype(layer_dtype), err_msg=key)
 
 
+@pytest.mark.parametrize("tensor_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_float8_tensors_load_exactly(tensor_dtype):
+    """NumPy cannot read float8 tensors: they widen to float32 in torch,
+    exactly, as bfloat16 does."""
+    sd = {k: v.to(tensor_dtype) for k, v in torch_module(8, 2, True, None, None, True,
+                                                         np.float32).state_dict().items()}
+    pm = pyattn.MultiHeadAttention(8, 2, rng=0)
+    pm.load_state_dict(sd)
+    for key, got in pm.state_dict().items():
+        np.testing.assert_array_equal(got, sd[key].float().numpy(), err_msg=key)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_unreadable_tensor_names_its_key_and_dtype():
+    sd = pyattn.MultiHeadAttention(8, 2, rng=0).state_dict()
+    sd["out_proj.bias"] = torch.zeros(8, dtype=torch.complex32)  # NumPy has no complex32
+    with pytest.raises(ValueError, match=r"^state_dict\['out_proj.bias'\] \(a torch tensor of "
+                                         r"dtype torch.complex32\) cannot be converted"):
+        pyattn.MultiHeadAttention(8, 2, rng=0).load_state_dict(sd)
+
+
 def test_bfloat16_tensors_load_without_ml_dtypes(monkeypatch):
     """Without ml_dtypes NumPy has no bfloat16: the tensors widen to float32
     in torch (exact), with the same result."""

@@ -36,6 +36,7 @@ COMMANDS = {  # -> (arguments before the options, prog in the error line)
 # Made in the children's working directory by the `runs` fixture.
 FILE, FOLDER, LOCKED = "file.txt", "folder", "locked"
 PNG_FOLDER = "plotdir"  # a folder called plotdir.png: what --plot plotdir would write
+LINKED = ("data.json", "data.png")  # one file under two names (a hard link)
 
 # command, its options, text the error line must contain (the argument), and
 # whether the child runs with matplotlib hidden
@@ -83,6 +84,14 @@ BAD = {
     "bench-json-folder-name": Bad(BENCH, ["--json", "new/"], "--json"),
     "bench-json-empty": Bad(BENCH, ["--json", ""], "--json"),
     "bench-json-same-as-plot": Bad(BENCH, ["--json", "t.png", "--plot", "./t.png"], "--json"),
+    "bench-json-same-as-plot-no-extension": Bad(BENCH, ["--json", "t.png", "--plot", "t"],
+                                                "--json"),
+    "bench-json-hard-link-of-plot": Bad(BENCH, ["--json", LINKED[0], "--plot", LINKED[1]],
+                                        "--json"),
+    # names beyond the file system's 255 bytes (--plot's with the .png it adds)
+    "bench-json-name-too-long": Bad(BENCH, ["--json", "j" * 300], "--json"),
+    "bench-plot-name-too-long": Bad(BENCH, ["--plot", "p" * 252], "--plot"),
+    "demo-plot-name-too-long": Bad(DEMO, ["--plot", "p" * 300 + ".png"], "--plot"),
     "bench-plot-missing-folder": Bad(BENCH, ["--plot", "/nonexistent/dir/t.png"], "--plot"),
     "bench-plot-no-matplotlib": Bad(BENCH, ["--plot", "t.png"], "--plot", True),
     # the rest
@@ -116,6 +125,8 @@ def runs(helpers, tmp_path_factory):
     (cwd / FILE).write_text("")
     (cwd / FOLDER).mkdir()
     (cwd / (PNG_FOLDER + ".png")).mkdir()
+    (cwd / LINKED[0]).write_text("")
+    os.link(cwd / LINKED[0], cwd / LINKED[1])
     (cwd / LOCKED).mkdir(mode=0o555)
     # a matplotlib that fails to import, first on the path
     hidden = tmp_path_factory.mktemp("no_matplotlib")
@@ -190,9 +201,19 @@ def test_valid_bench_arguments_still_parse(args, names, peers, tmp_path, monkeyp
 
 def test_unwritable_path_is_refused(tmp_path, monkeypatch):
     """The permission branch, in this process (as root no folder is unwritable)."""
-    monkeypatch.setattr(_cli.os, "access", lambda path, mode: False)
-    with pytest.raises(argparse.ArgumentTypeError, match="cannot write to .*permission denied"):
+    def refuse(path, mode):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(_cli, "open", refuse, raising=False)
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot write to .*: Permission denied"):
         _cli.output_file(str(tmp_path / "x.json"))
+
+
+def test_output_check_leaves_no_file_and_changes_none(tmp_path):
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    old.write_text("kept")
+    assert _cli.output_file(str(new)) == str(new) and not new.exists()
+    assert _cli.output_file(str(old)) == str(old) and old.read_text() == "kept"
 
 
 def test_latency_suite_runs(helpers, tmp_path):
