@@ -3,6 +3,8 @@
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "cpu_avx512.h"
 #define ISA amx
 #define VBYTES 64
 #define BF16_UNIT BF16_UNIT_AMX
@@ -27,12 +29,8 @@
 static int cpu_supports(void)
 {
     static int granted = -1; /* asked once; every later call answers the same */
-    __builtin_cpu_init();
-    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-tile") &&
-          __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx2") &&
-          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+    if (!(avx512_cpu() && __builtin_cpu_supports("avx512bf16") &&
+          __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16")))
         return 0;
     if (granted < 0)
         granted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;

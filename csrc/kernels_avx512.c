@@ -12,14 +12,6 @@
 #define F64_BLOCK_M 128
 #define F64_BLOCK_N 128
 
-/* The target above, asked of CPUID (libgcc's checks include the OS's XSAVE
- * support for the wider register state). */
-static int cpu_supports(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-}
+#include "cpu_avx512.h"
+static int cpu_supports(void) { return avx512_cpu(); }
 #include "kernel_set.h"

@@ -19,12 +19,9 @@
 #define BF16_BLOCK_M 256
 #define BF16_BLOCK_N 128
 
+#include "cpu_avx512.h"
 static int cpu_supports(void)
 {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return avx512_cpu() && __builtin_cpu_supports("avx512bf16");
 }
 #include "kernel_set.h"
