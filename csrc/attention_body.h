@@ -367,8 +367,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
     pyattn_scratch_header *tag = scratch;
     if (nrows < DIRECT_BELOW && !blk->weights) {
         /* Q as REAL rows, unscaled: the scores are scaled as computed. */
-        for (int64_t r = 0; r < nrows; r++)
-            FN(load_row)(q + (row0 + r) * p->q_row, p->q_col, p->E, w.q_real + r * p->E);
+        FN(load_q_rows)(p, q, row0, nrows, w.q_real);
         if (p->k_col != 1 || p->v_col != 1)
             tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
         FN(attend_direct)(p, k, v, mask, blk, w.q_real, w.kt_panel, w.v_panel, w.scores, w.acc,

@@ -84,7 +84,7 @@ static REAL FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, in
                        int64_t rows_pad, REAL *dst)
 {
     const int64_t E = p->E;
-    for (int64_t r = 0; r < nrows; r++) FN(load_row)(q + (row0 + r) * p->q_row, p->q_col, E, dst + r * E);
+    FN(load_q_rows)(p, q, row0, nrows, dst);
     memset(dst + nrows * E, 0, sizeof(REAL) * (size_t)((rows_pad - nrows) * E));
     return 1;
 }

@@ -229,3 +229,11 @@ static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REA
     for (; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
 }
 
+/* Q rows [row0, row0 + nrows) of the problem as REAL, unscaled, E apart. */
+static inline void FN(load_q_rows)(const pyattn_problem *p, const STORE *q, int64_t row0,
+                                   int64_t nrows, REAL *dst)
+{
+    for (int64_t r = 0; r < nrows; r++)
+        FN(load_row)(q + (row0 + r) * p->q_row, p->q_col, p->E, dst + r * p->E);
+}
+
