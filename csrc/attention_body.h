@@ -50,6 +50,10 @@
 #include "products_exact.h"
 #endif
 
+/* A block that is not whole micro-tiles overruns its scratch (MR = 12 with
+ * BLOCK_M = 256 corrupts the heap): refuse such a block-size table. */
+_Static_assert(BLOCK_M % MR == 0, "BLOCK_M must be a multiple of MR");
+_Static_assert(BLOCK_N % NR == 0, "BLOCK_N must be a multiple of NV vectors");
 
 /*
  * Scratch layout, per thread.  The K^T and V panels hold every key tile of one

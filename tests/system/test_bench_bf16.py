@@ -184,6 +184,10 @@ def test_peer_bf16_products_are_bfloat16(peer_name):
         *(x.astype(np.float64) for x in (q, k, v)))
     with peer.prepared(case, q, k, v, threads=1) as (call, to_bhld):
         err = np.max(np.abs(np.asarray(to_bhld(call()), np.float64) - exact))
+    if peer_name == "torch" and err < 1e-5 and "amx" not in pyattn.config()["usable_kernels"]:
+        # Seen on an AMD EPYC Zen 4: oneDNN rounds to bfloat16 only on AMX.
+        pytest.skip(f"torch ignores fp32_precision='bf16' without AMX (error {err:.1e} is "
+                    "float32's): its precision=bf16 figures here are exact float32")
     assert 1e-5 < err < cases.PEER_TOLERANCE["bfloat16"]["atol"], err
 
 
