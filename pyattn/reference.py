@@ -19,7 +19,8 @@ from ._validation import (
     prepare_out,
 )
 
-__all__ = ["scaled_dot_product_attention", "softmax"]
+__all__ = ["dequantize_int8", "quantize_int8", "scaled_dot_product_attention",
+           "softmax"]
 
 
 def softmax(scores, axis=-1, sink=None):
@@ -132,3 +133,50 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         return result
     lse_out[...] = lse
     return result, lse_out.reshape(prob.out_shape[:-1])
+
+
+def quantize_int8(x, group_size=32):
+    """The int8 KV format of docs/kv-cache.md, in NumPy: the oracle the
+    compiled quantizer is to be tested against.  Splits the last axis of `x`
+    into groups of `group_size` channels; returns (int8 data shaped like `x`,
+    float16 scales shaped (..., D // group_size))."""
+    x = np.asarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    if group_size not in (32, 64, d) or d % group_size:
+        raise ValueError(f"group_size must be 32, 64 or D={d} and divide D, "
+                         f"got {group_size}")
+    if not np.isfinite(x).all():
+        raise ValueError("x must be finite to be quantized to int8")
+    groups = x.reshape(x.shape[:-1] + (d // group_size, group_size))
+    # one symmetric scale per group: its largest magnitude maps to +-127
+    amax = np.abs(groups).max(axis=-1, initial=0.0)
+    with np.errstate(over="ignore"):  # overflow is the error just below
+        scales = (amax / 127).astype(np.float16)
+    if not np.isfinite(scales).all():
+        raise ValueError("x has a group whose scale overflows float16 "
+                         "(|x| > 65504 * 127)")
+    # divide by the stored (rounded) scale, so dequantizing inverts exactly
+    # what was rounded; a zero scale (all-zero or tiny group) stores zeros
+    s32 = scales.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s32 > 0, groups / s32, 0.0)
+    # round half to even, then clip: a scale rounded down can push one
+    # element just past 127
+    q = np.clip(np.rint(q), -127, 127).astype(np.int8)
+    return q.reshape(x.shape), scales
+
+
+def dequantize_int8(q, scales):
+    """float32 values of int8 data `q` with per-group float16 `scales`
+    (as quantize_int8 returns them): what the decode kernel computes."""
+    q = np.asarray(q)
+    scales = np.asarray(scales)
+    if q.dtype != np.int8 or scales.dtype != np.float16:
+        raise TypeError(f"q must be int8 and scales float16, got {q.dtype} "
+                        f"and {scales.dtype}")
+    if q.shape[:-1] != scales.shape[:-1] or scales.shape[-1] == 0 \
+            or q.shape[-1] % scales.shape[-1]:
+        raise ValueError(f"scales shape {scales.shape} does not split q shape "
+                         f"{q.shape} into equal groups")
+    groups = q.reshape(scales.shape + (-1,)).astype(np.float32)
+    return (groups * scales.astype(np.float32)[..., None]).reshape(q.shape)
