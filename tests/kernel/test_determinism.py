@@ -239,6 +239,7 @@ def test_split_target_changes_chunking_not_the_answer(target, rng, monkeypatch):
 DIGEST_CHILD = textwrap.dedent("""
     import hashlib, json
     import numpy as np
+    import threadpoolctl
     import pyattn
     from pyattn import functional
 
@@ -258,7 +259,10 @@ DIGEST_CHILD = textwrap.dedent("""
                 h.update(out.tobytes() + w.tobytes())
         mha = pyattn.MultiHeadAttention(64, 4, rng=0)
         x = rng.standard_normal((2, 50, 64)).astype(np.float32)
-        out, w = mha(x, x, x)
+        # The projections are NumPy's BLAS, whose sums follow its own thread
+        # count (OpenBLAS reads OMP_NUM_THREADS too): one BLAS thread everywhere.
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            out, w = mha(x, x, x)
         h.update(out.tobytes() + w.tobytes())
         return h.hexdigest()
 
