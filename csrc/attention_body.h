@@ -254,17 +254,42 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
     }
 }
 
-/* Scores of one key tile for the block's rows [*r_begin, *r_end), finished
- * (see finish_row) in w->scores; *vp points at the tile's packed V.  The rows
- * are whole MR groups: groups whose windows miss the tile are left out
- * (causality hides the tile from early rows, a sliding window from late ones).
- * Returns 0 when no row sees the tile. */
+/* The columns [*c0, *c1) of the tile [j0, j0 + nb) that rows [r, r + n) of
+ * the block can see, widened to whole RANGE_COLS (and never past the padded
+ * tile); 0 when they see none of it. */
+static int FN(group_columns)(const pyattn_problem *p, const pyattn_block *blk, int64_t r,
+                             int64_t n, int64_t j0, int64_t nb, int64_t *c0, int64_t *c1)
+{
+    const int64_t cols_pad = FN(round_up)(nb, NR);
+    /* The first row sees the lowest keys, the last one the highest. */
+    const int64_t lo = FN(row_lo)(p, blk, blk->row0 + r) - j0;
+    const int64_t hi = FN(row_hi)(p, blk, blk->row0 + r + n - 1) - j0;
+    if (hi <= 0 || lo >= nb) return 0;
+    *c0 = lo > 0 ? lo / RANGE_COLS * RANGE_COLS : 0;
+    *c1 = hi < nb ? FN(round_up)(hi, RANGE_COLS) : cols_pad;
+    if (*c1 > cols_pad) *c1 = cols_pad;
+    return 1;
+}
+
+/* A row group of one key tile and the columns it computes (c0 == c1: none). */
+typedef struct {
+    int64_t r, n, c0, c1;
+} FN(group);
+
+#define MAX_GROUPS ((BLOCK_M + RANGE_ROWS - 1) / RANGE_ROWS)
+
+/* Scores of one key tile for the block's rows, finished (see finish_row) in
+ * w->scores, group by group: groups[0 .. return value) say which rows and
+ * columns hold them (whole MR groups; groups whose windows miss the tile are
+ * left out: causality hides the tile from early rows, a sliding window from
+ * late ones).  *vp points at the tile's packed V.  Column offsets are in the
+ * exact products' panel layout; the bfloat16 products' RANGE_COLS is a whole
+ * tile, so their offsets are always 0. */
 static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE *v,
                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
                            const FN(workspace) *w, int64_t j0, int64_t nb, const PANEL **vp,
-                           int64_t *r_begin, int64_t *r_end)
+                           FN(group) *groups)
 {
-    const int64_t cols_pad = FN(round_up)(nb, NR);
     const int64_t row0 = blk->row0, nrows = blk->nrows;
     /* Rows r see the tile iff row_hi(r) > j0 and row_lo(r) < j0 + nb. */
     int64_t first = 0, last = nrows;
@@ -273,7 +298,6 @@ static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE 
     first = first > 0 ? first / MR * MR : 0;
     last = last < nrows ? FN(round_up)(last, MR) : rows_pad;
     if (last <= first) return 0;
-    *r_begin = first, *r_end = last;
 
     const PANEL *kt = w->kt_panel;
     *vp = w->v_panel;
@@ -283,12 +307,21 @@ static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE 
     } else {
         FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
     }
-    FN(score_product)(p, last - first, cols_pad, w->q_block + first * FN(q_width)(p->E), kt,
-                      w->scale_left, w->scores + first * BLOCK_N);
-    for (int64_t r = first; r < last && r < nrows; r++)
-        if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
-            FN(finish_row)(p, blk, mask, w->scores + r * BLOCK_N, row0 + r, j0, nb, cols_pad);
-    return 1;
+    int count = 0;
+    for (int64_t r = first; r < last; r += RANGE_ROWS) {
+        FN(group) g = {r, last - r < RANGE_ROWS ? last - r : RANGE_ROWS, 0, 0};
+        if (!FN(group_columns)(p, blk, g.r, g.n, j0, nb, &g.c0, &g.c1)) continue;
+        groups[count++] = g;
+        FN(score_product)(p, g.n, g.c1 - g.c0, w->q_block + g.r * FN(q_width)(p->E),
+                          kt + g.c0, w->scale_left, w->scores + g.r * BLOCK_N + g.c0);
+        /* The group's columns are a narrower tile starting at key j0 + c0. */
+        const int64_t keys = (nb < g.c1 ? nb : g.c1) - g.c0;
+        for (int64_t i = g.r; i < g.r + g.n && i < nrows; i++)
+            if (FN(row_needs_finish)(p, blk, row0 + i, j0 + g.c0, keys, g.c1 - g.c0))
+                FN(finish_row)(p, blk, mask, w->scores + i * BLOCK_N + g.c0, row0 + i,
+                               j0 + g.c0, keys, g.c1 - g.c0);
+    }
+    return count;
 }
 
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
@@ -311,17 +344,20 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
     for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const PANEL *vp;
-        int64_t r0, r1;
-        if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
-        REAL *sc = w->scores, *acc = w->acc;
-        for (int64_t r = r0; r < r1 && r < blk->nrows; r++)
-            FN(softmax_step)(sc + r * BLOCK_N, WEIGHTS_ROUNDED ? w->p_block + r * BLOCK_N : NULL,
-                             FN(round_up)(nb, NR), w->row_max + r,
-                             w->row_sum + r, acc + r * evp, evp);
-
-        /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block). */
-        FN(value_product)(r1 - r0, nb, evp, sc + r0 * BLOCK_N, vp, acc + r0 * evp,
-                          w->p_block + r0 * BLOCK_N);
+        FN(group) groups[MAX_GROUPS];
+        const int count = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, groups);
+        for (int gi = 0; gi < count; gi++) {
+            const FN(group) g = groups[gi];
+            REAL *sc = w->scores + g.r * BLOCK_N + g.c0;
+            PANEL *rounded = w->p_block + g.r * BLOCK_N + g.c0;
+            for (int64_t i = 0; i < g.n && g.r + i < blk->nrows; i++)
+                FN(softmax_step)(sc + i * BLOCK_N, WEIGHTS_ROUNDED ? rounded + i * BLOCK_N : NULL,
+                                 g.c1 - g.c0, w->row_max + g.r + i, w->row_sum + g.r + i,
+                                 w->acc + (g.r + i) * evp, evp);
+            /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block). */
+            FN(value_product)(g.n, (nb < g.c1 ? nb : g.c1) - g.c0, evp, sc, vp + g.c0 * evp,
+                              w->acc + g.r * evp, rounded);
+        }
     }
 }
 
@@ -340,17 +376,21 @@ static void FN(add_weights)(const pyattn_problem *p, const STORE *k, const STORE
     for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const PANEL *vp;
-        int64_t r0, r1;
-        if (!FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, &r0, &r1)) continue;
-        for (int64_t r = r0; r < r1 && r < blk->nrows; r++) {
-            if (w->row_sum[r] == 0) continue;
-            REAL *s = w->scores + r * BLOCK_N;
-            const VEC shift = FN(vsplat)(w->row_max[r]), log2e = FN(vsplat)(LOG2E);
-            const VEC coef = FN(vsplat)((REAL)(p->w_factor / w->row_sum[r]));
-            for (int64_t c = 0; c < nb; c += LANES)
-                FN(vstore)(s + c, FN(vexp2)((FN(vload)(s + c) - shift) * log2e) * coef);
-            REAL *dst = weights + (blk->row0 + r) * p->w_row + j0;
-            for (int64_t c = 0; c < nb; c++) dst[c] += s[c];
+        FN(group) groups[MAX_GROUPS];
+        const int count = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, groups);
+        for (int gi = 0; gi < count; gi++) {
+            const FN(group) g = groups[gi];
+            const int64_t keys = (nb < g.c1 ? nb : g.c1) - g.c0;
+            for (int64_t r = g.r; r < g.r + g.n && r < blk->nrows; r++) {
+                if (w->row_sum[r] == 0) continue;
+                REAL *s = w->scores + r * BLOCK_N + g.c0;
+                const VEC shift = FN(vsplat)(w->row_max[r]), log2e = FN(vsplat)(LOG2E);
+                const VEC coef = FN(vsplat)((REAL)(p->w_factor / w->row_sum[r]));
+                for (int64_t c = 0; c < keys; c += LANES)
+                    FN(vstore)(s + c, FN(vexp2)((FN(vload)(s + c) - shift) * log2e) * coef);
+                REAL *dst = weights + (blk->row0 + r) * p->w_row + j0 + g.c0;
+                for (int64_t c = 0; c < keys; c++) dst[c] += s[c];
+            }
         }
     }
 }
@@ -422,6 +462,9 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 }
 
 #undef PANEL
+#undef MAX_GROUPS
+#undef RANGE_ROWS
+#undef RANGE_COLS
 #undef DIRECT_BELOW
 #undef WEIGHTS_ROUNDED
 #undef STORE

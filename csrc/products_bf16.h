@@ -28,6 +28,9 @@
 #define PANEL uint16_t
 #define DIRECT_BELOW 8 /* as the float32 micro-tile: decode rows stay exact */
 #define WEIGHTS_ROUNDED 1
+/* Whole tiles: the pair-packed panels and the AMX tiles take a key tile whole. */
+#define RANGE_ROWS BLOCK_M
+#define RANGE_COLS BLOCK_N
 #if BF16_UNIT == BF16_UNIT_AMX
 #define K_STEP 32 /* bf16 per tile row: the summed dimension goes in steps of 32 */
 #else

@@ -16,10 +16,17 @@
  *   score_product    scores = scale * Q K^T for whole MR x NR micro-tiles
  *   value_product    acc += P V, P being the softmax weights in the scores
  *   products_begin/end            per-call set-up of the matrix unit
+ *   RANGE_ROWS, RANGE_COLS        the grain of the products' calls: rows go
+ *                    in groups of RANGE_ROWS, each group computing only the
+ *                    columns its windows can see, in whole RANGE_COLS
  */
 #define PANEL REAL
 #define DIRECT_BELOW MR
 #define WEIGHTS_ROUNDED 0
+/* Each micro-tile row group skips the columns it cannot see (the causal
+ * diagonal's upper triangle, a window's far side). */
+#define RANGE_ROWS MR
+#define RANGE_COLS NR
 
 /* C[MR x NR] += A[MR x K] * B[K x NR] when accumulating, else
  * C = alpha * A * B; rows of A at stride lda, of B at ldb, of C at ldc.  The
