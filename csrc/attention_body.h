@@ -282,9 +282,9 @@ typedef struct {
  * w->scores, group by group: groups[0 .. return value) say which rows and
  * columns hold them (whole MR groups; groups whose windows miss the tile are
  * left out: causality hides the tile from early rows, a sliding window from
- * late ones).  *vp points at the tile's packed V.  Column offsets are in the
- * exact products' panel layout; the bfloat16 products' RANGE_COLS is a whole
- * tile, so their offsets are always 0. */
+ * late ones).  *vp points at the tile's V, packed or in place (see
+ * v_in_place).  Column offsets are in the exact products' panel layout; the
+ * bfloat16 products' RANGE_COLS is a whole tile, so their offsets are always 0. */
 static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE *v,
                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
                            const FN(workspace) *w, int64_t j0, int64_t nb, const PANEL **vp,
@@ -307,6 +307,7 @@ static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE 
     } else {
         FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
     }
+    if (FN(v_in_place)(p)) *vp = (const PANEL *)(v + j0 * p->v_row);
     int count = 0;
     for (int64_t r = first; r < last; r += RANGE_ROWS) {
         FN(group) g = {r, last - r < RANGE_ROWS ? last - r : RANGE_ROWS, 0, 0};
@@ -330,6 +331,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
                              pyattn_scratch_header *tag, const FN(workspace) *w)
 {
     const int64_t evp = FN(round_up)(p->Ev, NR);
+    const int64_t ldv = FN(v_in_place)(p) ? p->v_row : evp;
     if (w->whole_head && (tag->k != k || tag->v != v)) {
         for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N) {
             const size_t tile = (size_t)(j0 / BLOCK_N);
@@ -355,7 +357,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
                                  g.c1 - g.c0, w->row_max + g.r + i, w->row_sum + g.r + i,
                                  w->acc + (g.r + i) * evp, evp);
             /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block). */
-            FN(value_product)(g.n, (nb < g.c1 ? nb : g.c1) - g.c0, evp, sc, vp + g.c0 * evp,
+            FN(value_product)(g.n, (nb < g.c1 ? nb : g.c1) - g.c0, evp, sc, vp + g.c0 * ldv, ldv,
                               w->acc + g.r * evp, rounded);
         }
     }

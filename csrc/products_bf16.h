@@ -355,12 +355,21 @@ static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t col
             FN(vstore)(scores + r * BLOCK_N + c, FN(vload)(scores + r * BLOCK_N + c) * scale);
 }
 
-/* acc[rows x evp] += P[rows x nb] V, P the weights softmax_step rounded into
- * p_block (zero past the last key, up to a multiple of NR). */
-static void FN(value_product)(int64_t rows, int64_t nb, int64_t evp, const REAL *scores,
-                              const uint16_t *vp, REAL *acc, const uint16_t *p_block)
+/* V is always packed: its pairs of key rows are interleaved. */
+static inline int FN(v_in_place)(const pyattn_problem *p)
 {
-    (void)scores;
+    (void)p;
+    return 0;
+}
+
+/* acc[rows x evp] += P[rows x nb] V, P the weights softmax_step rounded into
+ * p_block (zero past the last key, up to a multiple of NR); V packed (ldv is
+ * the exact products' and unused here). */
+static void FN(value_product)(int64_t rows, int64_t nb, int64_t evp, const REAL *scores,
+                              const uint16_t *vp, int64_t ldv, REAL *acc,
+                              const uint16_t *p_block)
+{
+    (void)scores, (void)ldv;
     const int64_t keys = FN(round_up)(nb, K_STEP);
     FN(bf16_gemm)(rows, evp, keys, p_block, BLOCK_N, (const uint32_t *)vp, evp, acc, evp, 1);
 }

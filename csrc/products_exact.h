@@ -13,6 +13,8 @@
  *   store_weights    one vector of weights, where the products read them
  *   pack_q, pack_tile             the packing (pack_q returns the factor
  *                    of `scale` it folded into Q)
+ *   v_in_place       whether value_product reads V rows where they lie (at
+ *                    the row stride v_row) instead of a packed copy
  *   score_product    scores = scale * Q K^T for whole MR x NR micro-tiles
  *   value_product    acc += P V, P being the softmax weights in the scores
  *   products_begin/end            per-call set-up of the matrix unit
@@ -96,8 +98,16 @@ static REAL FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, in
     return 1;
 }
 
-/* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and V
- * (nb x evp, zero columns past Ev). */
+/* Value rows of REAL whose elements are contiguous and fill whole NR
+ * vectors: the packed copy would hold the same numbers, so the products read
+ * them in place (for few query rows the copy cost as much as the products). */
+static inline int FN(v_in_place)(const pyattn_problem *p)
+{
+    return STORE_KIND == STORE_KIND_NATIVE && p->v_col == 1 && p->Ev % NR == 0;
+}
+
+/* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and,
+ * unless read in place, V (nb x evp, zero columns past Ev). */
 static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
                           int64_t j0, int64_t nb, REAL *kt, REAL *vp)
 {
@@ -123,6 +133,7 @@ static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *
             dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
         for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
     }
+    if (FN(v_in_place)(p)) return;
     for (int64_t c = 0; c < nb; c++) {
         FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vp + c * evp);
         for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
@@ -137,12 +148,13 @@ static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t col
     FN(tile_gemm)(rows, cols, p->E, q, p->E, kt, BLOCK_N, scores, BLOCK_N, 0, scale_left);
 }
 
-/* acc[rows x evp] += P[rows x nb] V (P in the scores, row stride BLOCK_N). */
+/* acc[rows x evp] += P[rows x nb] V (P in the scores, row stride BLOCK_N;
+ * V's rows at stride ldv). */
 static void FN(value_product)(int64_t rows, int64_t nb, int64_t evp, const REAL *scores,
-                              const REAL *vp, REAL *acc, const PANEL *p_block)
+                              const REAL *vp, int64_t ldv, REAL *acc, const PANEL *p_block)
 {
     (void)p_block;
-    FN(tile_gemm)(rows, evp, nb, scores, BLOCK_N, vp, evp, acc, evp, 1, 1);
+    FN(tile_gemm)(rows, evp, nb, scores, BLOCK_N, vp, ldv, acc, evp, 1, 1);
 }
 
 static inline void FN(products_begin)(void) {}
