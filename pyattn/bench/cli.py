@@ -71,13 +71,16 @@ def build_parser(prog=None):
                   "  a peer that does not import is reported as absent; one that cannot run "
                   "a case shows n/a"),
     )
-    p.add_argument("--suite", choices=sorted(SUITES), default=None,
+    p.add_argument("--suite", choices=sorted([*SUITES, MODEL_SUITE]), default=None,
                    help=f"named set of cases (default: {DEFAULT_SUITE}; "
                         f"quick = {', '.join(SUITES['quick'])}; full = quick's, the prefill "
                         "sweep and vit; latency = per-token calls, timed interleaved with the "
                         "peers, in µs with their spread; bf16 = bfloat16 products (bfloat16 "
                         "inputs, and float32 with precision=bf16) against pyattn's float32 and "
-                        "the peers' bfloat16, timed interleaved; the list is below)")
+                        "the peers' bfloat16, timed interleaved; the list is below; "
+                        f"{MODEL_SUITE} = instead of the cases, HuggingFace models' forwards "
+                        "and generate() with attn_implementation pyattn against sdpa, "
+                        "interleaved (needs torch and transformers))")
     p.add_argument("--cases", default=None,
                    help="comma-separated case names (overrides --suite)")
     # pyattn refuses more than MAX_THREADS, but only when the first case runs
@@ -135,11 +138,21 @@ def _split(text):
 TABLE_OPTIONS = ("suite", "cases", "repeat", "no_reference", "peers", "no_peers", "plot")
 
 
+# --suite hf: whole models instead of the table (pyattn.bench.hf)
+MODEL_SUITE = "hf"
+
+
 def _check_args(parser, args):
     """The checks argparse cannot make alone; (case names, peer names).
     Every failure is a usage error (exit 2) before anything runs."""
     mode = "--memory" if args.memory else "--layers" if args.layers else None
+    if args.suite == MODEL_SUITE:
+        if mode:
+            parser.error(f"argument {mode}: not allowed with argument --suite {MODEL_SUITE}")
+        mode = f"--suite {MODEL_SUITE}"
     for dest in TABLE_OPTIONS if mode else ():
+        if dest == "suite" and args.suite == MODEL_SUITE:
+            continue
         if getattr(args, dest) not in (None, False):
             parser.error(f"argument --{dest.replace('_', '-')}: not allowed with argument "
                          f"{mode} (it applies to the table only)")
@@ -150,7 +163,7 @@ def _check_args(parser, args):
             parser.error(f"argument --cases: unknown case(s) "
                          f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
     else:
-        names = list(SUITES[args.suite or DEFAULT_SUITE])
+        names = list(SUITES.get(args.suite or DEFAULT_SUITE, ()))  # none for the models
     if args.peers is None:
         default = SUITE_PEERS.get(args.suite, DEFAULT_PEERS) if args.cases is None else PEERS
         peer_names = [] if args.no_peers else list(default)
@@ -178,7 +191,8 @@ def main(argv=None, prog=None):
 
     threads = args.threads if args.threads is not None else _attention.max_threads()
     machine = machine_info()
-    table = not (args.memory or args.layers)
+    models = args.suite == MODEL_SUITE
+    table = not (args.memory or args.layers or models)
     peers = probe_peers(peer_names) if table else {}
     bf16 = table and any(CASES[n].bf16_products for n in names)
     print(header(machine, threads, peers if table else None, bf16_products=bf16), flush=True)
@@ -201,6 +215,13 @@ def main(argv=None, prog=None):
         report["layers"] = run_layers(threads)
         print(format_layers(report["layers"]))
         status = int(not all(e["matches"] for r in report["layers"] for e in r["impls"].values()))
+    elif models:
+        from pyattn.bench.hf import format_hf, run_hf
+        report["hf"] = run_hf(threads)
+        print(format_hf(report["hf"]))
+        # no torch or transformers: a message, not a failure
+        status = int(not isinstance(report["hf"], str)
+                     and not all(r["matches"] for r in report["hf"]))
     else:
         status = _run_tables(args, names, peers, threads, machine, report)
 

@@ -78,6 +78,8 @@ BAD = {
     "bench-memory-and-plot": Bad(BENCH, ["--memory", "--plot", "t.png"], "--plot"),
     "bench-layers-and-repeat": Bad(BENCH, ["--layers", "--repeat", "2"], "--repeat"),
     "bench-layers-and-no-peers": Bad(BENCH, ["--layers", "--no-peers"], "--no-peers"),
+    "bench-models-and-cases": Bad(BENCH, ["--suite", "hf", "--cases", "bert"], "--cases"),
+    "bench-models-and-layers": Bad(BENCH, ["--suite", "hf", "--layers"], "--layers"),
     # output paths: refused before the run, not at its end
     "bench-json-missing-folder": Bad(BENCH, ["--json", "/nonexistent/dir/x.json"], "--json"),
     "bench-json-is-folder": Bad(BENCH, ["--json", FOLDER], "--json"),
@@ -189,6 +191,7 @@ def test_bench_help(helpers, tmp_path):
     # --memory and --layers run no table: neither list is used
     (["--memory", "--threads", "2", "--json", "m.json"], None, None),
     (["--layers", "--json", "l.json"], None, None),
+    (["--suite", "hf", "--threads", "1"], None, None),
 ])
 def test_valid_bench_arguments_still_parse(args, names, peers, tmp_path, monkeypatch):
     """In this process, without running anything: what main() would run."""
