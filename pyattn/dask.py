@@ -6,18 +6,18 @@ imports dask.
 """
 
 import itertools
+import warnings
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.array import PerformanceWarning
 
+from ._validation import compute_dtype
 from .functional import merge_attention
 from .functional import scaled_dot_product_attention as _sdpa
 
 __all__ = ["scaled_dot_product_attention"]
-
-_UNSUPPORTED = ("attn_mask", "alibi_slopes", "q_lengths", "kv_lengths")
-
 
 def _worker_threads():
     """The worker's thread count inside a dask worker, else None (OpenMP's
@@ -29,45 +29,77 @@ def _worker_threads():
         return None
 
 
-def _visible(rows, keys, diag_shift, window, is_causal):
-    """Boolean (len(rows), len(keys)): key c is visible from global row r.
-    Row r's diagonal key is r + diag_shift."""
-    d = rows[:, None] + diag_shift
-    c = keys[None, :]
-    ok = np.ones((rows.size, keys.size), dtype=bool)
+def _sides(window, is_causal):
+    """(left, right) keys around the diagonal, None for an open side."""
     left, right = window if window is not None else (None, None)
     if is_causal:
         right = 0 if right is None else min(right, 0)
-    if left is not None:
-        ok &= c >= d - left
-    if right is not None:
-        ok &= c <= d + right
-    return ok
+    return left, right
 
 
-def _any_visible(rows, keys, diag_shift, window, is_causal):
-    """Whether any row of [rows) sees any key of [keys), from the bounds
-    alone: row r's visible keys are one interval that moves by one per row."""
-    left, right = window if window is not None else (None, None)
-    if is_causal:
-        right = 0 if right is None else min(right, 0)
+def _live(rows, keys, diag, q_len, kv_len, window, is_causal):
+    """Whether any sequence of a batch chunk has a query of [rows) that sees
+    a key of [keys), from the bounds alone: row r's visible keys are one
+    interval around its diagonal r + diag[b] that moves by one per row."""
+    left, right = _sides(window, is_causal)
     if left is not None and right is not None and left + right < 0:
         return False
-    lo = -np.inf if left is None else rows[0] + diag_shift - left
-    hi = np.inf if right is None else rows[1] - 1 + diag_shift + right
-    return hi >= keys[0] and lo <= keys[1] - 1
+    r0, c0 = rows[0], keys[0]
+    r1, c1 = np.minimum(rows[1], q_len), np.minimum(keys[1], kv_len)
+    ok = (r1 > r0) & (c1 > c0)
+    if right is not None:
+        ok &= r1 - 1 + diag + right >= c0
+    if left is not None:
+        ok &= r0 + diag - left <= c1 - 1
+    return bool(ok.any())
 
 
-def _pair(q, k, v, rows, keys, pattern, kw, sinks):
-    """One (query chunk, key chunk) pair: partial output and lse.  A pair
-    that the pattern cuts gets its visibility as a mask; a fully visible one
-    runs unmasked."""
-    mask = None
+def _pair_mask(rows, keys, diag, pattern, alibi, mask, dtype):
+    """The mask of one (query chunk, key chunk) pair in global coordinates,
+    (Bc or 1, Hc or 1, Lc, Sc), or None when every key is visible: the
+    causal/window pattern and ALiBi depend on global offsets, which the
+    kernel cannot be given, so they become a bool mask or an additive float
+    mask (ALiBi's bias, -inf where not visible) joined with attn_mask."""
+    dist = None  # diagonal minus key: d - j
+    if pattern is not None or alibi is not None:
+        dist = (np.arange(*rows)[:, None] - np.arange(*keys)[None, :])[None, None]
+        dist = dist + diag[:, None, None, None]
+    visible = True
     if pattern is not None:
-        mask = _visible(np.arange(*rows), np.arange(*keys), *pattern)
-        if mask.all():
-            mask = None
-    return _sdpa(q, k, v, attn_mask=mask, sinks=sinks, return_lse=True,
+        left, right = _sides(*pattern)
+        if left is not None:
+            visible = dist <= left
+        if right is not None:
+            visible = visible & (dist >= -right)
+    bias = None
+    if alibi is not None:
+        bias = -alibi.astype(dtype)[None, :, None, None] * np.abs(dist).astype(dtype)
+    if mask is not None:
+        if mask.dtype == bool:
+            visible = visible & mask
+        else:
+            bias = mask.astype(dtype) if bias is None else bias + mask
+    if bias is None:
+        return None if np.all(visible) else visible
+    return np.where(visible, bias, -np.inf).astype(dtype, copy=False)
+
+
+def _local_lengths(lengths, start, size):
+    """Global lengths of a batch chunk as lengths within [start, start + size),
+    None when every sequence fills it."""
+    if lengths is None:
+        return None
+    local = np.clip(lengths - start, 0, size)
+    return None if (local == size).all() else local
+
+
+def _pair(q, k, v, mask, rows, keys, spec, kw, sinks):
+    """One (query chunk, key chunk) pair: partial output and lse."""
+    diag, pattern, alibi, q_len, kv_len = spec
+    mask = _pair_mask(rows, keys, diag, pattern, alibi, mask, compute_dtype(q.dtype))
+    return _sdpa(q, k, v, attn_mask=mask, sinks=sinks, alibi_slopes=None, return_lse=True,
+                 q_lengths=_local_lengths(q_len, rows[0], rows[1] - rows[0]),
+                 kv_lengths=_local_lengths(kv_len, keys[0], keys[1] - keys[0]),
                  num_threads=_worker_threads(), **kw)
 
 
@@ -98,29 +130,68 @@ def _bounds(chunks):
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def scaled_dot_product_attention(query, key, value, *, is_causal=False, scale=None,
-                                 enable_gqa=False, alignment="top_left", window=None,
-                                 softcap=None, sinks=None, precision=None, return_lse=False,
-                                 **unsupported):
+def _prepare_mask(attn_mask, q, k):
+    """attn_mask as a 4-D dask array chunked to match: q's chunks along
+    (B, H, L), k's along S, one chunk on a broadcast (length-1) axis."""
+    m = _as_dask(attn_mask, "attn_mask")
+    if m.dtype != bool and m.dtype.kind != "f":
+        raise TypeError(f"attn_mask must be bool or a float dtype; got {m.dtype}")
+    if m.ndim > 4:
+        raise ValueError(f"attn_mask must have at most 4 dimensions; got shape {m.shape}")
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    full = q.shape[:3] + (k.shape[2],)
+    if any(n not in (1, f) for n, f in zip(m.shape, full)):
+        raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (B, Hq, L, S) = "
+                         f"{full}")
+    want = tuple((1,) if n == 1 else c
+                 for n, c in zip(m.shape, q.chunks[:3] + (k.chunks[2],)))
+    if m.chunks != want:
+        warnings.warn(f"attn_mask is rechunked from {m.chunks} to {want}, to match query's "
+                      "(B, H, L) chunks and key's S chunks", PerformanceWarning, stacklevel=3)
+        m = m.rechunk(want)
+    return m
+
+
+def _lengths(lengths, name, batch, limit, limit_name):
+    """Per-sequence lengths as int64 (batch,), or None."""
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+    try:
+        arr = np.broadcast_to(arr, (batch,)).astype(np.int64)
+    except ValueError:
+        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to the batch "
+                         f"({batch},)") from None
+    if arr.size and (arr.min() < 0 or arr.max() > limit):
+        raise ValueError(f"{name} must lie in [0, {limit_name}] = [0, {limit}]; got values "
+                         f"from {arr.min()} to {arr.max()}")
+    return arr
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                                 enable_gqa=False, *, alignment="top_left", window=None,
+                                 alibi_slopes=None, softcap=None, sinks=None, q_lengths=None,
+                                 kv_lengths=None, precision=None, return_lse=False):
     """``pyattn.scaled_dot_product_attention`` on dask arrays (B, H, L, E).
 
     Batch, head and query chunks are independent blocks; every (query chunk,
-    key chunk) pair that the causal or window pattern does not fully mask is
-    one task, and a query chunk's pairs are merged by a fixed binary tree of
-    ``merge_attention`` (bitwise reproducible).  Returns a dask array (and
-    the lse with ``return_lse``), chunked like ``query``.
+    key chunk) pair that the causal or window pattern, or the lengths, do not
+    fully mask is one task, and a query chunk's pairs are merged by a fixed
+    binary tree of ``merge_attention`` (bitwise reproducible).  ``attn_mask``
+    (dask or NumPy, broadcastable to (B, Hq, L, S)) is rechunked, with a
+    PerformanceWarning, unless its chunks match query's (B, H, L) and key's
+    S.  Returns a dask array (and the lse with ``return_lse``), chunked like
+    ``query``.
     """
-    for name in unsupported:
-        if name in _UNSUPPORTED:
-            raise ValueError(f"{name} is not supported by pyattn.dask yet")
-        raise TypeError(f"scaled_dot_product_attention() got an unexpected argument {name!r}")
     q, k, v = (_as_dask(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
     for x, n in ((q, "query"), (k, "key"), (v, "value")):
         if x.ndim != 4:
             raise ValueError(f"{n} must be 4-D (B, H, L, E); got shape {x.shape}")
     if alignment not in ("top_left", "lower_right"):
         raise ValueError(f"alignment must be 'top_left' or 'lower_right'; got {alignment!r}")
-    (_, Hq, L, _), (_, Hkv, S, _) = q.shape, k.shape
+    (B, Hq, L, _), (_, Hkv, S, _) = q.shape, k.shape
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"key and value must agree on (B, H, S); got {k.shape} and {v.shape}")
     if k.chunks[:3] != v.chunks[:3]:
@@ -143,41 +214,67 @@ def scaled_dot_product_attention(query, key, value, *, is_causal=False, scale=No
                          f"multiples of the group size {group}; got {q.chunks[1]}")
     if window is not None and not isinstance(window, tuple):
         window = (window, window)
-    pattern = None
-    if is_causal or window is not None:
-        pattern = (0 if alignment == "top_left" else S - L, window, bool(is_causal))
+    pattern = (window, bool(is_causal)) if is_causal or window is not None else None
+    q_len = _lengths(q_lengths, "q_lengths", B, L, "L")
+    kv_len = _lengths(kv_lengths, "kv_lengths", B, S, "S")
+    # row r's diagonal key is r + diag[b]; lower-right per sequence's lengths
+    diag = np.zeros(B, np.int64)
+    if alignment == "lower_right":
+        diag += (S if kv_len is None else kv_len) - (L if q_len is None else q_len)
+    alibi = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
+    for name, per_head in (("alibi_slopes", alibi), ("sinks", sinks)):
+        if per_head is not None and np.shape(per_head) != (Hq,):
+            raise ValueError(f"{name} must have shape (Hq,) = ({Hq},); got "
+                             f"{np.shape(per_head)}")
     sinks = None if sinks is None else np.asarray(sinks)
+    mb = None if attn_mask is None else _prepare_mask(attn_mask, q, k).to_delayed()
     kw = dict(scale=scale, enable_gqa=enable_gqa, softcap=softcap, precision=precision)
 
     qb, kb, vb = q.to_delayed(), k.to_delayed(), v.to_delayed()
-    rows_of, keys_of, heads_of = _bounds(q.chunks[2]), _bounds(k.chunks[2]), _bounds(q.chunks[1])
+    rows_of, keys_of = _bounds(q.chunks[2]), _bounds(k.chunks[2])
+    batch_of, heads_of = _bounds(q.chunks[0]), _bounds(q.chunks[1])
     outs = np.empty(qb.shape[:3], dtype=object)
     lses = np.empty(qb.shape[:3], dtype=object)
     for b, h, i in itertools.product(*map(range, qb.shape[:3])):
         hk = h if Hq == Hkv else 0
-        h_sinks = None if sinks is None else sinks[slice(*heads_of[h])]
+        bs, hs = slice(*batch_of[b]), slice(*heads_of[h])
+        # with GQA, the query chunk's own key/value heads
+        kv_heads = slice(hs.start // group, hs.stop // group) if Hq != Hkv else None
+        b_diag = diag[bs] if (diag[bs] != diag[bs][:1]).any() else diag[bs][:1]
+        b_q = np.full(b_diag.size, L) if q_len is None else q_len[bs]
+        b_kv = np.full(b_diag.size, S) if kv_len is None else kv_len[bs]
+        spec = (b_diag, pattern, None if alibi is None else alibi[hs],
+                None if q_len is None else q_len[bs], None if kv_len is None else kv_len[bs])
         parts = []
         for j, keys in enumerate(keys_of):
-            if pattern is not None and not _any_visible(rows_of[i], keys, *pattern):
+            if not _live(rows_of[i], keys, b_diag, b_q, b_kv, window, bool(is_causal)):
                 continue  # fully masked: never scheduled
-            kslice, vslice = kb[b, hk, j, 0], vb[b, hk, j, 0]
-            if Hq != Hkv:  # the query chunk's own key/value heads
-                h0, h1 = heads_of[h]
-                sel = slice(h0 // group, h1 // group)
-                kslice, vslice = kslice[:, sel], vslice[:, sel]
-            # sinks join the softmax once per row: with the first scheduled pair
-            parts.append(dask.delayed(_pair, pure=True)(
-                qb[b, h, i, 0], kslice, vslice, rows_of[i], keys, pattern, kw,
-                h_sinks if not parts else None))
-        if not parts:
-            raise ValueError(f"query rows {rows_of[i]} see no key under the causal/window "
-                             "pattern")
+            parts.append(_pair_task(qb, kb, vb, mb, (b, h, i, j), hk, kv_heads, rows_of[i],
+                                    keys, spec, kw,
+                                    # sinks join the softmax once per row: with the first pair
+                                    None if sinks is None or parts else sinks[hs]))
+        if not parts:  # no key for any row: the first pair gives zeros and lse -inf (or sinks)
+            parts.append(_pair_task(qb, kb, vb, mb, (b, h, i, 0), hk, kv_heads, rows_of[i],
+                                    keys_of[0], spec, kw,
+                                    None if sinks is None else sinks[hs]))
         res = _tree(parts)
         shape = (q.chunks[0][b], q.chunks[1][h], q.chunks[2][i])
         outs[b, h, i] = da.from_delayed(res[0], shape + (v.shape[3],), dtype=q.dtype)
-        lses[b, h, i] = da.from_delayed(res[1], shape, dtype=np.result_type(q.dtype, np.float32))
+        lses[b, h, i] = da.from_delayed(res[1], shape, dtype=compute_dtype(q.dtype))
     out = da.block([[[[o] for o in row] for row in plane] for plane in outs.tolist()])
     if return_lse:
         return out, da.block(lses.tolist())
     return out
 
+
+def _pair_task(qb, kb, vb, mb, index, hk, kv_heads, rows, keys, spec, kw, sinks):
+    """The delayed _pair of query block (b, h, i) against key block j."""
+    b, h, i, j = index
+    kslice, vslice = kb[b, hk, j, 0], vb[b, hk, j, 0]
+    if kv_heads is not None:
+        kslice, vslice = kslice[:, kv_heads], vslice[:, kv_heads]
+    mask = None
+    if mb is not None:
+        mask = mb[tuple(x if n > 1 else 0 for x, n in zip((b, h, i, j), mb.shape))]
+    return dask.delayed(_pair, pure=True)(qb[b, h, i, 0], kslice, vslice, mask, rows, keys,
+                                          spec, kw, sinks)
