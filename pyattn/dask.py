@@ -12,12 +12,14 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.array import PerformanceWarning
+from dask.sizeof import sizeof
 
 from ._validation import compute_dtype
 from .functional import merge_attention
 from .functional import scaled_dot_product_attention as _sdpa
+from .kv_cache import KVCache
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["ShardedKVCache", "scaled_dot_product_attention"]
 
 def _worker_threads():
     """The worker's thread count inside a dask worker, else None (OpenMP's
@@ -278,3 +280,145 @@ def _pair_task(qb, kb, vb, mb, index, hk, kv_heads, rows, keys, spec, kw, sinks)
         mask = mb[tuple(x if n > 1 else 0 for x, n in zip((b, h, i, j), mb.shape))]
     return dask.delayed(_pair, pure=True)(qb[b, h, i, 0], kslice, vslice, mask, rows, keys,
                                           spec, kw, sinks)
+
+
+@sizeof.register(KVCache)
+def _sizeof_cache(cache):
+    # the storage, not the Python object: the worker's memory manager counts it
+    return cache._k.nbytes + cache._v.nbytes
+
+
+def _shard_append(cache, k_new, v_new):
+    """Append to a shard in place, on its worker; the same object goes on
+    under the new task's key."""
+    cache.append(k_new, v_new)
+    return cache
+
+
+def _shard_decode(cache, query, keys, total, pattern, alibi, kw, sinks):
+    """(out, lse) of query against the shard's positions [keys) of a cache of
+    `total` positions, aligned lower-right to the whole cache; only the first
+    keys[1] - keys[0] positions are read (a later append may have landed)."""
+    n = keys[1] - keys[0]
+    L = query.shape[2]
+    mask = _pair_mask((0, L), keys, np.array([total - L]), pattern, alibi, None,
+                      compute_dtype(query.dtype))
+    return _sdpa(query, cache.keys[:, :, :n], cache.values[:, :, :n], attn_mask=mask,
+                 enable_gqa=True, sinks=sinks, return_lse=True,
+                 num_threads=_worker_threads(), **kw)
+
+
+class ShardedKVCache:
+    """A KV cache whose positions are split into shards held by dask workers,
+    for decoding against a context larger than one machine's memory.
+
+    Each shard is a :class:`pyattn.KVCache` of at most ``shard_size``
+    positions living in one worker's memory (created there, appended to in
+    place; the new keys and values travel by ``client.scatter``).  Placement:
+    ``append`` fills the newest shard up to ``shard_size`` positions, then
+    opens the next shard on the next worker, round-robin over ``workers``
+    (default: the client's workers at construction, sorted).  Every sequence
+    of the batch has the same length.
+
+    ``decode(query)`` sends the query to every shard; each answers its
+    partial output and logsumexp, computed with its worker's thread count,
+    and the client merges them with ``merge_attention`` in shard order: the
+    same bits whatever order the shards answer in.  A shard lost with its
+    worker cannot be recomputed (its appends were scattered data): decode
+    then raises, and the cache is rebuilt from its source.
+    """
+
+    def __init__(self, client, batch, num_kv_heads, head_dim, shard_size, *, dtype=np.float32,
+                 value_dim=None, workers=None):
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size must be a positive int; got {shard_size!r}")
+        self.client = client
+        self.shard_size = shard_size
+        self.workers = sorted(client.scheduler_info()["workers"]) if workers is None \
+            else list(workers)
+        if not self.workers:
+            raise ValueError("workers must name at least one worker; the client has none")
+        # checked here, once, by the cache each shard will be
+        self._template = KVCache(batch, num_kv_heads, head_dim, max_len=1, dtype=dtype,
+                                 value_dim=value_dim)
+        self._shards = []  # [future of the shard's KVCache, worker, start, stop]
+        self.length = 0
+
+    @property
+    def shards(self):
+        """(worker address, first position, end position) of each shard."""
+        return [(w, a, b) for _, w, a, b in self._shards]
+
+    def append(self, k_new, v_new):
+        """Append n positions to every sequence: k_new (batch, num_kv_heads, n,
+        head_dim), v_new (..., value_dim), split across shards as they fill."""
+        t = self._template
+        k_new, v_new = np.asarray(k_new), np.asarray(v_new)
+        want_k = (t.batch, t.num_kv_heads, k_new.shape[2] if k_new.ndim == 4 else 0, t.head_dim)
+        want_v = want_k[:3] + (t.value_dim,)
+        if k_new.shape != want_k or v_new.shape != want_v:
+            raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
+                             f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
+        n, done = want_k[2], 0
+        while done < n:
+            if not self._shards or self._shards[-1][3] - self._shards[-1][2] == self.shard_size:
+                worker = self.workers[len(self._shards) % len(self.workers)]
+                future = self.client.submit(
+                    KVCache, t.batch, t.num_kv_heads, t.head_dim, max_len=self.shard_size,
+                    dtype=t.dtype, value_dim=t.value_dim, workers=[worker],
+                    allow_other_workers=False, pure=False)
+                self._shards.append([future, worker, self.length, self.length])
+            shard = self._shards[-1]
+            take = min(n - done, self.shard_size - (shard[3] - shard[2]))
+            data = self.client.scatter([k_new[:, :, done:done + take],
+                                        v_new[:, :, done:done + take]],
+                                       workers=[shard[1]], hash=False)
+            shard[0] = self.client.submit(_shard_append, shard[0], *data, workers=[shard[1]],
+                                          allow_other_workers=False, pure=False)
+            shard[3] += take
+            done += take
+            self.length += take
+
+    def wait(self):
+        """Block until every append has landed on its worker (appends are
+        asynchronous; a decode waits for them by itself)."""
+        from distributed import wait
+        wait([shard[0] for shard in self._shards])
+
+    def decode(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None,
+               sinks=None, precision=None, return_lse=False):
+        """Attention of query (batch, num_heads, L, head_dim) over every
+        position, causally aligned to the end (as ``pyattn.decode_attention``):
+        query i of L sees the positions up to length - L + i."""
+        t = self._template
+        q = np.asarray(query)
+        if q.ndim != 4 or q.shape[0] != t.batch or q.shape[3] != t.head_dim:
+            raise ValueError(f"query must have shape (batch={t.batch}, num_heads, L, "
+                             f"head_dim={t.head_dim}); got {q.shape}")
+        if not self._shards:
+            raise ValueError("the cache is empty: append before decode")
+        L = q.shape[2]
+        if window is not None and not isinstance(window, tuple):
+            window = (window, window)
+        alibi = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
+        kw = dict(scale=scale, softcap=softcap, precision=precision)
+        diag = np.array([self.length - L])
+        one = np.ones(1, np.int64)
+        futures = []
+        for future, worker, start, stop in self._shards:
+            if not _live((0, L), (start, stop), diag, one * L, one * self.length, window, True):
+                continue  # no query sees this shard (causal, window)
+            futures.append(self.client.submit(
+                _shard_decode, future, q, (start, stop), self.length, (window, True), alibi, kw,
+                # sinks join the softmax once per row: with the first shard asked
+                sinks if not futures else None,
+                workers=[worker], allow_other_workers=False, pure=False))
+        parts = self.client.gather(futures)
+        out, lse = parts[0] if len(parts) == 1 else _merge(*parts)
+        return (out, lse) if return_lse else out
+
+    def __repr__(self):
+        t = self._template
+        return (f"ShardedKVCache(batch={t.batch}, num_kv_heads={t.num_kv_heads}, "
+                f"head_dim={t.head_dim}, length={self.length}, shard_size={self.shard_size}, "
+                f"shards={len(self._shards)}, dtype={t.dtype.name})")

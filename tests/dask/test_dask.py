@@ -212,3 +212,68 @@ def test_half_dtypes(client, dtype):
     np.testing.assert_allclose(out.astype(np.float32), expect.astype(np.float32),
                                rtol=tol, atol=tol)
     np.testing.assert_allclose(lse, expect_lse, rtol=1e-5, atol=1e-5)
+
+
+def _caches(client, shard_size, Hkv=2, D=16, chunks=(5, 30, 1, 1, 17), dtype=np.float32):
+    """A KVCache and a ShardedKVCache fed the same appends."""
+    rng = np.random.default_rng(3)
+    local = pyattn.KVCache(2, Hkv, D, dtype=dtype)
+    sharded = pdask.ShardedKVCache(client, 2, Hkv, D, shard_size, dtype=dtype)
+    for n in chunks:
+        k, v = (rng.standard_normal((2, Hkv, n, D)).astype(dtype) for _ in range(2))
+        local.append(k, v)
+        sharded.append(k, v)
+    return local, sharded
+
+
+def test_sharded_cache_placement(client):
+    _, sharded = _caches(client, shard_size=16)
+    sharded.wait()
+    workers = sorted(client.scheduler_info()["workers"])
+    # 54 positions: shards of 16, 16, 16 and 6, alternating between the two workers
+    assert sharded.length == 54
+    assert sharded.shards == [(workers[0], 0, 16), (workers[1], 16, 32), (workers[0], 32, 48),
+                              (workers[1], 48, 54)]
+    held = client.run(lambda dask_worker: sorted(
+        c.lengths.tolist() for c in dask_worker.data.values() if isinstance(c, pyattn.KVCache)))
+    assert held == {workers[0]: [[16, 16], [16, 16]], workers[1]: [[6, 6], [16, 16]]}
+
+
+@pytest.mark.parametrize("L,opts", [(1, {}), (1, {"sinks": np.linspace(-1, 1, 8)}),
+                                    (3, {"alibi_slopes": np.geomspace(0.5, 0.01, 8)}),
+                                    (7, {"window": (20, 0), "softcap": 4.0})])
+def test_sharded_decode_agrees(client, L, opts):
+    local, sharded = _caches(client, shard_size=16)
+    q = np.random.default_rng(4).standard_normal((2, 8, L, 16)).astype(np.float32)
+    expect, expect_lse = pyattn.decode_attention(q, local, return_lse=True, **opts)
+    out, lse = sharded.decode(q, return_lse=True, **opts)
+    np.testing.assert_allclose(out, expect, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(lse, expect_lse, rtol=2e-5, atol=2e-5)
+    assert np.array_equal(sharded.decode(q, **opts), out)  # fixed merge order
+
+
+def test_sharded_decode_after_more_appends(client):
+    local, sharded = _caches(client, shard_size=16, chunks=(20,))
+    q = np.random.default_rng(5).standard_normal((2, 4, 1, 16)).astype(np.float32)
+    first = sharded.decode(q)
+    rng = np.random.default_rng(6)
+    for _ in range(13):  # token by token, into the second shard and a third
+        k, v = (rng.standard_normal((2, 2, 1, 16)).astype(np.float32) for _ in range(2))
+        local.append(k, v)
+        sharded.append(k, v)
+    assert [s[1:] for s in sharded.shards] == [(0, 16), (16, 32), (32, 33)]
+    np.testing.assert_allclose(sharded.decode(q), pyattn.decode_attention(q, local),
+                               rtol=2e-5, atol=2e-6)
+    assert not np.allclose(first, sharded.decode(q))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda c: pdask.ShardedKVCache(c, 2, 2, 16, 0), "shard_size"),
+    (lambda c: pdask.ShardedKVCache(c, 2, 2, 16, 8).decode(np.zeros((2, 2, 1, 16))), "empty"),
+    (lambda c: pdask.ShardedKVCache(c, 2, 2, 16, 8).append(np.zeros((2, 2, 3, 16)),
+                                                           np.zeros((2, 2, 3, 8))), "v_new"),
+    (lambda c: _caches(c, 16)[1].decode(np.zeros((2, 2, 1, 8))), "query"),
+])
+def test_sharded_cache_errors(client, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(client)
