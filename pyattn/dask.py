@@ -12,7 +12,6 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.array import PerformanceWarning
-from dask.sizeof import sizeof
 
 from ._validation import compute_dtype
 from .functional import merge_attention
@@ -282,30 +281,28 @@ def _pair_task(qb, kb, vb, mb, index, hk, kv_heads, rows, keys, spec, kw, sinks)
                                           spec, kw, sinks)
 
 
-@sizeof.register(KVCache)
-def _sizeof_cache(cache):
-    # the storage, not the Python object: the worker's memory manager counts it
-    return cache._k.nbytes + cache._v.nbytes
+class _Shard:
+    """One shard of a ShardedKVCache: a dask actor holding a KVCache in its
+    worker's memory."""
 
+    def __init__(self, batch, num_kv_heads, head_dim, shard_size, dtype, value_dim):
+        self.cache = KVCache(batch, num_kv_heads, head_dim, max_len=shard_size, dtype=dtype,
+                             value_dim=value_dim)
+        # read here, in a task: actor methods run outside the worker's task threads
+        self.threads = _worker_threads()
 
-def _shard_append(cache, k_new, v_new):
-    """Append to a shard in place, on its worker; the same object goes on
-    under the new task's key."""
-    cache.append(k_new, v_new)
-    return cache
+    def append(self, k_new, v_new):
+        self.cache.append(k_new, v_new)
 
-
-def _shard_decode(cache, query, keys, total, pattern, alibi, kw, sinks):
-    """(out, lse) of query against the shard's positions [keys) of a cache of
-    `total` positions, aligned lower-right to the whole cache; only the first
-    keys[1] - keys[0] positions are read (a later append may have landed)."""
-    n = keys[1] - keys[0]
-    L = query.shape[2]
-    mask = _pair_mask((0, L), keys, np.array([total - L]), pattern, alibi, None,
-                      compute_dtype(query.dtype))
-    return _sdpa(query, cache.keys[:, :, :n], cache.values[:, :, :n], attn_mask=mask,
-                 enable_gqa=True, sinks=sinks, return_lse=True,
-                 num_threads=_worker_threads(), **kw)
+    def decode(self, query, keys, total, pattern, alibi, kw, sinks):
+        """(out, lse) of query against the shard's positions [keys) of a
+        cache of `total` positions, aligned lower-right to the whole cache."""
+        L = query.shape[2]
+        mask = _pair_mask((0, L), keys, np.array([total - L]), pattern, alibi, None,
+                          compute_dtype(query.dtype))
+        return _sdpa(query, self.cache.keys, self.cache.values, attn_mask=mask,
+                     enable_gqa=True, sinks=sinks, return_lse=True, num_threads=self.threads,
+                     **kw)
 
 
 class ShardedKVCache:
@@ -313,19 +310,20 @@ class ShardedKVCache:
     for decoding against a context larger than one machine's memory.
 
     Each shard is a :class:`pyattn.KVCache` of at most ``shard_size``
-    positions living in one worker's memory (created there, appended to in
-    place; the new keys and values travel by ``client.scatter``).  Placement:
-    ``append`` fills the newest shard up to ``shard_size`` positions, then
-    opens the next shard on the next worker, round-robin over ``workers``
-    (default: the client's workers at construction, sorted).  Every sequence
-    of the batch has the same length.
+    positions living in one worker's memory, held by a dask actor: appends
+    and decode steps go from the client to the shard's worker directly, not
+    through the scheduler (a round trip of ~2.5 ms instead of ~11 ms on 2
+    cores, docs/scale-out.md).  Placement: ``append`` fills the newest shard
+    up to ``shard_size`` positions, then opens the next shard on the next
+    worker, round-robin over ``workers`` (default: the client's workers at
+    construction, sorted).  Every sequence of the batch has the same length.
 
     ``decode(query)`` sends the query to every shard; each answers its
     partial output and logsumexp, computed with its worker's thread count,
     and the client merges them with ``merge_attention`` in shard order: the
     same bits whatever order the shards answer in.  A shard lost with its
-    worker cannot be recomputed (its appends were scattered data): decode
-    then raises, and the cache is rebuilt from its source.
+    worker cannot be recomputed (an actor's state is not in the task graph):
+    decode then raises, and the cache is rebuilt from its source.
     """
 
     def __init__(self, client, batch, num_kv_heads, head_dim, shard_size, *, dtype=np.float32,
@@ -341,7 +339,7 @@ class ShardedKVCache:
         # checked here, once, by the cache each shard will be
         self._template = KVCache(batch, num_kv_heads, head_dim, max_len=1, dtype=dtype,
                                  value_dim=value_dim)
-        self._shards = []  # [future of the shard's KVCache, worker, start, stop]
+        self._shards = []  # [actor, worker, start, stop]
         self.length = 0
 
     @property
@@ -363,27 +361,18 @@ class ShardedKVCache:
         while done < n:
             if not self._shards or self._shards[-1][3] - self._shards[-1][2] == self.shard_size:
                 worker = self.workers[len(self._shards) % len(self.workers)]
-                future = self.client.submit(
-                    KVCache, t.batch, t.num_kv_heads, t.head_dim, max_len=self.shard_size,
-                    dtype=t.dtype, value_dim=t.value_dim, workers=[worker],
-                    allow_other_workers=False, pure=False)
-                self._shards.append([future, worker, self.length, self.length])
+                actor = self.client.submit(
+                    _Shard, t.batch, t.num_kv_heads, t.head_dim, self.shard_size, t.dtype,
+                    t.value_dim, workers=[worker], allow_other_workers=False,
+                    actor=True).result()
+                self._shards.append([actor, worker, self.length, self.length])
             shard = self._shards[-1]
             take = min(n - done, self.shard_size - (shard[3] - shard[2]))
-            data = self.client.scatter([k_new[:, :, done:done + take],
-                                        v_new[:, :, done:done + take]],
-                                       workers=[shard[1]], hash=False)
-            shard[0] = self.client.submit(_shard_append, shard[0], *data, workers=[shard[1]],
-                                          allow_other_workers=False, pure=False)
+            # waited for: the next append or decode must find it there
+            shard[0].append(k_new[:, :, done:done + take], v_new[:, :, done:done + take]).result()
             shard[3] += take
             done += take
             self.length += take
-
-    def wait(self):
-        """Block until every append has landed on its worker (appends are
-        asynchronous; a decode waits for them by itself)."""
-        from distributed import wait
-        wait([shard[0] for shard in self._shards])
 
     def decode(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None,
                sinks=None, precision=None, return_lse=False):
@@ -404,16 +393,15 @@ class ShardedKVCache:
         kw = dict(scale=scale, softcap=softcap, precision=precision)
         diag = np.array([self.length - L])
         one = np.ones(1, np.int64)
-        futures = []
-        for future, worker, start, stop in self._shards:
+        calls = []
+        for actor, _, start, stop in self._shards:
             if not _live((0, L), (start, stop), diag, one * L, one * self.length, window, True):
                 continue  # no query sees this shard (causal, window)
-            futures.append(self.client.submit(
-                _shard_decode, future, q, (start, stop), self.length, (window, True), alibi, kw,
-                # sinks join the softmax once per row: with the first shard asked
-                sinks if not futures else None,
-                workers=[worker], allow_other_workers=False, pure=False))
-        parts = self.client.gather(futures)
+            # all asked before any answer is awaited: the shards work at once;
+            # sinks join the softmax once per row, with the first shard asked
+            calls.append(actor.decode(q, (start, stop), self.length, (window, True), alibi, kw,
+                                      sinks if not calls else None))
+        parts = [call.result() for call in calls]
         out, lse = parts[0] if len(parts) == 1 else _merge(*parts)
         return (out, lse) if return_lse else out
 

@@ -228,14 +228,13 @@ def _caches(client, shard_size, Hkv=2, D=16, chunks=(5, 30, 1, 1, 17), dtype=np.
 
 def test_sharded_cache_placement(client):
     _, sharded = _caches(client, shard_size=16)
-    sharded.wait()
     workers = sorted(client.scheduler_info()["workers"])
     # 54 positions: shards of 16, 16, 16 and 6, alternating between the two workers
     assert sharded.length == 54
     assert sharded.shards == [(workers[0], 0, 16), (workers[1], 16, 32), (workers[0], 32, 48),
                               (workers[1], 48, 54)]
     held = client.run(lambda dask_worker: sorted(
-        c.lengths.tolist() for c in dask_worker.data.values() if isinstance(c, pyattn.KVCache)))
+        a.cache.lengths.tolist() for a in dask_worker.state.actors.values()))
     assert held == {workers[0]: [[16, 16], [16, 16]], workers[1]: [[6, 6], [16, 16]]}
 
 
