@@ -146,6 +146,8 @@ def _prepare_mask(attn_mask, q, k):
                          f"{full}")
     want = tuple((1,) if n == 1 else c
                  for n, c in zip(m.shape, q.chunks[:3] + (k.chunks[2],)))
+    if not isinstance(attn_mask, da.Array):  # NumPy: cut to match, no warning
+        return da.from_array(np.asarray(attn_mask).reshape(m.shape), chunks=want)
     if m.chunks != want:
         warnings.warn(f"attn_mask is rechunked from {m.chunks} to {want}, to match query's "
                       "(B, H, L) chunks and key's S chunks", PerformanceWarning, stacklevel=3)

@@ -166,6 +166,16 @@ def test_attn_mask_rechunked_with_warning(client):
     np.testing.assert_allclose(got.compute(), expect, rtol=2e-5, atol=2e-6)
 
 
+def test_numpy_mask_cut_without_warning(client, recwarn):
+    q, k, v = _qkv()
+    mask = _masks()["bool (B, 1, L, S)"]
+    got = pdask.scaled_dot_product_attention(*_chunked(q, k, v, (1, 2, 16), (1, 2, 32)),
+                                             attn_mask=mask)
+    assert not [w for w in recwarn if issubclass(w.category, da.PerformanceWarning)]
+    expect = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    np.testing.assert_allclose(got.compute(), expect, rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("qc,kc", AXES)
 @pytest.mark.parametrize("opts", [{"alibi_slopes": np.geomspace(0.5, 0.01, 4)},
                                   {"alibi_slopes": np.geomspace(0.5, 0.01, 4), "is_causal": True,
