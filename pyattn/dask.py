@@ -6,18 +6,19 @@ imports dask.
 """
 
 import itertools
+import warnings
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.array import PerformanceWarning
 
+from ._validation import compute_dtype
 from .functional import merge_attention
 from .functional import scaled_dot_product_attention as _sdpa
+from .kv_cache import KVCache
 
-__all__ = ["scaled_dot_product_attention"]
-
-_UNSUPPORTED = ("attn_mask", "alibi_slopes", "q_lengths", "kv_lengths")
-
+__all__ = ["ShardedKVCache", "scaled_dot_product_attention"]
 
 def _worker_threads():
     """The worker's thread count inside a dask worker, else None (OpenMP's
@@ -29,45 +30,77 @@ def _worker_threads():
         return None
 
 
-def _visible(rows, keys, diag_shift, window, is_causal):
-    """Boolean (len(rows), len(keys)): key c is visible from global row r.
-    Row r's diagonal key is r + diag_shift."""
-    d = rows[:, None] + diag_shift
-    c = keys[None, :]
-    ok = np.ones((rows.size, keys.size), dtype=bool)
+def _sides(window, is_causal):
+    """(left, right) keys around the diagonal, None for an open side."""
     left, right = window if window is not None else (None, None)
     if is_causal:
         right = 0 if right is None else min(right, 0)
-    if left is not None:
-        ok &= c >= d - left
-    if right is not None:
-        ok &= c <= d + right
-    return ok
+    return left, right
 
 
-def _any_visible(rows, keys, diag_shift, window, is_causal):
-    """Whether any row of [rows) sees any key of [keys), from the bounds
-    alone: row r's visible keys are one interval that moves by one per row."""
-    left, right = window if window is not None else (None, None)
-    if is_causal:
-        right = 0 if right is None else min(right, 0)
+def _live(rows, keys, diag, q_len, kv_len, window, is_causal):
+    """Whether any sequence of a batch chunk has a query of [rows) that sees
+    a key of [keys), from the bounds alone: row r's visible keys are one
+    interval around its diagonal r + diag[b] that moves by one per row."""
+    left, right = _sides(window, is_causal)
     if left is not None and right is not None and left + right < 0:
         return False
-    lo = -np.inf if left is None else rows[0] + diag_shift - left
-    hi = np.inf if right is None else rows[1] - 1 + diag_shift + right
-    return hi >= keys[0] and lo <= keys[1] - 1
+    r0, c0 = rows[0], keys[0]
+    r1, c1 = np.minimum(rows[1], q_len), np.minimum(keys[1], kv_len)
+    ok = (r1 > r0) & (c1 > c0)
+    if right is not None:
+        ok &= r1 - 1 + diag + right >= c0
+    if left is not None:
+        ok &= r0 + diag - left <= c1 - 1
+    return bool(ok.any())
 
 
-def _pair(q, k, v, rows, keys, pattern, kw, sinks):
-    """One (query chunk, key chunk) pair: partial output and lse.  A pair
-    that the pattern cuts gets its visibility as a mask; a fully visible one
-    runs unmasked."""
-    mask = None
+def _pair_mask(rows, keys, diag, pattern, alibi, mask, dtype):
+    """The mask of one (query chunk, key chunk) pair in global coordinates,
+    (Bc or 1, Hc or 1, Lc, Sc), or None when every key is visible: the
+    causal/window pattern and ALiBi depend on global offsets, which the
+    kernel cannot be given, so they become a bool mask or an additive float
+    mask (ALiBi's bias, -inf where not visible) joined with attn_mask."""
+    dist = None  # diagonal minus key: d - j
+    if pattern is not None or alibi is not None:
+        dist = (np.arange(*rows)[:, None] - np.arange(*keys)[None, :])[None, None]
+        dist = dist + diag[:, None, None, None]
+    visible = True
     if pattern is not None:
-        mask = _visible(np.arange(*rows), np.arange(*keys), *pattern)
-        if mask.all():
-            mask = None
-    return _sdpa(q, k, v, attn_mask=mask, sinks=sinks, return_lse=True,
+        left, right = _sides(*pattern)
+        if left is not None:
+            visible = dist <= left
+        if right is not None:
+            visible = visible & (dist >= -right)
+    bias = None
+    if alibi is not None:
+        bias = -alibi.astype(dtype)[None, :, None, None] * np.abs(dist).astype(dtype)
+    if mask is not None:
+        if mask.dtype == bool:
+            visible = visible & mask
+        else:
+            bias = mask.astype(dtype) if bias is None else bias + mask
+    if bias is None:
+        return None if np.all(visible) else visible
+    return np.where(visible, bias, -np.inf).astype(dtype, copy=False)
+
+
+def _local_lengths(lengths, start, size):
+    """Global lengths of a batch chunk as lengths within [start, start + size),
+    None when every sequence fills it."""
+    if lengths is None:
+        return None
+    local = np.clip(lengths - start, 0, size)
+    return None if (local == size).all() else local
+
+
+def _pair(q, k, v, mask, rows, keys, spec, kw, sinks):
+    """One (query chunk, key chunk) pair: partial output and lse."""
+    diag, pattern, alibi, q_len, kv_len = spec
+    mask = _pair_mask(rows, keys, diag, pattern, alibi, mask, compute_dtype(q.dtype))
+    return _sdpa(q, k, v, attn_mask=mask, sinks=sinks, alibi_slopes=None, return_lse=True,
+                 q_lengths=_local_lengths(q_len, rows[0], rows[1] - rows[0]),
+                 kv_lengths=_local_lengths(kv_len, keys[0], keys[1] - keys[0]),
                  num_threads=_worker_threads(), **kw)
 
 
@@ -98,29 +131,70 @@ def _bounds(chunks):
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def scaled_dot_product_attention(query, key, value, *, is_causal=False, scale=None,
-                                 enable_gqa=False, alignment="top_left", window=None,
-                                 softcap=None, sinks=None, precision=None, return_lse=False,
-                                 **unsupported):
+def _prepare_mask(attn_mask, q, k):
+    """attn_mask as a 4-D dask array chunked to match: q's chunks along
+    (B, H, L), k's along S, one chunk on a broadcast (length-1) axis."""
+    m = _as_dask(attn_mask, "attn_mask")
+    if m.dtype != bool and m.dtype.kind != "f":
+        raise TypeError(f"attn_mask must be bool or a float dtype; got {m.dtype}")
+    if m.ndim > 4:
+        raise ValueError(f"attn_mask must have at most 4 dimensions; got shape {m.shape}")
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    full = q.shape[:3] + (k.shape[2],)
+    if any(n not in (1, f) for n, f in zip(m.shape, full)):
+        raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (B, Hq, L, S) = "
+                         f"{full}")
+    want = tuple((1,) if n == 1 else c
+                 for n, c in zip(m.shape, q.chunks[:3] + (k.chunks[2],)))
+    if not isinstance(attn_mask, da.Array):  # NumPy: cut to match, no warning
+        return da.from_array(np.asarray(attn_mask).reshape(m.shape), chunks=want)
+    if m.chunks != want:
+        warnings.warn(f"attn_mask is rechunked from {m.chunks} to {want}, to match query's "
+                      "(B, H, L) chunks and key's S chunks", PerformanceWarning, stacklevel=3)
+        m = m.rechunk(want)
+    return m
+
+
+def _lengths(lengths, name, batch, limit, limit_name):
+    """Per-sequence lengths as int64 (batch,), or None."""
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+    try:
+        arr = np.broadcast_to(arr, (batch,)).astype(np.int64)
+    except ValueError:
+        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to the batch "
+                         f"({batch},)") from None
+    if arr.size and (arr.min() < 0 or arr.max() > limit):
+        raise ValueError(f"{name} must lie in [0, {limit_name}] = [0, {limit}]; got values "
+                         f"from {arr.min()} to {arr.max()}")
+    return arr
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                                 enable_gqa=False, *, alignment="top_left", window=None,
+                                 alibi_slopes=None, softcap=None, sinks=None, q_lengths=None,
+                                 kv_lengths=None, precision=None, return_lse=False):
     """``pyattn.scaled_dot_product_attention`` on dask arrays (B, H, L, E).
 
     Batch, head and query chunks are independent blocks; every (query chunk,
-    key chunk) pair that the causal or window pattern does not fully mask is
-    one task, and a query chunk's pairs are merged by a fixed binary tree of
-    ``merge_attention`` (bitwise reproducible).  Returns a dask array (and
-    the lse with ``return_lse``), chunked like ``query``.
+    key chunk) pair that the causal or window pattern, or the lengths, do not
+    fully mask is one task, and a query chunk's pairs are merged by a fixed
+    binary tree of ``merge_attention`` (bitwise reproducible).  ``attn_mask``
+    (dask or NumPy, broadcastable to (B, Hq, L, S)) is rechunked, with a
+    PerformanceWarning, unless its chunks match query's (B, H, L) and key's
+    S.  Returns a dask array (and the lse with ``return_lse``), chunked like
+    ``query``.
     """
-    for name in unsupported:
-        if name in _UNSUPPORTED:
-            raise ValueError(f"{name} is not supported by pyattn.dask yet")
-        raise TypeError(f"scaled_dot_product_attention() got an unexpected argument {name!r}")
     q, k, v = (_as_dask(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
     for x, n in ((q, "query"), (k, "key"), (v, "value")):
         if x.ndim != 4:
             raise ValueError(f"{n} must be 4-D (B, H, L, E); got shape {x.shape}")
     if alignment not in ("top_left", "lower_right"):
         raise ValueError(f"alignment must be 'top_left' or 'lower_right'; got {alignment!r}")
-    (_, Hq, L, _), (_, Hkv, S, _) = q.shape, k.shape
+    (B, Hq, L, _), (_, Hkv, S, _) = q.shape, k.shape
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"key and value must agree on (B, H, S); got {k.shape} and {v.shape}")
     if k.chunks[:3] != v.chunks[:3]:
@@ -143,41 +217,198 @@ def scaled_dot_product_attention(query, key, value, *, is_causal=False, scale=No
                          f"multiples of the group size {group}; got {q.chunks[1]}")
     if window is not None and not isinstance(window, tuple):
         window = (window, window)
-    pattern = None
-    if is_causal or window is not None:
-        pattern = (0 if alignment == "top_left" else S - L, window, bool(is_causal))
+    pattern = (window, bool(is_causal)) if is_causal or window is not None else None
+    q_len = _lengths(q_lengths, "q_lengths", B, L, "L")
+    kv_len = _lengths(kv_lengths, "kv_lengths", B, S, "S")
+    # row r's diagonal key is r + diag[b]; lower-right per sequence's lengths
+    diag = np.zeros(B, np.int64)
+    if alignment == "lower_right":
+        diag += (S if kv_len is None else kv_len) - (L if q_len is None else q_len)
+    alibi = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
+    for name, per_head in (("alibi_slopes", alibi), ("sinks", sinks)):
+        if per_head is not None and np.shape(per_head) != (Hq,):
+            raise ValueError(f"{name} must have shape (Hq,) = ({Hq},); got "
+                             f"{np.shape(per_head)}")
     sinks = None if sinks is None else np.asarray(sinks)
+    mb = None if attn_mask is None else _prepare_mask(attn_mask, q, k).to_delayed()
     kw = dict(scale=scale, enable_gqa=enable_gqa, softcap=softcap, precision=precision)
 
     qb, kb, vb = q.to_delayed(), k.to_delayed(), v.to_delayed()
-    rows_of, keys_of, heads_of = _bounds(q.chunks[2]), _bounds(k.chunks[2]), _bounds(q.chunks[1])
+    rows_of, keys_of = _bounds(q.chunks[2]), _bounds(k.chunks[2])
+    batch_of, heads_of = _bounds(q.chunks[0]), _bounds(q.chunks[1])
     outs = np.empty(qb.shape[:3], dtype=object)
     lses = np.empty(qb.shape[:3], dtype=object)
     for b, h, i in itertools.product(*map(range, qb.shape[:3])):
         hk = h if Hq == Hkv else 0
-        h_sinks = None if sinks is None else sinks[slice(*heads_of[h])]
+        bs, hs = slice(*batch_of[b]), slice(*heads_of[h])
+        # with GQA, the query chunk's own key/value heads
+        kv_heads = slice(hs.start // group, hs.stop // group) if Hq != Hkv else None
+        b_diag = diag[bs] if (diag[bs] != diag[bs][:1]).any() else diag[bs][:1]
+        b_q = np.full(b_diag.size, L) if q_len is None else q_len[bs]
+        b_kv = np.full(b_diag.size, S) if kv_len is None else kv_len[bs]
+        spec = (b_diag, pattern, None if alibi is None else alibi[hs],
+                None if q_len is None else q_len[bs], None if kv_len is None else kv_len[bs])
         parts = []
         for j, keys in enumerate(keys_of):
-            if pattern is not None and not _any_visible(rows_of[i], keys, *pattern):
+            if not _live(rows_of[i], keys, b_diag, b_q, b_kv, window, bool(is_causal)):
                 continue  # fully masked: never scheduled
-            kslice, vslice = kb[b, hk, j, 0], vb[b, hk, j, 0]
-            if Hq != Hkv:  # the query chunk's own key/value heads
-                h0, h1 = heads_of[h]
-                sel = slice(h0 // group, h1 // group)
-                kslice, vslice = kslice[:, sel], vslice[:, sel]
-            # sinks join the softmax once per row: with the first scheduled pair
-            parts.append(dask.delayed(_pair, pure=True)(
-                qb[b, h, i, 0], kslice, vslice, rows_of[i], keys, pattern, kw,
-                h_sinks if not parts else None))
-        if not parts:
-            raise ValueError(f"query rows {rows_of[i]} see no key under the causal/window "
-                             "pattern")
+            parts.append(_pair_task(qb, kb, vb, mb, (b, h, i, j), hk, kv_heads, rows_of[i],
+                                    keys, spec, kw,
+                                    # sinks join the softmax once per row: with the first pair
+                                    None if sinks is None or parts else sinks[hs]))
+        if not parts:  # no key for any row: the first pair gives zeros and lse -inf (or sinks)
+            parts.append(_pair_task(qb, kb, vb, mb, (b, h, i, 0), hk, kv_heads, rows_of[i],
+                                    keys_of[0], spec, kw,
+                                    None if sinks is None else sinks[hs]))
         res = _tree(parts)
         shape = (q.chunks[0][b], q.chunks[1][h], q.chunks[2][i])
         outs[b, h, i] = da.from_delayed(res[0], shape + (v.shape[3],), dtype=q.dtype)
-        lses[b, h, i] = da.from_delayed(res[1], shape, dtype=np.result_type(q.dtype, np.float32))
+        lses[b, h, i] = da.from_delayed(res[1], shape, dtype=compute_dtype(q.dtype))
     out = da.block([[[[o] for o in row] for row in plane] for plane in outs.tolist()])
     if return_lse:
         return out, da.block(lses.tolist())
     return out
 
+
+def _pair_task(qb, kb, vb, mb, index, hk, kv_heads, rows, keys, spec, kw, sinks):
+    """The delayed _pair of query block (b, h, i) against key block j."""
+    b, h, i, j = index
+    kslice, vslice = kb[b, hk, j, 0], vb[b, hk, j, 0]
+    if kv_heads is not None:
+        kslice, vslice = kslice[:, kv_heads], vslice[:, kv_heads]
+    mask = None
+    if mb is not None:
+        mask = mb[tuple(x if n > 1 else 0 for x, n in zip((b, h, i, j), mb.shape))]
+    return dask.delayed(_pair, pure=True)(qb[b, h, i, 0], kslice, vslice, mask, rows, keys,
+                                          spec, kw, sinks)
+
+
+class _Shard:
+    """One shard of a ShardedKVCache: a dask actor holding a KVCache in its
+    worker's memory."""
+
+    def __init__(self, batch, num_kv_heads, head_dim, shard_size, dtype, value_dim):
+        self.cache = KVCache(batch, num_kv_heads, head_dim, max_len=shard_size, dtype=dtype,
+                             value_dim=value_dim)
+        # read here, in a task: actor methods run outside the worker's task threads
+        self.threads = _worker_threads()
+
+    def append(self, k_new, v_new):
+        self.cache.append(k_new, v_new)
+
+    def decode(self, query, keys, total, pattern, alibi, kw, sinks):
+        """(out, lse) of query against the shard's positions [keys) of a
+        cache of `total` positions, aligned lower-right to the whole cache."""
+        L = query.shape[2]
+        mask = _pair_mask((0, L), keys, np.array([total - L]), pattern, alibi, None,
+                          compute_dtype(query.dtype))
+        return _sdpa(query, self.cache.keys, self.cache.values, attn_mask=mask,
+                     enable_gqa=True, sinks=sinks, return_lse=True, num_threads=self.threads,
+                     **kw)
+
+
+class ShardedKVCache:
+    """A KV cache whose positions are split into shards held by dask workers,
+    for decoding against a context larger than one machine's memory.
+
+    Each shard is a :class:`pyattn.KVCache` of at most ``shard_size``
+    positions living in one worker's memory, held by a dask actor: appends
+    and decode steps go from the client to the shard's worker directly, not
+    through the scheduler (a round trip of ~2.5 ms instead of ~11 ms on 2
+    cores, docs/scale-out.md).  Placement: ``append`` fills the newest shard
+    up to ``shard_size`` positions, then opens the next shard on the next
+    worker, round-robin over ``workers`` (default: the client's workers at
+    construction, sorted).  Every sequence of the batch has the same length.
+
+    ``decode(query)`` sends the query to every shard; each answers its
+    partial output and logsumexp, computed with its worker's thread count,
+    and the client merges them with ``merge_attention`` in shard order: the
+    same bits whatever order the shards answer in.  A shard lost with its
+    worker cannot be recomputed (an actor's state is not in the task graph):
+    decode then raises, and the cache is rebuilt from its source.
+    """
+
+    def __init__(self, client, batch, num_kv_heads, head_dim, shard_size, *, dtype=np.float32,
+                 value_dim=None, workers=None):
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size must be a positive int; got {shard_size!r}")
+        self.client = client
+        self.shard_size = shard_size
+        self.workers = sorted(client.scheduler_info()["workers"]) if workers is None \
+            else list(workers)
+        if not self.workers:
+            raise ValueError("workers must name at least one worker; the client has none")
+        # checked here, once, by the cache each shard will be
+        self._template = KVCache(batch, num_kv_heads, head_dim, max_len=1, dtype=dtype,
+                                 value_dim=value_dim)
+        self._shards = []  # [actor, worker, start, stop]
+        self.length = 0
+
+    @property
+    def shards(self):
+        """(worker address, first position, end position) of each shard."""
+        return [(w, a, b) for _, w, a, b in self._shards]
+
+    def append(self, k_new, v_new):
+        """Append n positions to every sequence: k_new (batch, num_kv_heads, n,
+        head_dim), v_new (..., value_dim), split across shards as they fill."""
+        t = self._template
+        k_new, v_new = np.asarray(k_new), np.asarray(v_new)
+        want_k = (t.batch, t.num_kv_heads, k_new.shape[2] if k_new.ndim == 4 else 0, t.head_dim)
+        want_v = want_k[:3] + (t.value_dim,)
+        if k_new.shape != want_k or v_new.shape != want_v:
+            raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
+                             f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
+        n, done = want_k[2], 0
+        while done < n:
+            if not self._shards or self._shards[-1][3] - self._shards[-1][2] == self.shard_size:
+                worker = self.workers[len(self._shards) % len(self.workers)]
+                actor = self.client.submit(
+                    _Shard, t.batch, t.num_kv_heads, t.head_dim, self.shard_size, t.dtype,
+                    t.value_dim, workers=[worker], allow_other_workers=False,
+                    actor=True).result()
+                self._shards.append([actor, worker, self.length, self.length])
+            shard = self._shards[-1]
+            take = min(n - done, self.shard_size - (shard[3] - shard[2]))
+            # waited for: the next append or decode must find it there
+            shard[0].append(k_new[:, :, done:done + take], v_new[:, :, done:done + take]).result()
+            shard[3] += take
+            done += take
+            self.length += take
+
+    def decode(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None,
+               sinks=None, precision=None, return_lse=False):
+        """Attention of query (batch, num_heads, L, head_dim) over every
+        position, causally aligned to the end (as ``pyattn.decode_attention``):
+        query i of L sees the positions up to length - L + i."""
+        t = self._template
+        q = np.asarray(query)
+        if q.ndim != 4 or q.shape[0] != t.batch or q.shape[3] != t.head_dim:
+            raise ValueError(f"query must have shape (batch={t.batch}, num_heads, L, "
+                             f"head_dim={t.head_dim}); got {q.shape}")
+        if not self._shards:
+            raise ValueError("the cache is empty: append before decode")
+        L = q.shape[2]
+        if window is not None and not isinstance(window, tuple):
+            window = (window, window)
+        alibi = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
+        kw = dict(scale=scale, softcap=softcap, precision=precision)
+        diag = np.array([self.length - L])
+        one = np.ones(1, np.int64)
+        calls = []
+        for actor, _, start, stop in self._shards:
+            if not _live((0, L), (start, stop), diag, one * L, one * self.length, window, True):
+                continue  # no query sees this shard (causal, window)
+            # all asked before any answer is awaited: the shards work at once;
+            # sinks join the softmax once per row, with the first shard asked
+            calls.append(actor.decode(q, (start, stop), self.length, (window, True), alibi, kw,
+                                      sinks if not calls else None))
+        parts = [call.result() for call in calls]
+        out, lse = parts[0] if len(parts) == 1 else _merge(*parts)
+        return (out, lse) if return_lse else out
+
+    def __repr__(self):
+        t = self._template
+        return (f"ShardedKVCache(batch={t.batch}, num_kv_heads={t.num_kv_heads}, "
+                f"head_dim={t.head_dim}, length={self.length}, shard_size={self.shard_size}, "
+                f"shards={len(self._shards)}, dtype={t.dtype.name})")

@@ -71,16 +71,18 @@ def build_parser(prog=None):
                   "  a peer that does not import is reported as absent; one that cannot run "
                   "a case shows n/a"),
     )
-    p.add_argument("--suite", choices=sorted([*SUITES, MODEL_SUITE]), default=None,
+    p.add_argument("--suite", choices=sorted(SUITES) + [DASK_SUITE, MODEL_SUITE], default=None,
                    help=f"named set of cases (default: {DEFAULT_SUITE}; "
                         f"quick = {', '.join(SUITES['quick'])}; full = quick's, the prefill "
                         "sweep and vit; latency = per-token calls, timed interleaved with the "
                         "peers, in µs with their spread; bf16 = bfloat16 products (bfloat16 "
                         "inputs, and float32 with precision=bf16) against pyattn's float32 and "
-                        "the peers' bfloat16, timed interleaved; the list is below; "
-                        f"{MODEL_SUITE} = instead of the cases, HuggingFace models' forwards "
-                        "and generate() with attn_implementation pyattn against sdpa, "
-                        "interleaved (needs torch and transformers))")
+                        "the peers' bfloat16, timed interleaved; dask = pyattn.dask on local "
+                        "clusters: prefill L=S=8192 and a sharded decode step, N workers x 1 "
+                        "thread against 1 process x N threads (N = --threads, default 2) and "
+                        "1 worker (needs dask[distributed]); hf = HuggingFace models' forwards and "
+                        "generate() with attn_implementation pyattn against sdpa, interleaved "
+                        "(needs torch and transformers); the list is below)")
     p.add_argument("--cases", default=None,
                    help="comma-separated case names (overrides --suite)")
     # pyattn refuses more than MAX_THREADS, but only when the first case runs
@@ -134,28 +136,46 @@ def _split(text):
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+DASK_SUITE = "dask"
+# --suite dask: the options it takes besides --threads, --repeat and --json
+DASK_REFUSED = ("cases", "no_reference", "peers", "no_peers", "plot")
+# --suite hf: whole models instead of the table (pyattn.bench.hf); it takes
+# --threads and --json
+MODEL_SUITE = "hf"
+MODEL_REFUSED = (*DASK_REFUSED, "repeat")
+
 # options of the table only: --memory and --layers would ignore them
 TABLE_OPTIONS = ("suite", "cases", "repeat", "no_reference", "peers", "no_peers", "plot")
-
-
-# --suite hf: whole models instead of the table (pyattn.bench.hf)
-MODEL_SUITE = "hf"
 
 
 def _check_args(parser, args):
     """The checks argparse cannot make alone; (case names, peer names).
     Every failure is a usage error (exit 2) before anything runs."""
     mode = "--memory" if args.memory else "--layers" if args.layers else None
-    if args.suite == MODEL_SUITE:
-        if mode:
-            parser.error(f"argument {mode}: not allowed with argument --suite {MODEL_SUITE}")
-        mode = f"--suite {MODEL_SUITE}"
     for dest in TABLE_OPTIONS if mode else ():
-        if dest == "suite" and args.suite == MODEL_SUITE:
-            continue
         if getattr(args, dest) not in (None, False):
             parser.error(f"argument --{dest.replace('_', '-')}: not allowed with argument "
                          f"{mode} (it applies to the table only)")
+    if args.suite == MODEL_SUITE:
+        for dest in MODEL_REFUSED:
+            if getattr(args, dest) not in (None, False):
+                parser.error(f"argument --{dest.replace('_', '-')}: not allowed with "
+                             "--suite hf")
+        return [], []
+    if args.suite == DASK_SUITE:
+        for dest in DASK_REFUSED:
+            if getattr(args, dest) not in (None, False):
+                parser.error(f"argument --{dest.replace('_', '-')}: not allowed with "
+                             "--suite dask")
+        if args.threads not in (None, 2, 4, 8):
+            parser.error("argument --threads: --suite dask splits 8 heads over the workers: "
+                         "2, 4 or 8")
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            parser.error("argument --suite: dask needs dask[distributed], which is not "
+                         "installed: pip install \"pyattn[dask]\"")
+        return [], []
     if args.cases is not None:
         names = _split(args.cases)
         unknown = [n for n in names if n not in CASES]
@@ -163,7 +183,7 @@ def _check_args(parser, args):
             parser.error(f"argument --cases: unknown case(s) "
                          f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
     else:
-        names = list(SUITES.get(args.suite or DEFAULT_SUITE, ()))  # none for the models
+        names = list(SUITES[args.suite or DEFAULT_SUITE])
     if args.peers is None:
         default = SUITE_PEERS.get(args.suite, DEFAULT_PEERS) if args.cases is None else PEERS
         peer_names = [] if args.no_peers else list(default)
@@ -189,10 +209,12 @@ def main(argv=None, prog=None):
     if args.plot:
         names += [n for n in PLOT_SWEEP if n not in names]
 
-    threads = args.threads if args.threads is not None else _attention.max_threads()
+    if args.suite == DASK_SUITE:
+        threads = args.threads or 2
+    else:
+        threads = args.threads if args.threads is not None else _attention.max_threads()
     machine = machine_info()
-    models = args.suite == MODEL_SUITE
-    table = not (args.memory or args.layers or models)
+    table = not (args.memory or args.layers or args.suite in (DASK_SUITE, MODEL_SUITE))
     peers = probe_peers(peer_names) if table else {}
     bf16 = table and any(CASES[n].bf16_products for n in names)
     print(header(machine, threads, peers if table else None, bf16_products=bf16), flush=True)
@@ -210,12 +232,23 @@ def main(argv=None, prog=None):
     if args.memory:
         report["memory"] = run_memory(threads)
         print(format_memory(report["memory"]))
+    elif args.suite == DASK_SUITE:
+        from pyattn.bench.cluster import format_dask, run_dask_suite
+        report["dask"] = run_dask_suite(threads, args.repeat,
+                                        log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(format_dask(report["dask"]))
+        bad = [label for part in ("prefill", "decode")
+               for label, e in report["dask"][part]["results"].items() if not e["matches"]]
+        if bad:
+            print(f"WARNING: results differ from in-process pyattn's: {', '.join(bad)}",
+                  file=sys.stderr)
+        status = int(bool(bad))
     elif args.layers:
         from pyattn.bench.layers import format_layers, run_layers
         report["layers"] = run_layers(threads)
         print(format_layers(report["layers"]))
         status = int(not all(e["matches"] for r in report["layers"] for e in r["impls"].values()))
-    elif models:
+    elif args.suite == MODEL_SUITE:
         from pyattn.bench.hf import format_hf, run_hf
         report["hf"] = run_hf(threads)
         print(format_hf(report["hf"]))

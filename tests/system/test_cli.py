@@ -39,8 +39,9 @@ PNG_FOLDER = "plotdir"  # a folder called plotdir.png: what --plot plotdir would
 LINKED = ("data.json", "data.png")  # one file under two names (a hard link)
 
 # command, its options, text the error line must contain (the argument), and
-# whether the child runs with matplotlib hidden
-Bad = namedtuple("Bad", "command args names no_matplotlib", defaults=(False,))
+# the package the child runs with hidden (matplotlib or dask[distributed]),
+# which the error line then names
+Bad = namedtuple("Bad", "command args names needs", defaults=(None,))
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -55,7 +56,7 @@ BAD = {
     "demo-plot-missing-folder": Bad(DEMO, ["--plot", "/nonexistent/dir/w.png"], "--plot"),
     "demo-plot-format": Bad(DEMO, ["--plot", "w.xyz"], "--plot"),
     "demo-plot-no-extension": Bad(DEMO, ["--plot", PNG_FOLDER], "--plot"),
-    "demo-plot-no-matplotlib": Bad(DEMO, ["--plot", "w.png"], "--plot", True),
+    "demo-plot-no-matplotlib": Bad(DEMO, ["--plot", "w.png"], "--plot", "matplotlib"),
     "demo-unknown-option": Bad(DEMO, ["--frob"], "--frob"),
     # python -m pyattn.bench: numbers
     "bench-threads-zero": Bad(BENCH, ["--threads", "0"], "--threads"),
@@ -95,7 +96,13 @@ BAD = {
     "bench-plot-name-too-long": Bad(BENCH, ["--plot", "p" * 252], "--plot"),
     "demo-plot-name-too-long": Bad(DEMO, ["--plot", "p" * 300 + ".png"], "--plot"),
     "bench-plot-missing-folder": Bad(BENCH, ["--plot", "/nonexistent/dir/t.png"], "--plot"),
-    "bench-plot-no-matplotlib": Bad(BENCH, ["--plot", "t.png"], "--plot", True),
+    "bench-plot-no-matplotlib": Bad(BENCH, ["--plot", "t.png"], "--plot", "matplotlib"),
+    # --suite dask
+    "bench-dask-and-cases": Bad(BENCH, ["--suite", "dask", "--cases", "bert"], "--cases"),
+    "bench-dask-and-plot": Bad(BENCH, ["--suite", "dask", "--plot", "t.png"], "--plot"),
+    "bench-dask-threads-3": Bad(BENCH, ["--suite", "dask", "--threads", "3"], "--threads"),
+    "bench-dask-and-memory": Bad(BENCH, ["--suite", "dask", "--memory"], "--suite"),
+    "bench-dask-no-distributed": Bad(BENCH, ["--suite", "dask"], "--suite", "dask[distributed]"),
     # the rest
     "bench-unknown-option": Bad(BENCH, ["--frob"], "--frob"),
     "bench-ambiguous-option": Bad(BENCH, ["--no"], "--no"),
@@ -130,15 +137,16 @@ def runs(helpers, tmp_path_factory):
     (cwd / LINKED[0]).write_text("")
     os.link(cwd / LINKED[0], cwd / LINKED[1])
     (cwd / LOCKED).mkdir(mode=0o555)
-    # a matplotlib that fails to import, first on the path
-    hidden = tmp_path_factory.mktemp("no_matplotlib")
-    (hidden / "matplotlib").mkdir()
-    (hidden / "matplotlib" / "__init__.py").write_text(
-        'raise ImportError("matplotlib hidden by test_cli")\n')
+    # a matplotlib and a distributed that fail to import, first on the path
+    hidden = tmp_path_factory.mktemp("hidden")
+    for package in ("matplotlib", "distributed"):
+        (hidden / package).mkdir()
+        (hidden / package / "__init__.py").write_text(
+            f'raise ImportError("{package} hidden by test_cli")\n')
     env = helpers.child_env(PYTHONIOENCODING="utf-8")
-    env_no_mpl = dict(env, PYTHONPATH=os.pathsep.join([str(hidden), env["PYTHONPATH"]]))
+    env_hidden = dict(env, PYTHONPATH=os.pathsep.join([str(hidden), env["PYTHONPATH"]]))
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        yield {name: pool.submit(_run, bad, cwd, env_no_mpl if bad.no_matplotlib else env)
+        yield {name: pool.submit(_run, bad, cwd, env_hidden if bad.needs else env)
                for name, bad in BAD.items() if not (AS_ROOT and name in NOT_AS_ROOT)}
     (cwd / LOCKED).chmod(0o755)  # so that pytest can remove it
 
@@ -161,8 +169,8 @@ def test_bad_argument_is_a_usage_error(name, runs):
     assert lines[-1].startswith(f"{prog}: error: "), detail
     assert [line for line in lines if ": error:" in line] == lines[-1:], detail  # one line
     assert bad.names in lines[-1], detail
-    if bad.no_matplotlib:
-        assert "needs matplotlib" in lines[-1], detail
+    if bad.needs:
+        assert f"needs {bad.needs}" in lines[-1], detail
 
 
 def test_bench_help(helpers, tmp_path):
