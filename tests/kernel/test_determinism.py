@@ -241,7 +241,11 @@ DIGEST_CHILD = textwrap.dedent("""
     import numpy as np
     import pyattn
     from pyattn import functional
+    from threadpoolctl import threadpool_limits
 
+    # The layer's projections are BLAS matmuls, whose bits may follow
+    # OpenBLAS's thread count (OMP_NUM_THREADS too): one BLAS thread everywhere.
+    @threadpool_limits.wrap(limits=1, user_api="blas")
     def digest():
         rng = np.random.default_rng(2024)
         h = hashlib.sha256()
