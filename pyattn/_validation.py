@@ -108,6 +108,24 @@ def compact(arr, axes=None):
                      for st, n in zip(arr.strides[:axes], arr.shape)) + (...,)]
 
 
+def checked_cast(arr, dtype, name):
+    """`arr` (the argument `name`) as a new array of `dtype`.  Every narrowing
+    conversion of an input goes through here, under one rule: a finite value
+    that `dtype` cannot hold raises ValueError (NumPy and torch would make it
+    inf silently); inf and NaN pass through as given."""
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dtype, order="C")
+    overflow = np.isinf(out)
+    if overflow.any():
+        overflow &= ~np.isinf(arr)
+        if overflow.any():
+            raise ValueError(f"{name} holds {int(overflow.sum())} finite value(s) beyond the "
+                             f"range of {dtype}, e.g. {float(arr[overflow][0])!r}, which would "
+                             f"become inf; scale them, or pass inf itself")
+    return out
+
+
 def _span_elements(arr):
     """Elements of `arr`'s dtype from its lowest element to its highest, or
     None when its strides are not whole elements (no such count exists)."""
@@ -116,13 +134,14 @@ def _span_elements(arr):
     return 1 + sum(abs(st) // arr.itemsize * (n - 1) for st, n in zip(arr.strides, arr.shape))
 
 
-def _convert_span(arr, dtype, n):
+def _convert_span(arr, dtype, n, name):
     """`arr` as a read-only view into one converted copy of the `n` elements
-    that its elements span: overlapping elements are converted once."""
+    that its elements span: overlapping elements are converted once (and
+    checked once, gaps between them included)."""
     flip = tuple(slice(None, None, -1) if st < 0 else slice(None) for st in arr.strides)
     up = arr[flip]  # strides >= 0: the data pointer is at the lowest element
     as_strided = np.lib.stride_tricks.as_strided
-    copy = as_strided(up, (n,), (arr.itemsize,)).astype(dtype)
+    copy = checked_cast(as_strided(up, (n,), (arr.itemsize,)), dtype, name)
     strides = tuple(st // arr.itemsize * dtype.itemsize for st in up.strides)
     return as_strided(copy, up.shape, strides, writeable=False)[flip]
 
@@ -140,10 +159,10 @@ def convert_stored(arr, name, dtype=None):
     span = _span_elements(arr) if arr.size else None
     if span is not None and span < stored.size:
         check_fits(span, dtype.itemsize, f"a converted copy of {name} ({span} elements)")
-        return _convert_span(arr, dtype, span)
+        return _convert_span(arr, dtype, span, name)
     check_fits(stored.size, dtype.itemsize, f"a converted copy of {name} "
                f"({stored.size} distinct elements)")
-    return np.broadcast_to(stored.astype(dtype, order="C"), arr.shape)
+    return np.broadcast_to(checked_cast(stored, dtype, name), arr.shape)
 
 
 def as_array(x, name, what="an array"):

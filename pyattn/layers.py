@@ -21,7 +21,9 @@ from ._validation import (
     check_dtype,
     check_fits,
     check_size,
+    checked_cast,
     compact,
+    convert_stored,
     is_kernel_dtype,
     is_mask_dtype,
 )
@@ -87,7 +89,7 @@ def _as_input(x, name, dtype, width, width_name):
     arr = as_array(x, name)
     if not _is_real(arr.dtype):
         raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}")
-    arr = as_float_array(arr.astype(dtype, copy=False), name, min_ndim=1)
+    arr = as_float_array(convert_stored(arr, name, dtype), name, min_ndim=1)
     if arr.shape[-1] != width:
         raise ValueError(f"{name} must have {width_name} = {width} features in its last axis; "
                          f"got shape {arr.shape}")
@@ -270,7 +272,8 @@ class MultiHeadAttention:
             if not _is_real(arr.dtype) or arr.shape != shape:
                 raise ValueError(f"state_dict[{key!r}] must be a real array of shape {shape}; "
                                  f"got {arr.dtype} of shape {arr.shape}")
-            loaded[key] = np.array(arr, dtype=self.dtype)  # a copy: no aliasing of the caller's
+            # a copy (no aliasing of the caller's), refusing what the dtype cannot hold
+            loaded[key] = checked_cast(arr, self.dtype, f"state_dict[{key!r}]")
         for key, arr in loaded.items():  # all checked first: an error changes nothing
             setattr(self, self._ATTRIBUTE.get(key, key), arr)
 
@@ -379,24 +382,25 @@ class MultiHeadAttention:
             if lengths is not None and np.array_equal(kpm, np.arange(S) >= lengths[:, None]):
                 kv_lengths = lengths
             else:
-                masks.append(kpm.reshape(B, 1, 1, S))
+                masks.append(("key_padding_mask", kpm.reshape(B, 1, 1, S)))
         if attn_mask is not None:
             am = self._mask_array(attn_mask, "attn_mask")
             if am.shape == (L, S):
-                masks.append(am)
+                masks.append(("attn_mask", am))
             elif am.shape == ((B * H, L, S) if batched else (H, L, S)):
-                masks.append(am.reshape(B, H, L, S))
+                masks.append(("attn_mask", am.reshape(B, H, L, S)))
             else:
                 full = f"({B * H}, {L}, {S})" if batched else f"({H}, {L}, {S})"
                 raise ValueError(f"attn_mask must have shape ({L}, {S}) or {full}; got {am.shape}")
         if not masks:
             return None, kv_lengths
         # combined on their stored elements: a broadcast mask stays a view
-        masks = [compact(m) for m in masks]
+        names, masks = [n for n, _ in masks], [compact(m) for _, m in masks]
         if all(m.dtype == np.bool_ for m in masks):
             return (~masks[0] if len(masks) == 1 else ~(masks[0] | masks[1])), kv_lengths
         additive = [np.where(m, -np.inf, 0).astype(self.dtype) if m.dtype == np.bool_
-                    else m.astype(self.dtype, copy=False) for m in masks]
+                    else m if m.dtype == self.dtype else checked_cast(m, self.dtype, name)
+                    for name, m in zip(names, masks)]
         return (additive[0] if len(additive) == 1 else additive[0] + additive[1]), kv_lengths
 
     def _mask_array(self, mask, name):

@@ -675,6 +675,21 @@ def test_mask_of_non_bool_non_float_dtype_is_type_error(sdpa, dtype):
         sdpa(f32(5, 3), f32(6, 3), f32(6, 3), attn_mask=mask)
 
 
+@pytest.mark.parametrize("value", [-1e300, 1e300, float(np.finfo(np.float64).min)])
+def test_mask_values_beyond_the_compute_dtype_are_value_errors(sdpa, value):
+    """A float64 mask on float32 inputs is converted to float32, where a finite
+    value beyond its range would become inf (masking a key, or NaN); refused
+    by name.  -inf masks as given, and float32's own finfo.min is a score."""
+    mask = np.zeros((5, 6))
+    mask[2, 3] = value
+    with pytest.raises(ValueError, match=r"attn_mask holds 1 finite value.*float32"):
+        sdpa(f32(5, 3), f32(6, 3), f32(6, 3), attn_mask=mask)
+    mask[2, 3] = -np.inf
+    assert np.isfinite(sdpa(f32(5, 3), f32(6, 3), f32(6, 3), attn_mask=mask)).all()
+    mask[2] = np.finfo(np.float32).min
+    assert np.isfinite(sdpa(f32(5, 3), f32(6, 3), f32(6, 3), attn_mask=mask)).all()
+
+
 def test_mask_int_list_is_type_error(sdpa):
     with pytest.raises(TypeError, match="attn_mask has dtype int"):
         sdpa(f32(2, 3), f32(2, 3), f32(2, 3), attn_mask=[[1, 0], [0, 1]])

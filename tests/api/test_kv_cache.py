@@ -255,6 +255,41 @@ def test_dtypes(rng, helpers, dtype):
     assert np.dtype(dtype).name in repr(cache)
 
 
+NARROWING = [  # (cache dtype, source dtype, the smallest finite value that overflows it)
+    ("float16", np.float32, 65520.0), ("float16", np.float64, 65520.0),
+    ("bfloat16", np.float32, float(np.finfo(np.float32).max)), ("bfloat16", np.float64, 1e300),
+    ("float32", np.float64, 1e300),
+]
+
+
+@pytest.mark.parametrize("which", ["k_new", "v_new"])
+@pytest.mark.parametrize("cache_dtype, source, big", NARROWING,
+                         ids=[f"{c}<-{np.dtype(s).name}" for c, s, _ in NARROWING])
+def test_append_refuses_finite_values_the_cache_cannot_hold(rng, cache_dtype, source, big,
+                                                            which):
+    """A finite value that would become inf in the cache's dtype is a
+    ValueError naming the argument; the cache is left as it was.  inf and NaN
+    pass through as given, and values that round to the largest finite one
+    are stored."""
+    cache = pyattn.KVCache(2, 1, 4, dtype=cache_dtype)
+    ok = np.ones((2, 1, 3, 4), source)
+    cache.append(ok, ok)
+    bad = ok.copy()
+    bad[1, 0, 2, 3] = -big
+    args = (bad, ok) if which == "k_new" else (ok, bad)
+    with pytest.raises(ValueError, match=rf"{which} holds 1 finite value.*{cache.dtype.name}"):
+        cache.append(*args)
+    assert cache.lengths.tolist() == [3, 3]
+    special = np.zeros((2, 1, 1, 4), source)
+    special[0, 0, 0, :3] = [np.inf, -np.inf, np.nan]
+    cache.append(special, special)
+    stored = cache.keys[0, 0, 3].astype(np.float64)
+    assert stored[0] == np.inf and stored[1] == -np.inf and np.isnan(stored[2])
+    if cache_dtype == "float16":  # just below the overflow: rounds to the largest float16
+        cache.append(np.full((2, 1, 1, 4), 65519.0, source), special)
+        assert (cache.keys[:, :, -1] == 65504).all()
+
+
 def test_dtype_given_by_name(rng, helpers):
     assert pyattn.KVCache(1, 1, 1, dtype="float16").dtype == np.float16
     assert pyattn.KVCache(1, 1, 1, dtype="f8").dtype == np.float64

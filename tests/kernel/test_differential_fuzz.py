@@ -207,6 +207,7 @@ class Case:
     kwargs: dict
     must_succeed: bool  # valid shapes and mask, every parameter fits the compute dtype
     notes: list = field(default_factory=list)
+    refused: str = ""  # the argument both must refuse with ValueError, if any
 
     def __repr__(self):
         kw = ", ".join(f"{n}={describe(a)}" for n, a in self.kwargs.items())
@@ -529,7 +530,10 @@ def _check_call(helpers, case, kernel):
         if shape is None:
             assert type(gexc) is ValueError, f"shapes that do not broadcast: {gexc!r}"
         assert not (case.must_succeed and not may_raise), f"both refused a valid call: {gexc!r}"
+        if case.refused:
+            assert type(gexc) is ValueError and case.refused in str(gexc), gexc
         return
+    assert not case.refused, f"both accepted {case.refused}, whose finite values overflow"
     assert shape is not None, "shapes that do not broadcast were accepted"
     lse = kwargs.get("return_lse", False)
     if lse:
@@ -720,7 +724,7 @@ def calls(draw, focus):
         kwargs["alignment"] = "lower_right"
     nd = max(len(qshape), len(kshape), len(vshape), 3)
     lift = lambda s: (1,) * (nd - len(s)) + tuple(s)  # noqa: E731
-    mask_ok = True
+    mask_ok, refused = True, ""
     if out is not None:
         batch = tuple(np.broadcast_shapes(lift(qshape)[:-3], lift(kshape)[:-3],
                                           lift(vshape)[:-3]))
@@ -731,6 +735,8 @@ def calls(draw, focus):
     if out is not None and draw(st.sampled_from([True, True, False])):
         mask, mask_ok = draw_mask(draw, rng, batch + (H, L, S), dt, focus, notes)
         kwargs["attn_mask"] = mask
+        if mask_ok and valid and beyond_range(mask, compute_dtype(dt)):
+            refused = "attn_mask"
     if draw(st.sampled_from([False, False, True])):
         kwargs["window"] = draw(st.sampled_from([0, 1, 2, 5, 40, (0, None), (None, 3),
                                                  (2, 0), (None, None), (70, 1)]))
@@ -756,8 +762,10 @@ def calls(draw, focus):
     sinks = pick(SINKS)
     if sinks is not None:
         kwargs["sinks"] = rng.standard_normal(H) if sinks == "normal" else np.full(H, sinks)
-    must = valid and mask_ok and not unrepresentable(kwargs, dt)
-    return Case(q, k, v, kwargs, must_succeed=must, notes=notes)
+    if unrepresentable(kwargs, dt):
+        refused = ""  # a parameter may be refused first
+    must = valid and mask_ok and not refused and not unrepresentable(kwargs, dt)
+    return Case(q, k, v, kwargs, must_succeed=must, notes=notes, refused=refused)
 
 
 def lengths(draw, rng, batch, n):
@@ -766,6 +774,15 @@ def lengths(draw, rng, batch, n):
     if draw(st.booleans()):  # the edges: no row or key at all, and all of them
         arr = np.where(rng.random(shape) < 0.5, 0, n)
     return np.asarray(arr, dtype=draw(st.sampled_from([np.int64, np.int32])))
+
+
+def beyond_range(arr, dtype):
+    """Whether `arr` holds finite values that round to inf in `dtype` (from
+    half an ulp past its max): a conversion the library refuses."""
+    fi = finfo(dtype)
+    limit = float(fi.max) + 2.0 ** (fi.maxexp - fi.nmant - 2)
+    a = np.asarray(arr, np.float64)
+    return bool((np.isfinite(a) & (np.abs(a) >= limit)).any())
 
 
 def draw_mask(draw, rng, scores_shape, dt, focus, notes):

@@ -816,6 +816,36 @@ def test_load_state_dict_errors(same):
         mha.load_state_dict(bad)
 
 
+def test_values_the_layer_dtype_cannot_hold_are_refused(rng):
+    """Inputs, float masks and loaded parameters are converted to the layer's
+    dtype; a finite value that would become inf there is a ValueError naming
+    the argument (the layer is left unchanged), while inf passes through."""
+    mha = pyattn.MultiHeadAttention(4, 2, rng=0)  # float32
+    x = rng.standard_normal((1, 3, 4))
+    huge = x.copy()
+    huge[0, 1, 2] = 1e300
+    for name in ("query", "key", "value"):
+        args = {"query": x, "key": x, "value": x, name: huge}
+        with pytest.raises(ValueError, match=rf"{name} holds 1 finite value.*float32"):
+            mha(**args)
+    for name, mask in (("attn_mask", np.zeros((3, 3))), ("key_padding_mask", np.zeros((1, 3)))):
+        mask[..., 1] = -1e300
+        with pytest.raises(ValueError, match=rf"{name} holds \d+ finite value.*float32"):
+            mha(x, x, x, **{name: mask})
+        mask[..., 1] = -np.inf
+        assert np.isfinite(mha(x, x, x, **{name: mask})[0]).all()
+    good = mha.state_dict()
+    bad = {key: val.astype(np.float64) for key, val in good.items()}
+    bad["out_proj.bias"][1] = -1e300
+    with pytest.raises(ValueError, match=r"state_dict\['out_proj\.bias'\] holds 1 finite"):
+        mha.load_state_dict(bad)
+    for key, val in mha.state_dict().items():
+        np.testing.assert_array_equal(val, good[key])
+    inf = dict(good, **{"out_proj.bias": np.full(4, np.inf)})
+    mha.load_state_dict(inf)
+    assert (mha.out_proj_bias == np.inf).all()
+
+
 def test_failed_load_state_dict_leaves_layer_unchanged(rng):
     mha = pyattn.MultiHeadAttention(8, 2, rng=0)
     good = mha.state_dict()
