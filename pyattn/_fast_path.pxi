@@ -79,6 +79,10 @@ def simple_attention(query, key, value, is_causal, scale, enable_gqa, num_thread
         return None
     if hq % hk or (hk not in (1, hq) and not enable_gqa):
         return None
+    # near or beyond _validation.MAX_WORK (2**60 multiply-adds): the general
+    # path counts exactly and refuses
+    if <double>B * hq * L * S * (E + Ev) > <double>(<int64_t>1 << 59):
+        return None
     if not (_typed(q, itemsize) and _typed(k, itemsize) and _typed(v, itemsize)):
         return None
     cdef double scale_value

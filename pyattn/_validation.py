@@ -79,6 +79,11 @@ def compute_dtype(dtype):
     return np.dtype(np.float64) if size == 8 else np.dtype(np.float32)
 MAX_THREADS = _attention.MAX_THREADS
 MAX_POSITIONS = _attention.MAX_POSITIONS
+# Multiply-adds one call may claim: 2**60 is about 2.3e18 flops, over a day at
+# 10 TFLOP/s (a large CPU server's float32 peak) and weeks on a workstation;
+# the largest real prefill batches are ~2**50.  Beyond it a call, which cannot
+# be interrupted once in the kernel, would only look like a hang.
+MAX_WORK = 2**60
 
 
 def physical_memory():
@@ -393,6 +398,14 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         raise ValueError(
             f"query has L = {L} rows and key/value S = {S}; pyattn handles at most "
             f"{MAX_POSITIONS} (2**31 - 1) of each"
+        )
+    work = math.prod(batch) * num_heads * L * S * (q.shape[-1] + Ev)
+    if work > MAX_WORK:
+        raise ValueError(
+            f"query, key and value claim {work:.3g} multiply-adds (batch x heads x L x S x "
+            f"(E + Ev) = {math.prod(batch)} x {num_heads} x {L} x {S} x {q.shape[-1] + Ev}), "
+            f"beyond pyattn's limit of 2**60, which no CPU computes within a day; broadcast "
+            f"views are computed as they claim, never expanded"
         )
     work_shape = batch + (num_heads, L, Ev)
     out_shape = work_shape[ndim - out_ndim:]

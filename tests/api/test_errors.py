@@ -977,6 +977,11 @@ ISOLATED = [
           ("scores-beyond-int64", "dict(query=bc((2**31, 1)), key=bc((2**33, 1)), "
            "value=bc((2**33, 1)), attn_mask=np.zeros((1, 1), np.float32))", ValueError,
            r"^(?!.*does not broadcast)" + _names("query", "key", "scores")),
+          # Every size within its limit, but 2**63 multiply-adds (the fast path's
+          # shape): refused, not run for years.
+          ("work-beyond-2^60", "dict(query=bc((1, 2**31 - 1, 1)), key=bc((1, 2**31 - 1, 1)), "
+           "value=bc((1, 2**31 - 1, 1)))", ValueError,
+           r"query, key and value claim 9\.22e\+18 multiply-adds.*2\*\*60"),
           # Batch dimensions that broadcast to 2**60 elements.
           ("batch-beyond-int64", "dict(query=bc((2**30, 1, 1, 64)), key=bc((1, 2**30, 1, 64)), "
            "value=f32(1, 1, 1, 64))", ValueError, _names("query", "key", "batch", "result")),
