@@ -140,7 +140,12 @@ def quantize_int8(x, group_size=32):
     compiled quantizer is to be tested against.  Splits the last axis of `x`
     into groups of `group_size` channels; returns (int8 data shaped like `x`,
     float16 scales shaped (..., D // group_size))."""
-    x = np.asarray(x, dtype=np.float32)
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"x must hold real numbers: {exc}") from None
+    if x.ndim == 0:
+        raise ValueError("x must have at least 1 dimension (..., D), got a 0-d array")
     d = x.shape[-1]
     if group_size not in (32, 64, d) or d % group_size:
         raise ValueError(f"group_size must be 32, 64 or D={d} and divide D, "

@@ -73,6 +73,15 @@ def test_errors(bad, match):
         quantize_int8(**args)
 
 
+@pytest.mark.parametrize("x, exc", [(np.float32(1.0), ValueError),
+                                    (np.array(["a"] * 32), TypeError)])
+def test_inputs_that_are_not_rows_of_reals_name_x(x, exc):
+    """A 0-d x, or one NumPy cannot read as float32: an error naming x, not
+    an IndexError or NumPy's own message."""
+    with pytest.raises(exc, match=r"^x must"):
+        quantize_int8(x)
+
+
 def test_dequantize_errors():
     q, scales = quantize_int8(np.ones((1, 64), np.float32))
     with pytest.raises(TypeError, match="int8"):
