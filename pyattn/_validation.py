@@ -399,6 +399,12 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
             f"query has L = {L} rows and key/value S = {S}; pyattn handles at most "
             f"{MAX_POSITIONS} (2**31 - 1) of each"
         )
+    work_shape = batch + (num_heads, L, Ev)
+    out_shape = work_shape[ndim - out_ndim:]
+    scores_shape = batch + (num_heads, L, S)
+    check_fits(math.prod(out_shape), q.itemsize, f"the result, of shape {out_shape} (from query, "
+               f"key and value),")
+    # after the result: a result beyond memory is the more specific error
     work = math.prod(batch) * num_heads * L * S * (q.shape[-1] + Ev)
     if work > MAX_WORK:
         raise ValueError(
@@ -407,11 +413,6 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
             f"beyond pyattn's limit of 2**60, which no CPU computes within a day; broadcast "
             f"views are computed as they claim, never expanded"
         )
-    work_shape = batch + (num_heads, L, Ev)
-    out_shape = work_shape[ndim - out_ndim:]
-    scores_shape = batch + (num_heads, L, S)
-    check_fits(math.prod(out_shape), q.itemsize, f"the result, of shape {out_shape} (from query, "
-               f"key and value),")
     mask = None
     if attn_mask is not None:
         mask = _check_mask(attn_mask, compute_dtype(q.dtype), scores_shape, ndim)
