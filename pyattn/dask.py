@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 from dask.array import PerformanceWarning
 
-from ._validation import compute_dtype
+from ._validation import check_flag, compute_dtype
 from .functional import merge_attention
 from .functional import scaled_dot_product_attention as _sdpa
 from .kv_cache import KVCache
@@ -188,6 +188,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     S.  Returns a dask array (and the lse with ``return_lse``), chunked like
     ``query``.
     """
+    is_causal, enable_gqa = check_flag(is_causal, "is_causal"), check_flag(enable_gqa, "enable_gqa")
     q, k, v = (_as_dask(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
     for x, n in ((q, "query"), (k, "key"), (v, "value")):
         if x.ndim != 4:

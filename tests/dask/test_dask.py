@@ -110,7 +110,9 @@ def test_clear_errors(qc, kc, kw, match):
 
 @pytest.mark.parametrize("kw,match", [({"attn_mask": np.ones((48, 64), np.int8)}, "attn_mask"),
                                       ({"kv_lengths": [1.5, 2.0]}, "kv_lengths"),
-                                      ({"query": [[1.0]]}, "query")])
+                                      ({"query": [[1.0]]}, "query"),
+                                      ({"is_causal": "yes"}, "is_causal"),
+                                      ({"enable_gqa": 1}, "enable_gqa")])
 def test_type_errors(kw, match):
     q, k, v = _qkv()
     q = kw.pop("query", q)
