@@ -55,7 +55,7 @@ class BuildExt(build_ext):
 # order, and pyattn picks the first one the CPU supports.
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 KERNEL_SETS = ["amx", "avx512_bf16", "avx512", "avx2", "baseline"] if X86 else ["baseline"]
-CSRC = ["csrc/registry.c", *(f"csrc/kernels_{isa}.c" for isa in KERNEL_SETS)]
+CSRC = ["csrc/registry.c", "csrc/quantize.c", *(f"csrc/kernels_{isa}.c" for isa in KERNEL_SETS)]
 extra_cflags = os.environ.get("PYATTN_EXTRA_CFLAGS", "").split()
 
 extensions = [

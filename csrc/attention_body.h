@@ -14,6 +14,10 @@
  *             TO_REAL(x) / FROM_REAL(x) converting one element; elements are
  *             converted where they are loaded and written, and all the
  *             arithmetic stays in REAL.
+ *   KV        optional: the element type of k and v when it is not STORE;
+ *             KV_INT8 1 for int8 rows with float16 scales per group (q and
+ *             out are then REAL), dequantized as they are loaded (simd.h's
+ *             vload_kv).
  *
  * Vectors are GCC vector extensions, so the same text compiles to SSE2, AVX2
  * or AVX-512 depending on the target the including file selects.
@@ -109,8 +113,8 @@ static FN(regions) FN(region_bytes)(const pyattn_problem *p)
     b.kt = pyattn_size_mul(pyattn_size_mul(tiles, FN(kt_tile_elems)(p)), sizeof(PANEL));
     b.v = pyattn_size_mul(pyattn_size_mul(tiles, FN(v_tile_elems)(p)), sizeof(PANEL));
     /* the direct path's gathered rows: BLOCK_N x E and BLOCK_N x Ev of STORE */
-    const size_t k_rows = pyattn_size_mul(BLOCK_N * sizeof(STORE), E);
-    const size_t v_rows = pyattn_size_mul(BLOCK_N * sizeof(STORE), Ev);
+    const size_t k_rows = pyattn_size_mul(BLOCK_N * sizeof(KV), E);
+    const size_t v_rows = pyattn_size_mul(BLOCK_N * sizeof(KV), Ev);
     b.kt = b.kt > k_rows ? b.kt : k_rows;
     b.v = b.v > v_rows ? b.v : v_rows;
     b.scores = BLOCK_M * BLOCK_N * sizeof(REAL);
@@ -209,7 +213,7 @@ static void FN(softmax_step)(REAL *s, PANEL *rounded, int64_t cols_pad, REAL *m,
  * elements are not contiguous), each score is one dot product, and P V is
  * accumulated key by key.  Same masking and online softmax as the tiled path.
  */
-static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STORE *v,
+static void FN(attend_direct)(const pyattn_problem *p, const KV *k, const KV *v,
                               const void *mask, const pyattn_block *blk, const REAL *qs,
                               void *kbuf, void *vbuf, REAL *sc, REAL *acc, REAL *mrow,
                               REAL *lrow)
@@ -223,17 +227,20 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
         const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
         const int64_t cols_pad = FN(round_up)(nb, LANES);
         /* Rows are read in place when their elements are contiguous, else
-         * gathered into the (otherwise unused) panels first. */
-        const STORE *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
+         * gathered into the (otherwise unused) panels first; their scales
+         * stay where they are. */
+        const KV *kr = k + j0 * p->k_row, *vr = v + j0 * p->v_row;
+        const void *ks = FN(scale_row)(blk->k_scales, p->ks_row, j0);
+        const void *vs = FN(scale_row)(blk->v_scales, p->vs_row, j0);
         int64_t k_stride = p->k_row, v_stride = p->v_row;
         if (p->k_col != 1) {
-            STORE *kb = (STORE *)kbuf;
+            KV *kb = (KV *)kbuf;
             for (int64_t c = 0; c < nb; c++)
                 for (int64_t e = 0; e < E; e++) kb[c * E + e] = kr[c * p->k_row + e * p->k_col];
             kr = kb, k_stride = E;
         }
         if (p->v_col != 1) {
-            STORE *vb = (STORE *)vbuf;
+            KV *vb = (KV *)vbuf;
             for (int64_t c = 0; c < nb; c++)
                 for (int64_t x = 0; x < Ev; x++) vb[c * Ev + x] = vr[c * p->v_row + x * p->v_col];
             vr = vb, v_stride = Ev;
@@ -242,14 +249,17 @@ static void FN(attend_direct)(const pyattn_problem *p, const STORE *k, const STO
             REAL *s = sc + r * BLOCK_N;
             const int64_t full = nb - nb % LANES;
             for (int64_t c = 0; c < full; c += LANES)
-                FN(dots)(qs + r * E, kr + c * k_stride, k_stride, E, s + c);
-            for (int64_t c = full; c < nb; c++) s[c] = FN(dot)(qs + r * E, kr + c * k_stride, E);
+                FN(dots)(qs + r * E, kr + c * k_stride, k_stride,
+                         FN(scale_row)(ks, p->ks_row, c), p->ks_row, p->k_group, E, s + c);
+            for (int64_t c = full; c < nb; c++)
+                s[c] = FN(dot)(qs + r * E, kr + c * k_stride, FN(scale_row)(ks, p->ks_row, c),
+                               p->k_group, E);
             for (int64_t c = nb; c < cols_pad; c++) s[c] = 0; /* read by softcap_row */
             for (int64_t c = 0; c < cols_pad; c += LANES) FN(vstore)(s + c, FN(vload)(s + c) * vscale);
             if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
                 FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
             FN(softmax_step)(s, NULL, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
-            FN(weighted_rows)(s, vr, v_stride, nb, acc + r * evp, Ev);
+            FN(weighted_rows)(s, vr, v_stride, vs, p->vs_row, p->v_group, nb, acc + r * evp, Ev);
         }
     }
 }
@@ -285,7 +295,7 @@ typedef struct {
  * late ones).  *vp points at the tile's V, packed or in place (see
  * v_in_place).  Column offsets are in the exact products' panel layout; the
  * bfloat16 products' RANGE_COLS is a whole tile, so their offsets are always 0. */
-static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE *v,
+static int FN(tile_scores)(const pyattn_problem *p, const KV *k, const KV *v,
                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
                            const FN(workspace) *w, int64_t j0, int64_t nb, const PANEL **vp,
                            FN(group) *groups)
@@ -305,7 +315,7 @@ static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE 
         const size_t tile = (size_t)(j0 / BLOCK_N);
         kt += tile * FN(kt_tile_elems)(p), *vp += tile * FN(v_tile_elems)(p);
     } else {
-        FN(pack_tile)(p, k, v, j0, nb, w->kt_panel, w->v_panel);
+        FN(pack_tile)(p, blk, k, v, j0, nb, w->kt_panel, w->v_panel);
     }
     if (FN(v_in_place)(p)) *vp = (const PANEL *)(v + j0 * p->v_row);
     int count = 0;
@@ -326,7 +336,7 @@ static int FN(tile_scores)(const pyattn_problem *p, const STORE *k, const STORE 
 }
 
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
-static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STORE *v,
+static void FN(attend_tiled)(const pyattn_problem *p, const KV *k, const KV *v,
                              const void *mask, const pyattn_block *blk, int64_t rows_pad,
                              pyattn_scratch_header *tag, const FN(workspace) *w)
 {
@@ -335,7 +345,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
     if (w->whole_head && (tag->k != k || tag->v != v)) {
         for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N) {
             const size_t tile = (size_t)(j0 / BLOCK_N);
-            FN(pack_tile)(p, k, v, j0, p->S - j0 < BLOCK_N ? p->S - j0 : BLOCK_N,
+            FN(pack_tile)(p, blk, k, v, j0, p->S - j0 < BLOCK_N ? p->S - j0 : BLOCK_N,
                           w->kt_panel + tile * FN(kt_tile_elems)(p),
                           w->v_panel + tile * FN(v_tile_elems)(p));
         }
@@ -368,7 +378,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const STORE *k, const STOR
  * by tile and added, times w_factor, into the zeroed blk->weights (factor 1
  * writes one head; 1/H for every head in turn averages them).  Keys a row
  * never sees keep their 0, and so do rows with no key at all (l == 0). */
-static void FN(add_weights)(const pyattn_problem *p, const STORE *k, const STORE *v,
+static void FN(add_weights)(const pyattn_problem *p, const KV *k, const KV *v,
                             const void *mask, const pyattn_block *blk, int64_t rows_pad,
                             const FN(workspace) *w)
 {
@@ -402,7 +412,8 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                        const pyattn_block *blk, void *scratch)
 {
     const int64_t row0 = blk->row0, nrows = blk->nrows;
-    const STORE *q = q_, *k = k_, *v = v_;
+    const STORE *q = q_;
+    const KV *k = k_, *v = v_;
     STORE *out = out_;
     const int64_t Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t rows_pad = FN(round_up)(nrows, MR);
@@ -471,6 +482,8 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 #undef WEIGHTS_ROUNDED
 #undef STORE
 #undef STORE_KIND
+#undef KV
+#undef KV_INT8
 #undef TO_REAL
 #undef FROM_REAL
 #undef PANEL_BUDGET

@@ -24,6 +24,7 @@
  */
 #define BF16_UNIT_DPBF16 1
 #define BF16_UNIT_AMX 2
+_Static_assert(!KV_INT8, "quantized K/V have exact products only");
 
 #define PANEL uint16_t
 #define DIRECT_BELOW 8 /* as the float32 micro-tile: decode rows stay exact */
@@ -145,9 +146,10 @@ static REAL FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, in
 }
 
 /* Pack keys [j0, j0 + nb) in the pair layout (see the top). */
-static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
-                          int64_t j0, int64_t nb, uint16_t *kt_, uint16_t *vp_)
+static void FN(pack_tile)(const pyattn_problem *p, const pyattn_block *blk, const KV *k,
+                          const KV *v, int64_t j0, int64_t nb, uint16_t *kt_, uint16_t *vp_)
 {
+    (void)blk; /* no scales: quantized K/V have no bfloat16 products */
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t pairs = FN(q_width)(E) / 2, cols_pad = FN(round_up)(nb, NR);
     uint32_t *kt = (uint32_t *)kt_, *vp = (uint32_t *)vp_;

@@ -100,20 +100,23 @@ static REAL FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, in
 
 /* Value rows of REAL whose elements are contiguous and fill whole NR
  * vectors: the packed copy would hold the same numbers, so the products read
- * them in place (for few query rows the copy cost as much as the products). */
+ * them in place (for few query rows the copy cost as much as the products).
+ * Quantized rows must be dequantized, so they are always packed. */
 static inline int FN(v_in_place)(const pyattn_problem *p)
 {
-    return STORE_KIND == STORE_KIND_NATIVE && p->v_col == 1 && p->Ev % NR == 0;
+    return !KV_INT8 && STORE_KIND == STORE_KIND_NATIVE && p->v_col == 1 && p->Ev % NR == 0;
 }
 
 /* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and,
- * unless read in place, V (nb x evp, zero columns past Ev). */
-static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *v,
-                          int64_t j0, int64_t nb, REAL *kt, REAL *vp)
+ * unless read in place, V (nb x evp, zero columns past Ev), dequantized when
+ * they are quantized. */
+static void FN(pack_tile)(const pyattn_problem *p, const pyattn_block *blk, const KV *k,
+                          const KV *v, int64_t j0, int64_t nb, REAL *kt, REAL *vp)
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t cols_pad = FN(round_up)(nb, NR);
-    const STORE *src = k + j0 * p->k_row;
+    const KV *src = k + j0 * p->k_row;
+    const void *ks = FN(scale_row)(blk->k_scales, p->ks_row, j0);
     /* Contiguous key rows: LANES x LANES blocks transposed in registers.
      * What is left (and strided rows) goes element by element, rows of K^T
      * written contiguously and K read strided: half the cost of the
@@ -123,19 +126,25 @@ static void FN(pack_tile)(const pyattn_problem *p, const STORE *k, const STORE *
     for (int64_t c0 = 0; c0 < c_full; c0 += LANES)
         for (int64_t e0 = 0; e0 < e_full; e0 += LANES) {
             VEC r[LANES];
-            for (int i = 0; i < LANES; i++) r[i] = FN(vload_store)(src + (c0 + i) * p->k_row + e0);
+            const int64_t g = FN(group_of)(e0, p->k_group);
+            for (int i = 0; i < LANES; i++)
+                r[i] = FN(vload_kv)(src + (c0 + i) * p->k_row + e0,
+                                    FN(kv_scale)(FN(scale_row)(ks, p->ks_row, c0 + i), g));
             FN(transpose)(r);
             for (int i = 0; i < LANES; i++) FN(vstore)(kt + (e0 + i) * BLOCK_N + c0, r[i]);
         }
     for (int64_t e = 0; e < E; e++) {
         REAL *dst = kt + e * BLOCK_N;
+        const int64_t g = FN(group_of)(e, p->k_group);
         for (int64_t c = e < e_full ? c_full : 0; c < nb; c++)
-            dst[c] = TO_REAL(src[c * p->k_row + e * p->k_col]);
+            dst[c] = FN(kv_to_real)(src[c * p->k_row + e * p->k_col],
+                                    FN(kv_scale)(FN(scale_row)(ks, p->ks_row, c), g));
         for (int64_t c = nb; c < cols_pad; c++) dst[c] = 0;
     }
     if (FN(v_in_place)(p)) return;
     for (int64_t c = 0; c < nb; c++) {
-        FN(load_row)(v + (j0 + c) * p->v_row, p->v_col, Ev, vp + c * evp);
+        FN(load_kv_row)(v + (j0 + c) * p->v_row, p->v_col, Ev,
+                        FN(scale_row)(blk->v_scales, p->vs_row, j0 + c), p->v_group, vp + c * evp);
         for (int64_t x = Ev; x < evp; x++) vp[c * evp + x] = 0;
     }
 }

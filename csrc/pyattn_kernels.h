@@ -26,15 +26,19 @@ enum pyattn_dtype {
     PYATTN_FLOAT64,
     PYATTN_FLOAT16,  /* computed in float32 */
     PYATTN_BFLOAT16, /* computed in float32 */
+    PYATTN_INT8,     /* K and V only, with per-group float16 scales (docs/kv-cache.md);
+                      * q and out are float32 */
     PYATTN_NUM_DTYPES
 };
 
 /* What Python needs to know of a dtype: its NumPy name, its itemsize and
- * that of the type it is computed in (of the mask, logsumexp and weights). */
+ * that of the type it is computed in (of q and out when kv_only, of the mask,
+ * logsumexp and weights). */
 typedef struct pyattn_dtype_info {
     const char *name;
     int itemsize;          /* of the storage type */
     int compute_itemsize;
+    int kv_only;           /* 1: a quantized K/V storage, q and out in the compute type */
 } pyattn_dtype_info;
 extern const pyattn_dtype_info pyattn_dtypes[PYATTN_NUM_DTYPES];
 
@@ -66,6 +70,11 @@ typedef struct pyattn_problem {
                                       * half types), as split-KV partials do */
     int64_t w_row;                   /* row stride of blk->weights, elements */
     double w_factor;                 /* weights are added times this (1/H: mean) */
+    /* Quantized K/V (kv_only dtypes): key j's channel e is k[j, e] times its
+     * group's scale, blk->k_scales[j * ks_row + e / k_group] (float16, groups
+     * contiguous), and the same for V; 0 for the other dtypes. */
+    int64_t k_group, v_group;        /* channels per scale */
+    int64_t ks_row, vs_row;          /* row strides of the scales, elements */
 } pyattn_problem;
 
 /* One work item: query rows [row0, row0 + nrows) of one (batch, head), read
@@ -89,6 +98,9 @@ typedef struct pyattn_block {
     int64_t diag;        /* row i's diagonal is key i + diag: 0 top-left, S - L lower-right */
     double alibi_slope;  /* 0, or the ALiBi bias -slope * |i + diag - j| is added */
     double sink;         /* -inf, or a logit added to the softmax's denominator */
+    /* Quantized K/V: the scales at the (batch, key/value head) origin, as k
+     * and v (see pyattn_problem's k_group); NULL for the other dtypes. */
+    const void *k_scales, *v_scales;
 } pyattn_block;
 
 /* Attend one block.  q, k, v, mask and out point at the (batch, head) origin;
@@ -147,8 +159,24 @@ typedef struct pyattn_kernels {
 int pyattn_num_kernel_sets(void);
 const pyattn_kernels *pyattn_kernel_set(int index);
 
+/* The set that runs `dtype` (enum pyattn_dtype) when `set` is chosen: `set`
+ * itself when its by_dtype entry exists, else the first set after it in the
+ * order that this CPU supports and that has one; NULL when none does.  A set
+ * enables a dtype only once it has run on a CPU of that set (int8: avx2 and
+ * baseline), so a better set may leave it out. */
+const pyattn_kernels *pyattn_kernels_for_dtype(const pyattn_kernels *set, int dtype);
+
 /* The set called `name`, or NULL when this build has none. */
 const pyattn_kernels *pyattn_kernels_by_name(const char *name);
+
+/* Quantize n rows of x (float32, D channels each, contiguous) to the int8
+ * format of docs/kv-cache.md, `group` channels per scale, into q (n x D
+ * int8) and scales (n x D / group float16, as bits), both contiguous.
+ * Returns 0; 1 when x holds a non-finite value, 2 when a group's scale
+ * overflows float16, 3 when this build has no float16 (no _Float16): then
+ * rows from the first bad one on are left as they were. */
+int pyattn_quantize_int8(const float *x, int64_t n, int64_t D, int64_t group, int8_t *q,
+                         uint16_t *scales);
 
 /* Bytes of RAM of this machine, read once (every launch checks sizes). */
 size_t pyattn_physical_memory(void);

@@ -12,10 +12,11 @@
 #endif
 
 const pyattn_dtype_info pyattn_dtypes[PYATTN_NUM_DTYPES] = {
-    [PYATTN_FLOAT32] = {"float32", 4, 4},
-    [PYATTN_FLOAT64] = {"float64", 8, 8},
-    [PYATTN_FLOAT16] = {"float16", 2, 4},
-    [PYATTN_BFLOAT16] = {"bfloat16", 2, 4},
+    [PYATTN_FLOAT32] = {"float32", 4, 4, 0},
+    [PYATTN_FLOAT64] = {"float64", 8, 8, 0},
+    [PYATTN_FLOAT16] = {"float16", 2, 4, 0},
+    [PYATTN_BFLOAT16] = {"bfloat16", 2, 4, 0},
+    [PYATTN_INT8] = {"int8", 1, 4, 1},
 };
 
 /* setup.py defines PYATTN_KERNEL_SETS as PYATTN_SET(avx512) PYATTN_SET(avx2)
@@ -41,6 +42,18 @@ const pyattn_kernels *pyattn_kernels_by_name(const char *name)
 {
     for (int i = 0; i < pyattn_num_kernel_sets(); i++)
         if (strcmp(kernel_sets[i]->name, name) == 0) return kernel_sets[i];
+    return NULL;
+}
+
+const pyattn_kernels *pyattn_kernels_for_dtype(const pyattn_kernels *set, int dtype)
+{
+    if (dtype < 0 || dtype >= PYATTN_NUM_DTYPES) return NULL;
+    if (set != NULL && set->by_dtype[dtype].attend != NULL) return set;
+    int i = 0;
+    while (i < pyattn_num_kernel_sets() && kernel_sets[i] != set) i++;
+    for (i++; i < pyattn_num_kernel_sets(); i++)
+        if (kernel_sets[i]->by_dtype[dtype].attend != NULL && kernel_sets[i]->cpu_supports())
+            return kernel_sets[i];
     return NULL;
 }
 

@@ -11,6 +11,14 @@
 #define STORE_KIND STORE_KIND_NATIVE
 #endif
 
+/* KV: the element type of k and v, STORE unless the instance reads
+ * quantized rows (KV_INT8: int8 with one float16 scale per group of
+ * channels, see pyattn_problem's k_group). */
+#ifndef KV
+#define KV STORE
+#define KV_INT8 0
+#endif
+
 #define LANES ((int64_t)(VBYTES / sizeof(REAL)))
 #define NR (NV * LANES)
 
@@ -220,6 +228,64 @@ static inline VEC FN(vload_store)(const STORE *p)
 #endif
 }
 
+/* The scales of K/V row j (NULL for rows that have none), the group of
+ * channel e and its scale: what the loads below multiply by. */
+static inline const void *FN(scale_row)(const void *scales, int64_t row_stride, int64_t j)
+{
+#if KV_INT8
+    return (const _Float16 *)scales + j * row_stride;
+#else
+    (void)scales, (void)row_stride, (void)j;
+    return NULL;
+#endif
+}
+
+static inline int64_t FN(group_of)(int64_t e, int64_t group)
+{
+#if KV_INT8
+    return e / group;
+#else
+    (void)e, (void)group;
+    return 0;
+#endif
+}
+
+static inline REAL FN(kv_scale)(const void *srow, int64_t g)
+{
+#if KV_INT8
+    return (REAL)((const _Float16 *)srow)[g];
+#else
+    (void)srow, (void)g;
+    return 1;
+#endif
+}
+
+/* LANES contiguous K/V elements as REAL, all of one group of scale s: int8
+ * is dequantized here, in registers, right before its use. */
+static inline VEC FN(vload_kv)(const KV *p, REAL s)
+{
+#if KV_INT8
+    typedef int8_t FN(qvec) __attribute__((vector_size(LANES)));
+    FN(qvec) b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, VEC) * FN(vsplat)(s);
+#else
+    (void)s;
+    return FN(vload_store)(p);
+#endif
+}
+
+/* One K/V element as REAL, of scale s. */
+static inline REAL FN(kv_to_real)(KV x, REAL s)
+{
+#if KV_INT8
+    return (REAL)x * s;
+#else
+    (void)s;
+    return TO_REAL(x);
+#endif
+}
+
 /* dst[0:n] = src[0:n:stride] as REAL. */
 static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REAL *dst)
 {
@@ -227,6 +293,18 @@ static inline void FN(load_row)(const STORE *src, int64_t stride, int64_t n, REA
     if (stride == 1)
         for (; x + LANES <= n; x += LANES) FN(vstore)(dst + x, FN(vload_store)(src + x));
     for (; x < n; x++) dst[x] = TO_REAL(src[x * stride]);
+}
+
+/* dst[0:n] = K/V row src[0:n:stride] as REAL, its scales at srow. */
+static inline void FN(load_kv_row)(const KV *src, int64_t stride, int64_t n, const void *srow,
+                                   int64_t group, REAL *dst)
+{
+    int64_t x = 0;
+    if (stride == 1)
+        for (; x + LANES <= n; x += LANES)
+            FN(vstore)(dst + x, FN(vload_kv)(src + x, FN(kv_scale)(srow, FN(group_of)(x, group))));
+    for (; x < n; x++)
+        dst[x] = FN(kv_to_real)(src[x * stride], FN(kv_scale)(srow, FN(group_of)(x, group)));
 }
 
 /* Q rows [row0, row0 + nrows) of the problem as REAL, unscaled, E apart. */

@@ -58,7 +58,8 @@ from ._version import __version__  # noqa: E402
 from .functional import merge_attention, scaled_dot_product_attention  # noqa: E402
 from .kv_cache import KVCache, decode_attention  # noqa: E402
 from .layers import MultiHeadAttention, SelfAttention  # noqa: E402
+from .quantized import QuantizedKV  # noqa: E402
 
-__all__ = ["KVCache", "MultiHeadAttention", "SelfAttention", "__version__", "config",
-           "decode_attention", "merge_attention", "reference", "scaled_dot_product_attention",
-           "show_config"]
+__all__ = ["KVCache", "MultiHeadAttention", "QuantizedKV", "SelfAttention", "__version__",
+           "config", "decode_attention", "merge_attention", "reference",
+           "scaled_dot_product_attention", "show_config"]

@@ -10,7 +10,7 @@ typed pointers).
 """
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport INFINITY
-from libc.stdint cimport SIZE_MAX, int64_t, uintptr_t
+from libc.stdint cimport SIZE_MAX, int8_t, int64_t, uint16_t, uintptr_t
 from libc.string cimport memset
 
 import os
@@ -27,8 +27,11 @@ _cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") el
 
 # Storage dtypes of q, k, v and out, in the C registry's order; the half
 # types compute in float32, which is then the dtype of the mask, the
-# logsumexp and the weights.
+# logsumexp and the weights.  The kv_only ones (int8) store K and V only,
+# quantized, with q and out in their compute dtype.
 DTYPES = tuple(pyattn_dtypes[i].name.decode() for i in range(PYATTN_NUM_DTYPES))
+KV_ONLY_DTYPES = tuple(pyattn_dtypes[i].name.decode() for i in range(PYATTN_NUM_DTYPES)
+                       if pyattn_dtypes[i].kv_only)
 ITEMSIZE = {pyattn_dtypes[i].name.decode(): pyattn_dtypes[i].itemsize
             for i in range(PYATTN_NUM_DTYPES)}
 COMPUTE_ITEMSIZE = {pyattn_dtypes[i].name.decode(): pyattn_dtypes[i].compute_itemsize
@@ -67,32 +70,47 @@ def cpu_supports(str name):
     return table != NULL and bool(table.cpu_supports())
 
 
-cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype,
-                                              bint bf16_products=False) except NULL:
-    """The kernel for `dtype` in set `name`; with bf16_products, the one
-    whose products run in bfloat16 when the set has it (else the exact one:
-    bfloat16 products are a permission, not a demand)."""
+cdef const pyattn_kernels *_set_for_dtype(str name, str dtype) except NULL:
+    """The kernel set that runs `dtype` when set `name` is chosen: `name`
+    itself, or the best usable set below it that has the dtype (the
+    registry's rule, pyattn_kernels_for_dtype)."""
     cdef const pyattn_kernels *table = pyattn_kernels_by_name(name.encode())
-    cdef const pyattn_dtype_kernel *dk
     if table == NULL:
         raise ValueError(f"no kernels called {name!r} in this build")
     if dtype not in DTYPES:
         raise TypeError(f"no kernels for dtype {dtype}; they exist for {', '.join(DTYPES)}")
-    dk = &table.bf16_products[DTYPES.index(dtype)]
+    table = pyattn_kernels_for_dtype(table, DTYPES.index(dtype))
+    if table == NULL:
+        raise TypeError(f"this build has no {dtype} kernels (its compiler lacks _Float16)")
+    return table
+
+
+cdef const pyattn_dtype_kernel *_dtype_kernel(str name, str dtype,
+                                              bint bf16_products=False) except NULL:
+    """The kernel for `dtype` when set `name` is chosen (see _set_for_dtype);
+    with bf16_products, the one whose products run in bfloat16 when the set
+    has it (else the exact one: bfloat16 products are a permission, not a
+    demand)."""
+    cdef const pyattn_kernels *table = _set_for_dtype(name, dtype)
+    cdef const pyattn_dtype_kernel *dk = &table.bf16_products[DTYPES.index(dtype)]
     if not bf16_products or dk.attend == NULL:
         dk = &table.by_dtype[DTYPES.index(dtype)]
-    if dk.attend == NULL:
-        raise TypeError(f"this build has no {dtype} kernels (its compiler lacks _Float16)")
     return dk
 
 
-def has_dtype(str kernel, str dtype):
-    """Whether the kernels called `kernel` handle `dtype` in this build."""
+def kernel_for_dtype(str kernel, str dtype):
+    """The name of the set that runs `dtype` when `kernel` is chosen, or None
+    when no set of this build has it."""
     try:
-        _dtype_kernel(kernel, dtype)
+        return _set_for_dtype(kernel, dtype).name.decode()
     except TypeError:
-        return False
-    return True
+        return None
+
+
+def has_dtype(str kernel, str dtype):
+    """Whether the set called `kernel` itself has a kernel for `dtype` in this
+    build (without falling back to another set)."""
+    return kernel_for_dtype(kernel, dtype) == kernel
 
 
 def has_bf16_products(str kernel, str dtype):
@@ -132,13 +150,19 @@ def kernel_exp2(str kernel, x, y):
 # One launch: a problem, where its operands lie, and its score modifiers
 # --------------------------------------------------------------------------
 
+cdef enum:
+    N_OPERANDS = 7  # q, k, v, mask, out, k_scales, v_scales
+
+
 cdef struct launch:
     const pyattn_dtype_kernel *dk
     pyattn_problem prob
-    char *base[5]                  # q, k, v, mask, out (mask may be NULL)
-    const int64_t *batch_offsets   # (5, n_batch) byte offsets, or NULL: b * batch_stride
-    int64_t batch_stride[5]
-    int64_t head_stride[5]         # bytes; 0 = broadcast
+    # q, k, v, mask, out, k_scales, v_scales (mask and the scales may be NULL)
+    char *base[N_OPERANDS]
+    # (N_OPERANDS, n_batch) byte offsets, or NULL: b * batch_stride
+    const int64_t *batch_offsets
+    int64_t batch_stride[N_OPERANDS]
+    int64_t head_stride[N_OPERANDS]  # bytes; 0 = broadcast
     int64_t n_batch, num_heads, kv_group
     int64_t key_chunk, out_split_stride
     char *lse
@@ -256,6 +280,9 @@ cdef void _run_item(const launch *run, int64_t item, char *scratch) noexcept nog
         if valid_rows == 0:
             continue
         kvh = h // run.kv_group
+        if run.base[5] != NULL:  # quantized K/V: their scales
+            blk.k_scales = run.base[5] + _batch_offset(run, 5, b) + kvh * run.head_stride[5]
+            blk.v_scales = run.base[6] + _batch_offset(run, 6, b) + kvh * run.head_stride[6]
         run.dk.attend(
             p,
             run.base[0] + _batch_offset(run, 0, b) + h * run.head_stride[0],
@@ -373,12 +400,13 @@ def attend(str kernel, str dtype, *, tuple pointers,
            double softcap=0, const int64_t[::1] diag=None, const double[::1] alibi=None,
            const double[::1] sinks=None, const int64_t[::1] q_lengths=None,
            const int64_t[::1] kv_lengths=None, bint out_real=False,
-           bint bf16_products=False):
+           bint bf16_products=False, tuple quant_groups=(0, 0), tuple scale_rows=(0, 0)):
     """Run the kernel on every (batch, head, query block, key chunk); every
     argument after the dtype is passed by keyword.
 
-    pointers       data addresses of (q, k, v, mask, out); mask may be 0
-    batch_offsets  (5, B) byte offsets of each flat batch index, same order
+    pointers       data addresses of (q, k, v, mask, out, k_scales, v_scales);
+                   mask may be 0, the scales are 0 unless `dtype` is kv_only
+    batch_offsets  (7, B) byte offsets of each flat batch index, same order
     head_strides   byte strides of the head axis, same order (0 = broadcast)
     kv_group       query heads per key/value head (GQA); kv head = h // kv_group
     sizes          (L, S, E, Ev)
@@ -407,6 +435,8 @@ def attend(str kernel, str dtype, *, tuple pointers,
     out_real       out holds the compute dtype rather than `dtype` (split-KV
                    partials of the half types)
     bf16_products  Q K^T and P V in bfloat16 where the set can (see _dtype_kernel)
+    quant_groups, scale_rows  kv_only dtypes: (K, V) channels per scale, and
+                   the element row strides of their scales
 
     Returns the number of threads that ran the work.
     """
@@ -416,7 +446,8 @@ def attend(str kernel, str dtype, *, tuple pointers,
     memset(&run, 0, sizeof(run))
     run.dk = _dtype_kernel(kernel, dtype, bf16_products)
     run.real_size = COMPUTE_ITEMSIZE[dtype]
-    run.itemsize = run.real_size if out_real else ITEMSIZE[dtype]
+    # out holds the compute dtype for partials, and for kv_only K/V always
+    run.itemsize = run.real_size if out_real or dtype in KV_ONLY_DTYPES else ITEMSIZE[dtype]
     cdef pyattn_problem *prob = &run.prob
     prob.L, prob.S, prob.E, prob.Ev = sizes
     (prob.q_row, prob.q_col, prob.k_row, prob.k_col, prob.v_row, prob.v_col,
@@ -428,8 +459,10 @@ def attend(str kernel, str dtype, *, tuple pointers,
     prob.out_real = out_real
     prob.w_row = prob.S
     prob.w_factor = 1.0 / num_heads if average_heads else 1.0
+    prob.k_group, prob.v_group = quant_groups
+    prob.ks_row, prob.vs_row = scale_rows
     cdef int i
-    for i in range(5):
+    for i in range(N_OPERANDS):
         run.base[i] = <char *><uintptr_t>pointers[i]
         run.head_stride[i] = head_strides[i]
     run.n_batch = batch_offsets.shape[1]
@@ -447,6 +480,38 @@ def attend(str kernel, str dtype, *, tuple pointers,
     run.q_len = &q_lengths[0] if q_lengths is not None else NULL
     run.kv_len = &kv_lengths[0] if kv_lengths is not None else NULL
     return _run(&run, num_threads)
+
+
+def quantize_int8(const float[:, :, :, ::1] x, int8_t[:, :, :, ::1] q,
+                  uint16_t[:, :, :, ::1] scales, int64_t group, const int64_t[::1] starts,
+                  const int64_t[::1] counts, int num_threads=1):
+    """Quantize x (B, H, n, D) to the int8 format (docs/kv-cache.md) in
+    compiled code: rows t < counts[b] of x[b, h] go to rows starts[b] + t of
+    q[b, h] (B, H, capacity, D) and of scales[b, h] (float16 bits, D / group
+    per row), over (b, h) on at most num_threads threads.  Returns 0, or the
+    C quantizer's error codes c of the rows that failed as bits 1 << (c - 1)
+    (1: non-finite, 2: a scale overflows float16, 4: no float16)."""
+    cdef int64_t B = x.shape[0], H = x.shape[1], D = x.shape[3], item, b, h
+    if (q.shape[0] != B or q.shape[1] != H or q.shape[3] != D or scales.shape[0] != B
+            or scales.shape[1] != H or scales.shape[2] != q.shape[2] or group < 1
+            or D % group or scales.shape[3] != D // group
+            or starts.shape[0] != B or counts.shape[0] != B):
+        raise ValueError("quantize_int8: shapes do not agree")
+    for b in range(B):
+        if not (0 <= counts[b] <= x.shape[2] and 0 <= starts[b] <= q.shape[2] - counts[b]):
+            raise ValueError("quantize_int8: rows out of range")
+    cdef int err = 0, rc = 0
+    if B * H == 0 or D == 0:
+        return 0
+    with nogil:
+        for item in prange(B * H, num_threads=num_threads, schedule="static"):
+            b = item // H
+            h = item % H
+            if counts[b] > 0:
+                rc = pyattn_quantize_int8(&x[b, h, 0, 0], counts[b], D, group,
+                                          &q[b, h, starts[b], 0], &scales[b, h, starts[b], 0])
+                err |= (1 << rc) >> 1  # a reduction: every thread's failures
+    return err
 
 
 include "_fast_path.pxi"  # the common call, checked and launched without Python array work

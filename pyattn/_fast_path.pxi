@@ -19,9 +19,10 @@ cdef dict _dtype_names = {}  # dtype -> name (NumPy computes dtype.name in Pytho
 
 
 cdef str _kernel_dtype_name(dtype):
-    """The name of a native dtype the kernels store, or None."""
+    """The name of a native dtype the kernels store as q, k and v, or None."""
     name = _dtype_names.get(dtype)
-    if name is None and dtype.isnative and dtype.name in COMPUTE_ITEMSIZE:
+    if (name is None and dtype.isnative and dtype.name in COMPUTE_ITEMSIZE
+            and dtype.name not in KV_ONLY_DTYPES):
         name = _dtype_names[dtype] = dtype.name
     return name
 

@@ -1,6 +1,6 @@
 # The C boundary, declared once: csrc/pyattn_kernels.h as Cython sees it.
 # _attention.pyx cimports it; the header's comments say what each field means.
-from libc.stdint cimport int64_t
+from libc.stdint cimport int8_t, int64_t, uint16_t
 
 cdef extern from "pyattn_kernels.h" nogil:
     enum:  # of enum pyattn_dtype, whose values index pyattn_dtypes and by_dtype
@@ -9,6 +9,7 @@ cdef extern from "pyattn_kernels.h" nogil:
         const char *name
         int itemsize
         int compute_itemsize
+        int kv_only
     const pyattn_dtype_info pyattn_dtypes[]
 
     enum:
@@ -30,6 +31,7 @@ cdef extern from "pyattn_kernels.h" nogil:
         int out_real
         int64_t w_row
         double w_factor
+        int64_t k_group, v_group, ks_row, vs_row
     ctypedef struct pyattn_block:
         int64_t row0, nrows, key0, key1
         void *lse
@@ -38,6 +40,8 @@ cdef extern from "pyattn_kernels.h" nogil:
         int64_t diag
         double alibi_slope
         double sink
+        const void *k_scales
+        const void *v_scales
 
     ctypedef void (*pyattn_attend_fn)(
         const pyattn_problem *p, const void *q, const void *k, const void *v,
@@ -59,6 +63,9 @@ cdef extern from "pyattn_kernels.h" nogil:
     int pyattn_num_kernel_sets()
     const pyattn_kernels *pyattn_kernel_set(int index)
     const pyattn_kernels *pyattn_kernels_by_name(const char *name)
+    const pyattn_kernels *pyattn_kernels_for_dtype(const pyattn_kernels *set, int dtype)
+    int pyattn_quantize_int8(const float *x, int64_t n, int64_t D, int64_t group, int8_t *q,
+                             uint16_t *scales)
     size_t pyattn_physical_memory()
     size_t pyattn_size_mul(size_t a, size_t b)
     size_t pyattn_size_add(size_t a, size_t b)

@@ -60,7 +60,9 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         dest = np.empty(work_out.shape, dtype=work_out.dtype)
     q, k, v = prob.q, prob.k, prob.v
     qs, ks, vs, os_ = (_element_strides(a) for a in (q, k, v, dest))
-    arrays = [q, k, v, None, dest]
+    arrays = [q, k, v, None, dest, prob.k_scales, prob.v_scales]
+    scale_rows = tuple(0 if a is None else _element_strides(a)[-2]
+                       for a in (prob.k_scales, prob.v_scales))
     mask_kind, ms = _attention.MASK_NONE, (0, 0, 0)
     if prob.mask is not None:
         is_bool = prob.mask.dtype == np.bool_
@@ -72,8 +74,9 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     batch = prob.batch
     n_batch = int(np.prod(batch, dtype=np.int64))
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    bf16_products = _attention.wants_bf16_products(precision, q.dtype.name)
-    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, q.dtype.name, bf16_products))
+    dtype = prob.kernel_dtype
+    bf16_products = _attention.wants_bf16_products(precision, dtype)
+    n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, dtype, bf16_products))
     n_items = n_batch * prob.num_heads * n_qblocks
     key_chunk = 0 if weights is not None else _plan.split_keys(n_items, S)
     partial, chunk_lse, chunk_sum = None, lse, None
@@ -102,7 +105,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
         offsets = np.stack([np.zeros(index[0].size, np.int64) if a is None
                             else _batch_byte_offsets(a, batch, index) for a in arrays])
         used = max(used, _attention.attend(
-            _dispatch.KERNEL, q.dtype.name,
+            _dispatch.KERNEL, dtype,
             pointers=tuple(0 if a is None else _address(a) for a in arrays),
             batch_offsets=offsets,
             head_strides=tuple(head_stride(a) for a in arrays),
@@ -120,7 +123,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
             q_lengths=_per_batch(opts.q_lengths, batch, index),
             kv_lengths=_per_batch(opts.kv_lengths, batch, index),
             out_real=partial is not None and partial.dtype != dest.dtype,
-            bf16_products=bf16_products,
+            bf16_products=bf16_products, quant_groups=prob.groups, scale_rows=scale_rows,
         ))
     if partial is not None:
         _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse, sums=chunk_sum)

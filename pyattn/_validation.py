@@ -20,7 +20,7 @@ _TooHardError = getattr(np, "exceptions", np).TooHardError
 # stored as such and computed in float32.  bfloat16 is NumPy's only through
 # ml_dtypes, an optional dependency imported only when a name asks for it (an
 # array of it means that the caller already did).
-KERNEL_DTYPE_NAMES = _attention.DTYPES
+KERNEL_DTYPE_NAMES = tuple(n for n in _attention.DTYPES if n not in _attention.KV_ONLY_DTYPES)
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # computed in their own precision
 
 
@@ -268,10 +268,20 @@ class AttentionProblem:
     num_heads: int
     out_shape: Tuple[int, ...]  # what the caller gets back
     work_shape: Tuple[int, ...]  # (*batch, heads, L, Ev)
+    # quantized key and value (pyattn.QuantizedKV): k and v hold their int8
+    # data, these their float16 scales (lifted like k and v) and group sizes
+    k_scales: Optional[np.ndarray] = None
+    v_scales: Optional[np.ndarray] = None
+    groups: Tuple[int, int] = (0, 0)
 
     @property
     def dtype(self):
         return self.q.dtype
+
+    @property
+    def kernel_dtype(self):
+        """The name of the kernel table entry: the storage of k and v."""
+        return "int8" if self.k_scales is not None else self.q.dtype.name
 
     @property
     def compute_dtype(self):
@@ -361,13 +371,7 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     is_causal = check_flag(is_causal, "is_causal")
     enable_gqa = check_flag(enable_gqa, "enable_gqa")
     q = as_float_array(query, "query", layout="(..., L, E)")
-    k = as_float_array(key, "key", layout="(..., S, E)")
-    v = as_float_array(value, "value", layout="(..., S, Ev)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"query, key and value must share one dtype ({_SUPPORTED_NAMES}); got "
-            f"query {q.dtype}, key {k.dtype}, value {v.dtype}"
-        )
+    k, v, k_scales, v_scales, groups = _key_value(key, value, q.dtype)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"query and key must have the same last dimension E; got query {q.shape} "
@@ -384,6 +388,8 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     out_ndim = max(q.ndim, k.ndim, v.ndim)
     ndim = max(out_ndim, 3)
     q, k, v = _lift(q, ndim), _lift(k, ndim), _lift(v, ndim)
+    if k_scales is not None:
+        k_scales, v_scales = _lift(k_scales, ndim), _lift(v_scales, ndim)
     num_heads, kv_group = _heads(q.shape[-3], k.shape[-3], v.shape[-3], enable_gqa)
     try:
         batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
@@ -422,7 +428,39 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         scale=check_scale(scale, q.shape[-1], compute_dtype(q.dtype)), kv_group=kv_group,
         batch=batch,
         num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
+        k_scales=k_scales, v_scales=v_scales, groups=groups,
     )
+
+
+def _key_value(key, value, q_dtype):
+    """(k, v, k_scales, v_scales, groups) of a call: float arrays of the
+    query's dtype, or two pyattn.QuantizedKV (int8 data, float16 scales whose
+    groups the kernel reads contiguous) for a float32 query."""
+    from .quantized import QuantizedKV  # it imports this module
+
+    quantized = isinstance(key, QuantizedKV), isinstance(value, QuantizedKV)
+    if quantized == (False, False):
+        k = as_float_array(key, "key", layout="(..., S, E)")
+        v = as_float_array(value, "value", layout="(..., S, Ev)")
+        if not (q_dtype == k.dtype == v.dtype):
+            raise TypeError(
+                f"query, key and value must share one dtype ({_SUPPORTED_NAMES}); got "
+                f"query {q_dtype}, key {k.dtype}, value {v.dtype}"
+            )
+        return k, v, None, None, (0, 0)
+    if quantized != (True, True):
+        raise TypeError(f"key and value must both be pyattn.QuantizedKV or both arrays; got "
+                        f"key {type(key).__name__} and value {type(value).__name__}")
+    if q_dtype != np.float32:
+        raise TypeError(f"query must be float32 with quantized key and value (the int8 "
+                        f"kernels compute in float32); got {q_dtype}")
+
+    def scales_for_kernel(kv, name):
+        s = convert_stored(kv.scales, f"{name}.scales")
+        return s if s.strides[-1] == s.itemsize else np.ascontiguousarray(s)
+
+    return (key.data, value.data, scales_for_kernel(key, "key"),
+            scales_for_kernel(value, "value"), (key.group_size, value.group_size))
 
 
 def prepare_lse(prob):

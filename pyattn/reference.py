@@ -67,8 +67,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     # the result is broadcast back.  Half types are computed in float32, like
     # the kernel does.
     nb = len(prob.batch)
+    k, v = prob.k, prob.v
+    if prob.k_scales is not None:  # quantized: the float32 numbers they stand for
+        k, v = dequantize_int8(k, prob.k_scales), dequantize_int8(v, prob.v_scales)
     q, k, v = (compact(convert_stored(a, name, prob.compute_dtype), nb)
-               for name, a in (("query", prob.q), ("key", prob.k), ("value", prob.v)))
+               for name, a in (("query", prob.q), ("key", k), ("value", v)))
     mask = None if prob.mask is None else compact(prob.mask, nb)
     diag, q_len, kv_len = (None if a is None else compact(a)[..., None, None, None]
                            for a in (opts.diag, opts.q_lengths, opts.kv_lengths))
