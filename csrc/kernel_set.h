@@ -75,8 +75,8 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 #define BLOCK_N F32_BLOCK_N
 #define PRODUCTS_TAG exact
 #include "float_instances.h"
-/* int8 K/V with float16 scales (through _Float16, as float16 storage) */
-#if defined(INT8_KV) && defined(__FLT16_MAX__)
+/* int8 K/V with float16 scales */
+#ifdef INT8_KV
 #define KV int8_t
 #define KV_INT8 1
 #define SUFFIX PA_CAT(i8, PA_CAT(exact, ISA))
@@ -84,7 +84,7 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 #undef SUFFIX
 #define PA_INT8_KERNEL PA_DTYPE_KERNEL(i8, exact, F32_BLOCK_M)
 #else
-#define PA_INT8_KERNEL {0} /* not run on this set's CPUs yet, or no _Float16 */
+#define PA_INT8_KERNEL {0} /* not run on this set's CPUs yet */
 #endif
 #undef PRODUCTS_TAG
 #undef MR

@@ -233,7 +233,7 @@ static inline VEC FN(vload_store)(const STORE *p)
 static inline const void *FN(scale_row)(const void *scales, int64_t row_stride, int64_t j)
 {
 #if KV_INT8
-    return (const _Float16 *)scales + j * row_stride;
+    return (const uint16_t *)scales + j * row_stride;
 #else
     (void)scales, (void)row_stride, (void)j;
     return NULL;
@@ -250,10 +250,26 @@ static inline int64_t FN(group_of)(int64_t e, int64_t group)
 #endif
 }
 
+/* Scales are float16 bits, finite (validated): F16C converts one in an
+ * instruction; elsewhere the exponent is rebased in integer code, and a
+ * subnormal, m * 2^-24, is exact in float arithmetic. */
 static inline REAL FN(kv_scale)(const void *srow, int64_t g)
 {
 #if KV_INT8
-    return (REAL)((const _Float16 *)srow)[g];
+    const uint16_t h = ((const uint16_t *)srow)[g];
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t m = h & 0x3ffu, e = (h >> 10) & 0x1fu, sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t bits = e ? (e + 112) << 23 | m << 13 : 0;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    x = e ? x : (float)m * 0x1p-24f;
+    memcpy(&bits, &x, sizeof bits);
+    bits |= sign;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+#endif
 #else
     (void)srow, (void)g;
     return 1;
@@ -261,14 +277,22 @@ static inline REAL FN(kv_scale)(const void *srow, int64_t g)
 }
 
 /* LANES contiguous K/V elements as REAL, all of one group of scale s: int8
- * is dequantized here, in registers, right before its use. */
+ * is dequantized here, in registers, right before its use (sign-extended
+ * lane-wise: GCC's generic vector conversion goes element by element). */
 static inline VEC FN(vload_kv)(const KV *p, REAL s)
 {
-#if KV_INT8
-    typedef int8_t FN(qvec) __attribute__((vector_size(LANES)));
-    FN(qvec) b;
-    memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(b, VEC) * FN(vsplat)(s);
+#if KV_INT8 && VBYTES == 32 && defined(__AVX2__)
+    const __m256i x = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return (VEC)_mm256_cvtepi32_ps(x) * FN(vsplat)(s);
+#elif KV_INT8 && VBYTES == 16 && defined(__SSE2__)
+    int32_t w;
+    memcpy(&w, p, sizeof w);
+    __m128i x = _mm_cvtsi32_si128(w);
+    x = _mm_unpacklo_epi8(x, x);
+    x = _mm_srai_epi32(_mm_unpacklo_epi16(x, x), 24); /* each byte in the top of a lane */
+    return (VEC)_mm_cvtepi32_ps(x) * FN(vsplat)(s);
+#elif KV_INT8
+#error "int8 K/V loads exist for AVX2 and SSE2 (the CPUs they ran on)"
 #else
     (void)s;
     return FN(vload_store)(p);
