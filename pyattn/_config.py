@@ -19,6 +19,8 @@ def config():
         "default_threads": _attention.max_threads(),
         "kernel": _dispatch.KERNEL,
         "bf16_products": _attention.has_bf16_products(_dispatch.KERNEL, "float32"),
+        # the set that runs int8 K/V: this one, or the best usable set below it with int8
+        "int8_kernel": _attention.kernel_for_dtype(_dispatch.KERNEL, "int8"),
         "usable_kernels": _dispatch.usable_kernels(),
         "kernel_env_var": _dispatch.ENV_VAR,
     }

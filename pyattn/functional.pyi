@@ -5,12 +5,15 @@ from typing import Literal, Sequence, overload
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .quantized import QuantizedKV
+
 _Alignment = Literal["top_left", "lower_right"]
 _Window = int | tuple[int | None, int | None] | None
 
 @overload
 def scaled_dot_product_attention(
-    query: ArrayLike, key: ArrayLike, value: ArrayLike, attn_mask: ArrayLike | None = ...,
+    query: ArrayLike, key: ArrayLike | QuantizedKV, value: ArrayLike | QuantizedKV,
+    attn_mask: ArrayLike | None = ...,
     is_causal: bool = ..., scale: float | None = ..., enable_gqa: bool = ..., *,
     out: NDArray[np.generic] | None = ..., num_threads: int | None = ...,
     alignment: _Alignment = ..., window: _Window = ..., alibi_slopes: ArrayLike | None = ...,
@@ -20,7 +23,8 @@ def scaled_dot_product_attention(
 ) -> NDArray[np.generic]: ...
 @overload
 def scaled_dot_product_attention(
-    query: ArrayLike, key: ArrayLike, value: ArrayLike, attn_mask: ArrayLike | None = ...,
+    query: ArrayLike, key: ArrayLike | QuantizedKV, value: ArrayLike | QuantizedKV,
+    attn_mask: ArrayLike | None = ...,
     is_causal: bool = ..., scale: float | None = ..., enable_gqa: bool = ..., *,
     out: NDArray[np.generic] | None = ..., num_threads: int | None = ...,
     alignment: _Alignment = ..., window: _Window = ..., alibi_slopes: ArrayLike | None = ...,

@@ -15,6 +15,7 @@ from ._validation import (
     convert_stored,
 )
 from .functional import scaled_dot_product_attention
+from .quantized import QuantizedKV, check_group_size, quantize_rows
 
 __all__ = ["KVCache", "decode_attention"]
 
@@ -45,23 +46,37 @@ class KVCache:
     batch, num_kv_heads, head_dim : int
     max_len : int, optional
         Refuse to grow beyond this many positions (and never allocate more).
-    dtype : float32, float64, float16 or bfloat16
+    dtype : float32, float64, float16, bfloat16 or int8
+        int8 quantizes keys and values as they are appended (compiled code,
+        docs/kv-cache.md): int8 data and one float16 scale per group of
+        ``group_size`` channels, about 0.27x the float32 cache at
+        head_dim 128; queries are then float32.
     value_dim : int, optional
         Width of the values (default head_dim).
+    group_size : 32, 64 or the width, optional
+        int8 only: channels per scale (default 32); it must divide head_dim
+        and value_dim.
     """
 
     def __init__(self, batch, num_kv_heads, head_dim, max_len=None, dtype=np.float32,
-                 value_dim=None):
+                 value_dim=None, group_size=None):
         self.batch = check_size(batch, "batch")
         self.num_kv_heads = check_size(num_kv_heads, "num_kv_heads")
         self.head_dim = check_size(head_dim, "head_dim")
         self.value_dim = self.head_dim if value_dim is None else check_size(value_dim, "value_dim")
         self.max_len = None if max_len is None else check_size(max_len, "max_len")
-        self.dtype = check_dtype(dtype, KERNEL_DTYPE_NAMES,
-                                 "float32, float64, float16 or bfloat16 (with ml_dtypes)")
+        self.dtype = check_dtype(dtype, KERNEL_DTYPE_NAMES + ("int8",),
+                                 "float32, float64, float16, bfloat16 (with ml_dtypes) or int8")
+        self.group_size = None
+        if self.quantized:
+            self.group_size = check_group_size(32 if group_size is None else group_size,
+                                               self.head_dim)
+            check_group_size(self.group_size, self.value_dim)
+        elif group_size is not None:
+            raise ValueError(f"group_size is for int8 caches; this one stores {self.dtype.name}")
         self.lengths = np.zeros(self.batch, dtype=np.int64)
         self._lock = threading.Lock()
-        self._k = self._v = None
+        self._k = self._v = self._ks = self._vs = None
         self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY), "the KVCache")
 
     # A lock cannot be pickled or copied: a copy (pickle, copy.deepcopy) gets its own.
@@ -80,28 +95,45 @@ class KVCache:
         # either would overwrite the other's positions, so copies are whole
         return copy.deepcopy(self)
 
+    @property
+    def quantized(self):
+        """Whether keys and values are stored as int8 with scales."""
+        return self.dtype == np.int8
+
     def _allocate(self, capacity, why):
         """Storage for `capacity` positions, checked to fit first; `why` says
         what asked for them, for the error."""
         shape = (self.batch, self.num_kv_heads, capacity)
-        check_fits(self.batch * self.num_kv_heads * capacity * (self.head_dim + self.value_dim),
-                   self.dtype.itemsize,
+        widths = [self.head_dim, self.value_dim]
+        itemsizes = [self.dtype.itemsize] * 2
+        if self.quantized:  # and their float16 scales
+            widths += [w // self.group_size for w in widths]
+            itemsizes += [2, 2]
+        check_fits(self.batch * self.num_kv_heads * capacity
+                   * sum(w * i for w, i in zip(widths, itemsizes)), 1,
                    f"{why}: keys and values for {capacity} positions (batch={self.batch}, "
                    f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                    f"value_dim={self.value_dim})")
         # zeros (calloc: pages appear as they are written): never-written
         # storage in the keys/values views reads as zeros, not garbage
-        k = np.zeros(shape + (self.head_dim,), dtype=self.dtype)
-        v = np.zeros(shape + (self.value_dim,), dtype=self.dtype)
-        if self._k is not None:  # keep what is there (up to the longest sequence)
-            n = int(self.lengths.max())
-            k[:, :, :n] = self._k[:, :, :n]
-            v[:, :, :n] = self._v[:, :, :n]
-        self._k, self._v = k, v
+        new = [np.zeros(shape + (w,), dtype=np.float16 if i > 1 else self.dtype)
+               for i, w in enumerate(widths)]
+        old = [a for a in (self._k, self._v, self._ks, self._vs) if a is not None]
+        n = int(self.lengths.max())
+        for a, b in zip(new, old):  # keep what is there (up to the longest sequence)
+            a[:, :, :n] = b[:, :, :n]
+        self._k, self._v = new[:2]
+        if self.quantized:
+            self._ks, self._vs = new[2:]
 
     def _filled(self):
-        """(keys view, values view, lengths) of one moment; the caller holds the lock."""
+        """(keys view, values view, lengths) of one moment, the views
+        QuantizedKV for int8; the caller holds the lock."""
         n = int(self.lengths.max(initial=0))
+        if self.quantized:
+            return (QuantizedKV._trusted(self._k[:, :, :n], self._ks[:, :, :n], self.group_size),
+                    QuantizedKV._trusted(self._v[:, :, :n], self._vs[:, :, :n], self.group_size),
+                    self.lengths)
         return self._k[:, :, :n], self._v[:, :, :n], self.lengths
 
     @property
@@ -109,9 +141,26 @@ class KVCache:
         return self._k.shape[2]
 
     @property
+    def nbytes(self):
+        """Bytes of storage the cache holds (all its capacity, scales included)."""
+        return sum(a.nbytes for a in (self._k, self._v, self._ks, self._vs) if a is not None)
+
+    def dequantize(self):
+        """(keys, values) of an int8 cache as float32 arrays (batch,
+        num_kv_heads, max(lengths), dim): exactly what the kernels compute
+        with (positions past a sequence's length included)."""
+        if not self.quantized:
+            raise TypeError(f"dequantize() is for int8 caches; this one stores "
+                            f"{self.dtype.name} (use keys and values)")
+        with self._lock:
+            keys, values, _ = self._filled()
+            return keys.dequantize(), values.dequantize()
+
+    @property
     def keys(self):
         """View (batch, num_kv_heads, max(lengths), head_dim); sequence b's
-        valid keys are the first lengths[b]."""
+        valid keys are the first lengths[b].  A QuantizedKV of views for an
+        int8 cache."""
         with self._lock:
             return self._filled()[0]
 
@@ -159,10 +208,16 @@ class KVCache:
                 grown = max(needed, 2 * self.capacity)
                 self._allocate(grown if self.max_len is None else min(grown, self.max_len),
                                f"appending n = {n} positions (k_new, v_new)")
-            for b in range(self.batch):
-                start, c = int(self.lengths[b]), int(counts[b])
-                self._k[b, :, start:start + c] = k_new[b, :, :c]
-                self._v[b, :, start:start + c] = v_new[b, :, :c]
+            if self.quantized:  # compiled, over sequences and heads; errors before lengths move
+                quantize_rows(k_new, self._k, self._ks, self.group_size, self.lengths, counts,
+                              "k_new")
+                quantize_rows(v_new, self._v, self._vs, self.group_size, self.lengths, counts,
+                              "v_new")
+            else:
+                for b in range(self.batch):
+                    start, c = int(self.lengths[b]), int(counts[b])
+                    self._k[b, :, start:start + c] = k_new[b, :, :c]
+                    self._v[b, :, start:start + c] = v_new[b, :, :c]
             self.lengths = new_lengths
 
     def reset(self):
@@ -191,7 +246,8 @@ class KVCache:
         with self._lock:
             return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
                     f"head_dim={self.head_dim}, lengths={self.lengths.tolist()}, "
-                    f"capacity={self.capacity}, dtype={self.dtype.name})")
+                    f"capacity={self.capacity}, dtype={self.dtype.name}"
+                    + (f", group_size={self.group_size})" if self.quantized else ")"))
 
 
 def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=None, **modifiers):
@@ -199,9 +255,9 @@ def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=No
     end of each sequence (lower-right): query i of L sees the keys up to
     position lengths[b] - L + i, so append the new keys and values first.
 
-    query : (batch, num_heads, L, head_dim), num_heads a multiple of the
-        cache's num_kv_heads (GQA/MQA: each KV head is read once for all the
-        query heads that share it when L == 1).
+    query : (batch, num_heads, L, head_dim), float32 for an int8 cache;
+        num_heads a multiple of the cache's num_kv_heads (GQA/MQA: each KV
+        head is read once for all the query heads that share it when L == 1).
     q_lengths : (batch,) ints, optional
         Sequences that appended fewer than L positions have their queries
         first; the rest are padding (zeros out).
