@@ -1,0 +1,309 @@
+"""int8 keys and values (issue 17): the kernels read QuantizedKV in place,
+dequantizing each row in registers, so they must compute exactly what the
+float32 kernels compute on the dequantized K/V (bitwise when the width is
+whole vectors: same products, same order), and agree with pyattn.reference
+on them to float32 rounding; on every
+path (direct, split-KV, GQA rows, tiled) and with every score modifier.  Also
+the compiled quantizer against the NumPy oracle, KVCache(dtype="int8"), the
+container's checks, and the registry's fallback for sets without int8."""
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from support import USABLE_KERNELS, random_mask
+
+import pyattn
+from pyattn import QuantizedKV, _attention, _dispatch
+from pyattn import reference as ref
+
+INT8_SETS = ("avx2", "baseline")  # the sets that have run int8 on a CPU of theirs
+
+
+def quantized(rng, shape, group=32, scale=1.0):
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return QuantizedKV.quantize(x, group)
+
+
+def both(q, k, v, **kw):
+    """(int8 result, float32 result on the dequantized K/V, reference's)."""
+    got = pyattn.scaled_dot_product_attention(q, k, v, **kw)
+    kd, vd = k.dequantize(), v.dequantize()
+    return (got, pyattn.scaled_dot_product_attention(q, kd, vd, **kw),
+            ref.scaled_dot_product_attention(q, kd, vd, **kw))
+
+
+@st.composite
+def calls(draw):
+    """A call on quantized K/V: shapes that take the direct path (L < MR),
+    the tiled one, GQA heads as rows and split-KV, with random modifiers."""
+    hkv = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 4))
+    L = draw(st.sampled_from([1, 2, 3, 7, 9, 20]))
+    S = draw(st.sampled_from([1, 5, 64, 129, 300, 2100]))
+    D = draw(st.sampled_from([32, 64, 96, 128, 12]))
+    gk = draw(st.sampled_from([g for g in (32, 64, D) if D % g == 0]))
+    gv = draw(st.sampled_from([g for g in (32, 64, D) if D % g == 0]))
+    B = draw(st.integers(1, 2))
+    kw = {"enable_gqa": True}
+    if draw(st.booleans()):
+        kw["is_causal"] = True
+        kw["alignment"] = draw(st.sampled_from(["top_left", "lower_right"]))
+    if draw(st.booleans()):
+        kw["window"] = (draw(st.integers(0, 40)), draw(st.one_of(st.none(), st.integers(0, 5))))
+    if draw(st.booleans()):
+        kw["softcap"] = draw(st.sampled_from([2.0, 30.0]))
+    mods = draw(st.sets(st.sampled_from(["alibi", "sinks", "lengths", "mask", "lse"])))
+    return dict(B=B, H=hkv * group, Hkv=hkv, L=L, S=S, D=D, gk=gk, gv=gv, kw=kw, mods=mods,
+                seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@pytest.mark.parametrize("isa", USABLE_KERNELS)
+@given(case=calls())
+def test_int8_equals_float32_on_the_dequantized_kv(helpers, isa, case):
+    rng = np.random.default_rng(case["seed"])
+    B, H, Hkv, L, S, D = (case[n] for n in ("B", "H", "Hkv", "L", "S", "D"))
+    q = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    k = quantized(rng, (B, Hkv, S, D), case["gk"])
+    v = quantized(rng, (B, Hkv, S, D), case["gv"], scale=3.0)
+    kw = dict(case["kw"])
+    mods = case["mods"]
+    if "alibi" in mods:
+        kw["alibi_slopes"] = rng.random(H) * 0.1
+    if "sinks" in mods:
+        kw["sinks"] = rng.standard_normal(H)
+    if "lengths" in mods:
+        kw["kv_lengths"] = rng.integers(0, S + 1, B)
+        kw["q_lengths"] = rng.integers(0, L + 1, B)
+    if "mask" in mods:
+        kw["attn_mask"] = random_mask(rng, "bool", (L, S), np.float32)
+    if "lse" in mods:
+        kw["return_lse"] = True
+    with mock.patch.object(_dispatch, "KERNEL", isa):
+        got, f32, expected = both(q, k, v, **kw)
+    # scores as large as q.k and the ALiBi bias make the tolerance
+    bound = helpers.score_bound(q, k.dequantize()) + 0.1 * (L + S) * ("alibi" in mods)
+    for g, f, e in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, f32, expected))):
+        assert g.dtype == np.float32
+        if D % 8 == 0:  # whole vectors; GCC compiles the scalar tails of the two differently
+            np.testing.assert_array_equal(g, f)
+        helpers.assert_close(g, f, score_bound=bound)
+        helpers.assert_close(g, e, score_bound=bound)
+
+
+@pytest.mark.parametrize("H,Hkv,L,S,split", [(32, 32, 1, 4096, False), (32, 8, 1, 8192, True),
+                                             (8, 2, 3, 2048, True), (4, 4, 40, 600, False)])
+def test_paths_decode_split_gqa_tiled(kernel, rng, helpers, spy_split, H, Hkv, L, S, split):
+    """The shapes of the issue's decode benchmarks (split-KV, GQA read once)
+    and a prefill chunk (tiled), at head_dim 128."""
+    q = rng.standard_normal((1, H, L, 128)).astype(np.float32)
+    k, v = quantized(rng, (1, Hkv, S, 128)), quantized(rng, (1, Hkv, S, 128))
+    records = []
+    _attention.record_problems(records)
+    try:
+        got, f32, expected = both(q, k, v, enable_gqa=True, is_causal=True,
+                                  alignment="lower_right")
+    finally:
+        _attention.record_problems(None)
+    np.testing.assert_array_equal(got, f32)
+    helpers.assert_close(got, expected)
+    if L == 1 and H != Hkv:  # heads as rows: each key/value head once, g rows
+        assert records[0][1:3] == (Hkv, H // Hkv)
+    assert (spy_split[0] > 0) is split
+
+
+def test_strided_and_broadcast_views(kernel, rng):
+    """Data read through strides (the direct path gathers such rows, the
+    tiled path packs them) and scales that are views, not copies."""
+    big = quantized(rng, (2, 3, 400, 128))
+    data = big.data[:, :, ::2]  # every other key
+    k = QuantizedKV(data, big.scales[:, :, ::2], 32)
+    t = quantized(rng, (2, 3, 128, 200), group=200)  # D = 200, read transposed
+    v = QuantizedKV(np.swapaxes(t.data, -1, -2)[:, :, :, :128], np.zeros((2, 3, 200, 1),
+                    np.float16) + np.float16(0.01), 128)
+    for L in (1, 30):
+        q = rng.standard_normal((2, 3, L, 128)).astype(np.float32)
+        got = pyattn.scaled_dot_product_attention(q, k, v)
+        f32 = pyattn.scaled_dot_product_attention(q, k.dequantize(), v.dequantize())
+        np.testing.assert_array_equal(got, f32)
+
+
+def test_decode_of_an_int8_cache_is_float32_decode_of_its_dequantize(kernel, rng):
+    cache = pyattn.KVCache(2, 4, 128, dtype="int8")
+    for n in (5, 1, 300):
+        cache.append(rng.standard_normal((2, 4, n, 128)), rng.standard_normal((2, 4, n, 128)),
+                     lengths=[n, n // 2])
+    q = rng.standard_normal((2, 8, 1, 128)).astype(np.float32)
+    kd, vd = cache.dequantize()
+    plain = pyattn.KVCache(2, 4, 128)
+    plain.append(kd, vd)
+    plain.truncate(cache.lengths)
+    for kw in ({}, {"window": 64}, {"return_lse": True}):
+        got = pyattn.decode_attention(q, cache, **kw)
+        want = pyattn.decode_attention(q, plain, **kw)
+        for g, w in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
+            np.testing.assert_array_equal(g, w)
+
+
+# --------------------------------------------------------------------------
+# The quantizer and the cache
+# --------------------------------------------------------------------------
+
+@given(x=st.lists(st.floats(-1e6, 1e6, width=32), min_size=64, max_size=64),
+       scale=st.sampled_from([1e-30, 1e-7, 1.0, 8.0]), group=st.sampled_from([32, 64]))
+def test_compiled_quantizer_is_the_oracle_bit_for_bit(x, scale, group):
+    a = (np.array(x, np.float32) * np.float32(scale)).reshape(1, 64)
+    data, scales = ref.quantize_int8(a, group)
+    got = QuantizedKV.quantize(a, group)
+    np.testing.assert_array_equal(got.data, data)
+    np.testing.assert_array_equal(got.scales.view(np.uint16), scales.view(np.uint16))
+    np.testing.assert_array_equal(got.dequantize(), ref.dequantize_int8(data, scales))
+
+
+@pytest.mark.parametrize("bad,match", [(np.nan, "finite"), (np.inf, "finite"),
+                                       (65504.0 * 127 * 1.01, "overflows float16")])
+def test_quantizer_errors_name_the_argument(bad, match):
+    x = np.zeros((2, 1, 3, 32), np.float32)
+    x[1, 0, 2, 5] = bad
+    with pytest.raises(ValueError, match=f"^x .*{match}"):
+        QuantizedKV.quantize(x)
+    cache = pyattn.KVCache(2, 1, 32, dtype="int8")
+    with pytest.raises(ValueError, match=f"^v_new .*{match}"):
+        cache.append(np.zeros_like(x), x)
+    assert cache.lengths.tolist() == [0, 0]  # refused whole
+
+
+def test_int8_cache_append_truncate_grow_and_nbytes(rng):
+    cache = pyattn.KVCache(3, 2, 128, dtype="int8", group_size=64)
+    oracle_k, oracle_v = [[] for _ in range(3)], [[] for _ in range(3)]
+    for step in range(12):  # past the initial 256 positions: growth keeps the contents
+        n = int(rng.integers(30, 80))
+        lengths = rng.integers(n // 2, n + 1, 3)
+        k, v = rng.standard_normal((3, 2, n, 128)), rng.standard_normal((3, 2, n, 128))
+        cache.append(k, v, lengths=lengths)
+        for b in range(3):
+            oracle_k[b].append(k[b, :, :lengths[b]])
+            oracle_v[b].append(v[b, :, :lengths[b]])
+        if step == 6:
+            cache.truncate([5, 0, 1000])
+            for b, keep in enumerate([5, 0, 1000]):
+                oracle_k[b] = [np.concatenate(oracle_k[b], axis=1)[:, :keep]]
+                oracle_v[b] = [np.concatenate(oracle_v[b], axis=1)[:, :keep]]
+    kd, vd = cache.dequantize()
+    assert kd.dtype == vd.dtype == np.float32
+    for b in range(3):
+        want_k = np.concatenate(oracle_k[b], axis=1)
+        n = want_k.shape[1]
+        assert cache.lengths[b] == n
+        np.testing.assert_array_equal(kd[b, :, :n], ref.dequantize_int8(
+            *ref.quantize_int8(want_k.astype(np.float32), 64)))
+        np.testing.assert_array_equal(vd[b, :, :n], ref.dequantize_int8(
+            *ref.quantize_int8(np.concatenate(oracle_v[b], axis=1).astype(np.float32), 64)))
+    assert cache.capacity >= cache.lengths.max() > 256
+    # int8 keys and values, and 2 float16 scales per row of 128 channels each
+    assert cache.nbytes == 3 * 2 * cache.capacity * (128 + 2 * 2) * 2
+    assert pyattn.KVCache(1, 32, 128, dtype="int8").nbytes <= 0.28 * pyattn.KVCache(
+        1, 32, 128).nbytes
+    cache.reset()
+    assert cache.lengths.tolist() == [0, 0, 0]
+    assert cache.keys.shape == (3, 2, 0, 128)
+
+
+def test_int8_cache_refuses_other_queries_and_group_sizes():
+    cache = pyattn.KVCache(1, 2, 64, dtype="int8")
+    cache.append(np.ones((1, 2, 3, 64)), np.ones((1, 2, 3, 64)))
+    with pytest.raises(TypeError, match="^query must be float32 with quantized key and value"):
+        pyattn.decode_attention(np.ones((1, 2, 1, 64)), cache)
+    with pytest.raises(ValueError, match="^group_size must be 32, 64 or D = 48"):
+        pyattn.KVCache(1, 1, 48, dtype="int8", group_size=64)
+    with pytest.raises(ValueError, match="^group_size must be 32, 64 or D = 40"):
+        pyattn.KVCache(1, 1, 64, value_dim=40, dtype="int8")
+    with pytest.raises(ValueError, match="^group_size is for int8 caches"):
+        pyattn.KVCache(1, 1, 64, group_size=32)
+    with pytest.raises(TypeError, match="^dequantize\\(\\) is for int8 caches"):
+        pyattn.KVCache(1, 1, 64).dequantize()
+
+
+# --------------------------------------------------------------------------
+# The container's checks
+# --------------------------------------------------------------------------
+
+GOOD_DATA = np.zeros((2, 5, 64), np.int8)
+GOOD_SCALES = np.ones((2, 5, 2), np.float16)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((GOOD_DATA.astype(np.int16), GOOD_SCALES), TypeError, "^data must be an int8 array"),
+    ((GOOD_DATA, GOOD_SCALES.astype(np.float32)), TypeError, "^scales must be a float16"),
+    ((GOOD_DATA[0, 0], GOOD_SCALES[0, 0]), ValueError, "^data must have at least 2"),
+    ((GOOD_DATA, GOOD_SCALES[:, :4]), ValueError, r"^scales must have shape \(2, 5, 2\)"),
+    ((GOOD_DATA, GOOD_SCALES, 48), ValueError, "^group_size must be 32, 64 or D = 64"),
+    ((GOOD_DATA, GOOD_SCALES, 2.0), TypeError, "^group_size must be an int"),
+    ((GOOD_DATA, np.where(np.arange(2) == 1, np.float16(np.nan), GOOD_SCALES)), ValueError,
+     "^scales must be finite and non-negative"),
+    ((GOOD_DATA, np.full((2, 5, 2), np.inf, np.float16)), ValueError, "^scales must be finite"),
+    ((GOOD_DATA, -GOOD_SCALES), ValueError, "^scales must be finite and non-negative"),
+    ((None, GOOD_SCALES), TypeError, "^data must be an int8 array, got None"),
+])
+def test_container_checks_name_the_argument(args, error, match):
+    with pytest.raises(error, match=match):
+        QuantizedKV(*args)
+
+
+def test_calls_with_quantized_kv_check_their_partners():
+    kv = QuantizedKV(GOOD_DATA, GOOD_SCALES, 32)
+    q = np.ones((2, 1, 64), np.float32)
+    with pytest.raises(TypeError, match="^key and value must both be pyattn.QuantizedKV or both "
+                                        "arrays; got key QuantizedKV and value ndarray"):
+        pyattn.scaled_dot_product_attention(q, kv, np.ones((2, 5, 64), np.float32))
+    with pytest.raises(TypeError, match="^query must be float32 with quantized key and value"):
+        pyattn.scaled_dot_product_attention(q.astype(np.float16), kv, kv)
+    with pytest.raises(ValueError, match="^query and key must have the same last dimension"):
+        pyattn.scaled_dot_product_attention(np.ones((2, 1, 32), np.float32), kv, kv)
+    other = QuantizedKV(np.zeros((2, 6, 64), np.int8), np.ones((2, 6, 2), np.float16), 32)
+    with pytest.raises(ValueError, match="^key and value must have the same sequence length"):
+        pyattn.scaled_dot_product_attention(q, kv, other)
+    # int8 arrays are not float arrays: the kv_only dtype stays out of the float API
+    with pytest.raises(TypeError, match="^query has dtype int8"):
+        pyattn.scaled_dot_product_attention(GOOD_DATA, GOOD_DATA, GOOD_DATA)
+
+
+# --------------------------------------------------------------------------
+# Which sets run int8: the hardware rule and the registry's fallback
+# --------------------------------------------------------------------------
+
+def test_only_the_sets_that_ran_int8_have_it():
+    for name in _attention.kernel_names():
+        assert _attention.has_dtype(name, "int8") is (name in INT8_SETS), name
+
+
+def test_sets_without_int8_fall_back_to_the_best_usable_set_below():
+    names = _attention.kernel_names()
+    for i, name in enumerate(names):
+        below = [n for n in names[i:] if _attention.has_dtype(n, "int8")
+                 and _attention.cpu_supports(n)]
+        assert _attention.kernel_for_dtype(name, "int8") == below[0], name
+        # the float dtypes never move
+        assert _attention.kernel_for_dtype(name, "float32") == name
+    if "avx512" in names:
+        assert _attention.kernel_for_dtype("avx512", "int8") == USABLE_KERNELS[0]
+
+
+def test_show_config_names_the_int8_set():
+    assert pyattn.config()["int8_kernel"] == _attention.kernel_for_dtype(_dispatch.KERNEL, "int8")
+    assert pyattn.config()["int8_kernel"] in INT8_SETS
+
+
+@pytest.mark.parametrize("isa", USABLE_KERNELS)
+def test_pyattn_isa_caps_the_int8_set(helpers, tmp_path, isa):
+    code = "import pyattn; print(pyattn.config()['int8_kernel'])"
+    out = helpers.run_python(code, cwd=tmp_path, PYATTN_ISA=isa).stdout.split()[-1]
+    assert out == isa
+
+
+def test_int8_plans_as_float32():
+    """The int8 kernel's block rows are float32's: the same work items,
+    split and merge, which the bitwise equalities above rely on."""
+    for isa in USABLE_KERNELS:
+        assert _attention.block_rows(isa, "int8") == _attention.block_rows(isa, "float32")
