@@ -1,0 +1,140 @@
+"""The int8 KV cache's figures for docs/kv-cache.md (issue 17): decode time of
+an int8 cache against pyattn's float32 and float16 caches and torch's float32
+SDPA, timed interleaved in one run; accuracy against float32 decode per
+output row on N(0,1) K/V and on the MiniLM example's layers; the cost of
+appending one token.
+
+    PYTHONPATH=. python tools/int8_kv_figures.py [--threads 2] [--reps 40]
+"""
+import argparse
+import importlib.util
+import os
+import time
+import types
+
+import numpy as np
+
+import pyattn
+
+
+def interleaved(calls, reps):
+    """Median ms of each call, timed in turn (one of each per round)."""
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def caches(k, v):
+    out = {}
+    for dtype in ("float32", "float16", "int8"):
+        c = pyattn.KVCache(k.shape[0], k.shape[1], k.shape[3], dtype=dtype)
+        c.append(k, v)
+        out[dtype] = c
+    return out
+
+
+def decode_times(H, Hkv, S, threads, reps, rng):
+    import torch
+
+    torch.set_num_threads(threads)
+    D = 128
+    q = rng.standard_normal((1, H, 1, D)).astype(np.float32)
+    k, v = (rng.standard_normal((1, Hkv, S, D)).astype(np.float32) for _ in range(2))
+    c = caches(k, v)
+    q16 = q.astype(np.float16)
+    tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+    calls = {
+        "pyattn int8": lambda: pyattn.decode_attention(q, c["int8"], num_threads=threads),
+        "pyattn float16": lambda: pyattn.decode_attention(q16, c["float16"],
+                                                          num_threads=threads),
+        "pyattn float32": lambda: pyattn.decode_attention(q, c["float32"], num_threads=threads),
+        "torch float32 SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(
+            tq, tk, tv, enable_gqa=H != Hkv),
+    }
+    with torch.inference_mode():
+        return interleaved(calls, reps), c
+
+
+def row_errors(q, k, v, group=32):
+    """Per output row: ||o_int8 - o_f32|| / ||o_f32|| and the cosine."""
+    o32 = pyattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    o8 = pyattn.scaled_dot_product_attention(q, pyattn.QuantizedKV.quantize(k, group),
+                                             pyattn.QuantizedKV.quantize(v, group),
+                                             enable_gqa=True)
+    a, b = o8.reshape(-1, o8.shape[-1]).astype(np.float64), o32.reshape(-1, o32.shape[-1])
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return rel, cos
+
+
+def minilm_qkv():
+    """q, k, v of every layer of the MiniLM example on a long paragraph."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "minilm", os.path.join(here, "..", "examples", "minilm_embeddings.py"))
+    minilm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(minilm)
+    model = minilm.MiniLM()
+    captured = []
+
+    def capture(q, k, v, attn_mask=None):
+        captured.append((q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)))
+        return pyattn.reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    # the example's reference branch calls minilm.reference: a stand-in that records
+    minilm.reference = types.SimpleNamespace(scaled_dot_product_attention=capture)
+    model.encode([" ".join(minilm.SENTENCES * 6)], attention="reference")
+    return captured
+
+
+def summary(rel, cos):
+    return f"mean {100 * rel.mean():.3f} %, max {100 * rel.max():.3f} %, min cosine {cos.min():.6f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=40)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(pyattn.config()["kernel"], "int8 on", pyattn.config()["int8_kernel"])
+    for H, Hkv, S in ((32, 32, 4096), (32, 8, 8192)):
+        t, c = decode_times(H, Hkv, S, args.threads, args.reps, rng)
+        print(f"decode H{H}/{Hkv} S{S} D128, {args.threads} threads, median ms: "
+              + ", ".join(f"{n} {ms:.2f}" for n, ms in t.items()))
+        print(f"  int8/float32 {t['pyattn int8'] / t['pyattn float32']:.3f}, "
+              f"int8/float16 {t['pyattn int8'] / t['pyattn float16']:.3f}, "
+              f"torch/int8 {t['torch float32 SDPA'] / t['pyattn int8']:.2f}x; "
+              f"cache bytes int8/float32 {c['int8'].nbytes / c['float32'].nbytes:.3f}")
+    # accuracy: one query row per head against N(0,1) K/V, and MiniLM's layers
+    q = rng.standard_normal((1, 32, 1, 128)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 32, 4096, 128)).astype(np.float32) for _ in range(2))
+    print("accuracy N(0,1) H32 S4096 D128, G 32:", summary(*row_errors(q, k, v)))
+    rels, coss = zip(*(row_errors(*qkv) for qkv in minilm_qkv()))
+    print(f"accuracy MiniLM (6 layers, 12 heads, D 32, G 32, {rels[0].size // 12} tokens, "
+          "every query row):", summary(np.concatenate(rels), np.concatenate(coss)))
+    # appending one token (32 heads x 128) to an int8 cache of 4096, against the decode step
+    cache = pyattn.KVCache(1, 32, 128, dtype="int8", max_len=8192)
+    cache.append(k, v)
+    one_k, one_v = (rng.standard_normal((1, 32, 1, 128)).astype(np.float32) for _ in range(2))
+
+    def append():
+        cache.append(one_k, one_v)
+        cache.truncate(4096)
+
+    t = interleaved({"append": append,
+                     "decode": lambda: pyattn.decode_attention(q, cache,
+                                                               num_threads=args.threads)},
+                    args.reps * 5)
+    print(f"append one token (32 x 128, int8, incl. a truncate) {1e3 * t['append']:.1f} us, "
+          f"the decode step {1e3 * t['decode']:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
