@@ -184,9 +184,11 @@ class KVCache:
         if k_new.shape != want_k or v_new.shape != want_v:
             raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
                              f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
-        # into the cache's dtype before the lock, refusing finite values it cannot hold
-        k_new = convert_stored(k_new, "k_new", self.dtype)
-        v_new = convert_stored(v_new, "v_new", self.dtype)
+        # into the cache's dtype (int8 caches quantize float32) before the lock,
+        # refusing finite values it cannot hold
+        given = np.float32 if self.quantized else self.dtype
+        k_new = convert_stored(k_new, "k_new", given)
+        v_new = convert_stored(v_new, "v_new", given)
         n = k_new.shape[2]
         if lengths is None:
             counts = np.full(self.batch, n, dtype=np.int64)
