@@ -48,6 +48,29 @@
 #include "simd.h"
 #include "micro_kernel.h"
 #include "score_modifiers.h"
+
+/* The regions that grow with E and Ev hold what the problem can use, not
+ * whole blocks: a block's query rows (at most BLOCK_M, whole micro-tiles) and
+ * a key tile's columns (at most BLOCK_N, whole NR; the row stride of packed
+ * K^T).  A zero-stride view may claim E = 2^22 features with L = S = 1, and
+ * BLOCK_M x E would then be gigabytes.  The bfloat16 products keep whole
+ * blocks: their packing has only run on whole blocks' strides (it needs a
+ * CPU with bfloat16 units to change). */
+#if defined(BF16_PRODUCTS) && BF16_PRODUCTS
+static inline int64_t FN(block_rows)(const pyattn_problem *p) { (void)p; return BLOCK_M; }
+static inline int64_t FN(tile_cols)(const pyattn_problem *p) { (void)p; return BLOCK_N; }
+#else
+static inline int64_t FN(block_rows)(const pyattn_problem *p)
+{
+    return p->L < BLOCK_M ? FN(round_up)(p->L, MR) : BLOCK_M;
+}
+
+static inline int64_t FN(tile_cols)(const pyattn_problem *p)
+{
+    return p->S < BLOCK_N ? FN(round_up)(p->S, NR) : BLOCK_N;
+}
+#endif
+
 #if defined(BF16_PRODUCTS) && BF16_PRODUCTS
 #include "products_bf16.h"
 #else
@@ -69,13 +92,13 @@ _Static_assert(BLOCK_N % NR == 0, "BLOCK_N must be a multiple of NV vectors");
 #define PANEL_BUDGET ((int64_t)32 << 20) /* bytes per thread */
 
 typedef struct {
-    PANEL *q_block;        /* BLOCK_M x q_width: Q as the products read it */
-    REAL *q_real;          /* the same region as BLOCK_M x E of REAL: the direct path's Q */
+    PANEL *q_block;        /* block_rows x q_width: Q as the products read it */
+    REAL *q_real;          /* the same region as block_rows x E of REAL: the direct path's Q */
     PANEL *kt_panel;       /* tiles of packed K^T, zero past the last key */
     PANEL *v_panel;        /* tiles of packed V, zero past Ev */
     REAL *scores;          /* BLOCK_M x BLOCK_N: scores, then weights */
     PANEL *p_block;        /* the weights as the products read them, if they differ */
-    REAL *acc;             /* BLOCK_M x evp: unnormalised output */
+    REAL *acc;             /* block_rows x evp: unnormalised output */
     REAL *row_max, *row_sum; /* BLOCK_M each */
     REAL scale_left;       /* what the scores are multiplied by: scale / what pack_q folded */
     int whole_head;        /* the panels hold all tiles of the head */
@@ -108,18 +131,19 @@ static FN(regions) FN(region_bytes)(const pyattn_problem *p)
     const size_t evp = pyattn_size_mul(pyattn_size_add(Ev, NR - 1) / NR, NR);
     const size_t q_width = (size_t)FN(q_width)(p->E);
     FN(regions) b;
-    b.q = pyattn_size_mul(BLOCK_M, q_width > E ? q_width : E);
+    const size_t rows = (size_t)FN(block_rows)(p), cols = (size_t)FN(tile_cols)(p);
+    b.q = pyattn_size_mul(rows, q_width > E ? q_width : E);
     b.q = pyattn_size_mul(b.q, sizeof(REAL) > sizeof(PANEL) ? sizeof(REAL) : sizeof(PANEL));
     b.kt = pyattn_size_mul(pyattn_size_mul(tiles, FN(kt_tile_elems)(p)), sizeof(PANEL));
     b.v = pyattn_size_mul(pyattn_size_mul(tiles, FN(v_tile_elems)(p)), sizeof(PANEL));
-    /* the direct path's gathered rows: BLOCK_N x E and BLOCK_N x Ev of STORE */
-    const size_t k_rows = pyattn_size_mul(BLOCK_N * sizeof(KV), E);
-    const size_t v_rows = pyattn_size_mul(BLOCK_N * sizeof(KV), Ev);
+    /* the direct path's gathered rows: tile_cols x E and x Ev of KV */
+    const size_t k_rows = pyattn_size_mul(cols * sizeof(KV), E);
+    const size_t v_rows = pyattn_size_mul(cols * sizeof(KV), Ev);
     b.kt = b.kt > k_rows ? b.kt : k_rows;
     b.v = b.v > v_rows ? b.v : v_rows;
     b.scores = BLOCK_M * BLOCK_N * sizeof(REAL);
     b.p_block = FN(p_block_elems) * sizeof(PANEL);
-    b.acc = pyattn_size_mul(BLOCK_M * sizeof(REAL), evp);
+    b.acc = pyattn_size_mul(rows * sizeof(REAL), evp);
     b.rows = 2 * BLOCK_M * sizeof(REAL);
     return b;
 }

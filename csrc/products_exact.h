@@ -70,12 +70,12 @@ static inline int64_t FN(q_width)(int64_t E) { return E; }
 
 static size_t FN(kt_tile_elems)(const pyattn_problem *p)
 {
-    return pyattn_size_mul((size_t)p->E, BLOCK_N);
+    return pyattn_size_mul((size_t)p->E, (size_t)FN(tile_cols)(p));
 }
 
 static size_t FN(v_tile_elems)(const pyattn_problem *p)
 {
-    return pyattn_size_mul(BLOCK_N, (size_t)FN(round_up)(p->Ev, NR));
+    return pyattn_size_mul((size_t)FN(tile_cols)(p), (size_t)FN(round_up)(p->Ev, NR));
 }
 
 enum { FN(p_block_elems) = 0 };
@@ -107,14 +107,14 @@ static inline int FN(v_in_place)(const pyattn_problem *p)
     return !KV_INT8 && STORE_KIND == STORE_KIND_NATIVE && p->v_col == 1 && p->Ev % NR == 0;
 }
 
-/* Pack keys [j0, j0 + nb) as K^T (E x BLOCK_N, zero columns past nb) and,
+/* Pack keys [j0, j0 + nb) as K^T (E x tile_cols, zero columns past nb) and,
  * unless read in place, V (nb x evp, zero columns past Ev), dequantized when
  * they are quantized. */
 static void FN(pack_tile)(const pyattn_problem *p, const pyattn_block *blk, const KV *k,
                           const KV *v, int64_t j0, int64_t nb, REAL *kt, REAL *vp)
 {
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
-    const int64_t cols_pad = FN(round_up)(nb, NR);
+    const int64_t cols_pad = FN(round_up)(nb, NR), ld = FN(tile_cols)(p);
     const KV *src = k + j0 * p->k_row;
     const void *ks = FN(scale_row)(blk->k_scales, p->ks_row, j0);
     /* Contiguous key rows: LANES x LANES blocks transposed in registers.
@@ -131,10 +131,10 @@ static void FN(pack_tile)(const pyattn_problem *p, const pyattn_block *blk, cons
                 r[i] = FN(vload_kv)(src + (c0 + i) * p->k_row + e0,
                                     FN(kv_scale)(FN(scale_row)(ks, p->ks_row, c0 + i), g));
             FN(transpose)(r);
-            for (int i = 0; i < LANES; i++) FN(vstore)(kt + (e0 + i) * BLOCK_N + c0, r[i]);
+            for (int i = 0; i < LANES; i++) FN(vstore)(kt + (e0 + i) * ld + c0, r[i]);
         }
     for (int64_t e = 0; e < E; e++) {
-        REAL *dst = kt + e * BLOCK_N;
+        REAL *dst = kt + e * ld;
         const int64_t g = FN(group_of)(e, p->k_group);
         for (int64_t c = e < e_full ? c_full : 0; c < nb; c++)
             dst[c] = FN(kv_to_real)(src[c * p->k_row + e * p->k_col],
@@ -149,12 +149,13 @@ static void FN(pack_tile)(const pyattn_problem *p, const pyattn_block *blk, cons
     }
 }
 
-/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N), `scale` being
- * what pack_q left out of Q. */
+/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N; K^T's is
+ * tile_cols), `scale` being what pack_q left out of Q. */
 static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t cols,
                               const REAL *q, const REAL *kt, REAL scale_left, REAL *scores)
 {
-    FN(tile_gemm)(rows, cols, p->E, q, p->E, kt, BLOCK_N, scores, BLOCK_N, 0, scale_left);
+    FN(tile_gemm)(rows, cols, p->E, q, p->E, kt, FN(tile_cols)(p), scores, BLOCK_N, 0,
+                  scale_left);
 }
 
 /* acc[rows x evp] += P[rows x nb] V (P in the scores, row stride BLOCK_N;

@@ -136,6 +136,16 @@ def block_rows(str kernel, str dtype, bint bf16_products=False):
     return _dtype_kernel(kernel, dtype, bf16_products).block_rows
 
 
+def scratch_bytes(str kernel, str dtype, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                  bint bf16_products=False):
+    """Bytes of one thread's workspace for an L x S problem of widths E, Ev
+    (2**64 - 1 when not representable).  For testing its sizing."""
+    cdef pyattn_problem prob
+    memset(&prob, 0, sizeof(prob))
+    prob.L, prob.S, prob.E, prob.Ev = L, S, E, Ev
+    return _dtype_kernel(kernel, dtype, bf16_products).scratch_bytes(&prob)
+
+
 def kernel_exp2(str kernel, x, y):
     """y[:] = 2**x[:] with that kernel's vectorised exp; x, y contiguous 1-D
     arrays of one float dtype.  For testing the exp's accuracy."""

@@ -902,6 +902,38 @@ def test_zero_stride_features_beyond_memory_are_refused(helpers, tmp_path, kerne
         assert NAMES_AN_ARGUMENT.search(line.split(" ", 2)[2]), line
 
 
+@pytest.mark.parametrize("dtype", DTYPE_IDS)
+@pytest.mark.parametrize("kernel_name", KERNELS)
+def test_workspace_holds_the_rows_and_keys_the_problem_has(kernel_name, dtype):
+    """(a) The per-thread workspace grows with E and Ev times the rows and keys
+    a block can use, min(L, BLOCK_M) and min(S, BLOCK_N) up to a micro-tile,
+    not whole blocks: L = S = 1 with E = Ev = 2**22 stays far below BLOCK_M x E."""
+    E = 2**22
+    itemsize = 8 if dtype == "float64" else 4  # the compute dtype's
+    one = _attention.scratch_bytes(kernel_name, dtype, 1, 1, E, E)
+    full = _attention.scratch_bytes(kernel_name, dtype, 4096, 4096, E, E)
+    assert one < 64 * E * itemsize, one  # a few micro-tile rows, not 64 + rows of E
+    assert full >= _attention.block_rows(kernel_name, dtype) * E * itemsize, full
+    assert _attention.scratch_bytes(kernel_name, dtype, 1, 1, 2**62, 1) == 2**64 - 1
+
+
+@pytest.mark.parametrize("kernel_name", KERNELS)
+def test_wide_rows_of_one_query_and_key_run_in_little_memory(helpers, tmp_path, kernel_name):
+    """(a) A zero-stride query, key and value claiming E = Ev = 2**22 with
+    L = S = 1 computes (the output is the one value row) within a 4 GiB
+    address space: BLOCK_M x E scratch would need several GiB.  Exact
+    products: the bfloat16 ones still take whole blocks."""
+    out = _run_child(helpers, tmp_path, _CHILD_PRELUDE + """
+    E = 2**22
+    for dt in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
+        q = np.lib.stride_tricks.as_strided(np.full(1, 0.5, dt), (1, 1, 1, E), (0,) * 4)
+        v = np.lib.stride_tricks.as_strided(np.full(1, 3.0, dt), (1, 1, 1, E), (0,) * 4)
+        attempt(np.dtype(dt).name, lambda: bool(
+            (pyattn.scaled_dot_product_attention(q, q, v, precision="exact") == 3).all()))
+    """.replace("\n    ", "\n"), kernel=kernel_name, timeout=120)
+    assert out.split() == [w for dt in DTYPE_IDS for w in (dt, "RETURNED", "True")], out
+
+
 ZERO_HEAD_CASES = {  # (query, key, value) shapes: NumPy's rule, 0 against 1 gives 0
     "q0-kv1": ((2, 0, 3, 4), (2, 1, 5, 4), (2, 1, 5, 6)),
     "q1-kv0": ((2, 1, 3, 4), (2, 0, 5, 4), (2, 0, 5, 6)),
