@@ -46,15 +46,19 @@ static inline void FN(dots)(const REAL *a, const KV *b, int64_t ldb, const void 
         VEC sum[G];
         for (int g = 0; g < G; g++) sum[g] = FN(vsplat)(0);
         for (int64_t e0 = 0; e0 < nv; e0 += step) {
-            REAL sc[G];
-            for (int g = 0; g < G; g++)
-                sc[g] = FN(kv_scale)(FN(scale_row)(bs, lds, j + g), FN(group_of)(e0, group));
+            /* A group's products are summed unscaled, then scaled once. */
+            VEC part[G];
+            for (int g = 0; g < G; g++) part[g] = FN(vsplat)(0);
             const int64_t e1 = e0 + step < nv ? e0 + step : nv;
             for (int64_t e = e0; e < e1; e += LANES) {
                 const VEC av = FN(vload)(a + e);
                 for (int g = 0; g < G; g++)
-                    sum[g] += av * FN(vload_kv)(b + (j + g) * ldb + e, sc[g]);
+                    part[g] += av * FN(vload_kv_unscaled)(b + (j + g) * ldb + e);
             }
+            for (int g = 0; g < G; g++)
+                sum[g] = KV_INT8 ? sum[g] + part[g] * FN(vsplat)(FN(kv_scale)(
+                                                FN(scale_row)(bs, lds, j + g), FN(group_of)(e0, group)))
+                                 : part[g]; /* one step: the whole row */
         }
         for (int g = 0; g < G; g++) acc[j + g] = sum[g];
     }
@@ -77,6 +81,7 @@ static inline void FN(weighted_rows)(const REAL *p, const KV *x, int64_t ldx, co
                                      int64_t lds, int64_t group, int64_t nb, REAL *y, int64_t n)
 {
     enum { BLOCK = 8 };
+    _Static_assert(!KV_INT8 || BLOCK * LANES % PYATTN_GROUP_QUANTUM == 0, "blocks start on a quantum");
     const int64_t nv = n - n % LANES;
     int64_t x0 = 0;
     for (; x0 + BLOCK * LANES <= nv; x0 += BLOCK * LANES) { /* constant trip counts: registers */
@@ -87,10 +92,15 @@ static inline void FN(weighted_rows)(const REAL *p, const KV *x, int64_t ldx, co
             gi[i] = FN(group_of)(x0 + i * LANES, group);
         }
         for (int64_t c = 0; c < nb; c++) {
-            const VEC pc = FN(vsplat)(p[c]);
             const void *sr = FN(scale_row)(xs, lds, c);
+            /* The weight times the scale, once per quantum (the unrolled test
+             * is constant), not a scale per vector: converting and applying
+             * scales was half of int8's work here. */
+            REAL w[BLOCK];
             for (int i = 0; i < BLOCK; i++)
-                acc[i] += pc * FN(vload_kv)(x + c * ldx + x0 + i * LANES, FN(kv_scale)(sr, gi[i]));
+                w[i] = i * LANES % PYATTN_GROUP_QUANTUM ? w[i - 1] : p[c] * FN(kv_scale)(sr, gi[i]);
+            for (int i = 0; i < BLOCK; i++)
+                acc[i] += FN(vsplat)(w[i]) * FN(vload_kv_unscaled)(x + c * ldx + x0 + i * LANES);
         }
         for (int i = 0; i < BLOCK; i++) FN(vstore)(y + x0 + i * LANES, acc[i]);
     }

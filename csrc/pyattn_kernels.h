@@ -53,6 +53,10 @@ enum pyattn_mask_kind {
 };
 
 /* Sizes and element strides of one (batch, head) attention problem. */
+/* Quantized K/V groups (pyattn_problem's k_group) are multiples of this many
+ * channels, or whole rows: loops over channels may fetch a scale per quantum. */
+#define PYATTN_GROUP_QUANTUM 32
+
 typedef struct pyattn_problem {
     int64_t L, S, E, Ev;             /* query rows, keys, q/k width, v width */
     int64_t q_row, q_col;            /* strides of Q (L x E) */
@@ -72,7 +76,8 @@ typedef struct pyattn_problem {
     double w_factor;                 /* weights are added times this (1/H: mean) */
     /* Quantized K/V (kv_only dtypes): key j's channel e is k[j, e] times its
      * group's scale, blk->k_scales[j * ks_row + e / k_group] (float16, groups
-     * contiguous), and the same for V; 0 for the other dtypes. */
+     * contiguous), and the same for V; 0 for the other dtypes.  A group is
+     * a multiple of PYATTN_GROUP_QUANTUM channels or the whole row. */
     int64_t k_group, v_group;        /* channels per scale */
     int64_t ks_row, vs_row;          /* row strides of the scales, elements */
 } pyattn_problem;

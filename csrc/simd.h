@@ -276,23 +276,34 @@ static inline REAL FN(kv_scale)(const void *srow, int64_t g)
 #endif
 }
 
-/* LANES contiguous K/V elements as REAL, all of one group of scale s: int8
- * is dequantized here, in registers, right before its use (sign-extended
- * lane-wise: GCC's generic vector conversion goes element by element). */
-static inline VEC FN(vload_kv)(const KV *p, REAL s)
+/* LANES contiguous K/V elements as REAL, unscaled: int8 is converted here,
+ * in registers, right before its use (sign-extended lane-wise: GCC's
+ * generic vector conversion goes element by element).  Loops that can
+ * apply a group's scale once per group (to a partial sum or a weight) read
+ * with this; vload_kv scales each vector. */
+static inline VEC FN(vload_kv_unscaled)(const KV *p)
 {
 #if KV_INT8 && VBYTES == 32 && defined(__AVX2__)
-    const __m256i x = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    return (VEC)_mm256_cvtepi32_ps(x) * FN(vsplat)(s);
+    return (VEC)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #elif KV_INT8 && VBYTES == 16 && defined(__SSE2__)
     int32_t w;
     memcpy(&w, p, sizeof w);
     __m128i x = _mm_cvtsi32_si128(w);
     x = _mm_unpacklo_epi8(x, x);
     x = _mm_srai_epi32(_mm_unpacklo_epi16(x, x), 24); /* each byte in the top of a lane */
-    return (VEC)_mm_cvtepi32_ps(x) * FN(vsplat)(s);
+    return (VEC)_mm_cvtepi32_ps(x);
 #elif KV_INT8
 #error "int8 K/V loads exist for AVX2 and SSE2 (the CPUs they ran on)"
+#else
+    return FN(vload_store)(p);
+#endif
+}
+
+/* LANES contiguous K/V elements as REAL, all of one group of scale s. */
+static inline VEC FN(vload_kv)(const KV *p, REAL s)
+{
+#if KV_INT8
+    return FN(vload_kv_unscaled)(p) * FN(vsplat)(s);
 #else
     (void)s;
     return FN(vload_store)(p);

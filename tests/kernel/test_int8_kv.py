@@ -1,8 +1,9 @@
 """int8 keys and values (issue 17): the kernels read QuantizedKV in place,
 dequantizing each row in registers, so they must compute exactly what the
-float32 kernels compute on the dequantized K/V (bitwise when the width is
-whole vectors: same products, same order), and agree with pyattn.reference
-on them to float32 rounding; on every
+float32 kernels compute on the dequantized K/V (to 1e-5, the issue's bar:
+the int8 kernels sum each group's products before they scale them, so the
+rounding differs), and agree with pyattn.reference on them to float32
+rounding; on every
 path (direct, split-KV, GQA rows, tiled) and with every score modifier.  Also
 the compiled quantizer against the NumPy oracle, KVCache(dtype="int8"), the
 container's checks, and the registry's fallback for sets without int8."""
@@ -24,6 +25,13 @@ INT8_SETS = ("avx2", "baseline")  # the sets that have run int8 on a CPU of thei
 def quantized(rng, shape, group=32, scale=1.0):
     x = (rng.standard_normal(shape) * scale).astype(np.float32)
     return QuantizedKV.quantize(x, group)
+
+
+def assert_matches_dequantized(got, f32):
+    """The int8 result against float32's on the dequantized K/V: 1e-5 relative
+    to the output's size (an lse of -inf, a row with no key, must match exactly)."""
+    size = np.abs(f32[np.isfinite(f32)]).max(initial=1.0)
+    np.testing.assert_allclose(got, f32, rtol=1e-5, atol=1e-5 * size)
 
 
 def both(q, k, v, **kw):
@@ -86,8 +94,7 @@ def test_int8_equals_float32_on_the_dequantized_kv(helpers, isa, case):
     bound = helpers.score_bound(q, k.dequantize()) + 0.1 * (L + S) * ("alibi" in mods)
     for g, f, e in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, f32, expected))):
         assert g.dtype == np.float32
-        if D % 8 == 0:  # whole vectors; GCC compiles the scalar tails of the two differently
-            np.testing.assert_array_equal(g, f)
+        assert_matches_dequantized(g, f)
         helpers.assert_close(g, f, score_bound=bound)
         helpers.assert_close(g, e, score_bound=bound)
 
@@ -106,7 +113,7 @@ def test_paths_decode_split_gqa_tiled(kernel, rng, helpers, spy_split, H, Hkv, L
                                   alignment="lower_right")
     finally:
         _attention.record_problems(None)
-    np.testing.assert_array_equal(got, f32)
+    assert_matches_dequantized(got, f32)
     helpers.assert_close(got, expected)
     if L == 1 and H != Hkv:  # heads as rows: each key/value head once, g rows
         assert records[0][1:3] == (Hkv, H // Hkv)
@@ -126,7 +133,7 @@ def test_strided_and_broadcast_views(kernel, rng):
         q = rng.standard_normal((2, 3, L, 128)).astype(np.float32)
         got = pyattn.scaled_dot_product_attention(q, k, v)
         f32 = pyattn.scaled_dot_product_attention(q, k.dequantize(), v.dequantize())
-        np.testing.assert_array_equal(got, f32)
+        assert_matches_dequantized(got, f32)
 
 
 def test_decode_of_an_int8_cache_is_float32_decode_of_its_dequantize(kernel, rng):
@@ -143,7 +150,7 @@ def test_decode_of_an_int8_cache_is_float32_decode_of_its_dequantize(kernel, rng
         got = pyattn.decode_attention(q, cache, **kw)
         want = pyattn.decode_attention(q, plain, **kw)
         for g, w in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
-            np.testing.assert_array_equal(g, w)
+            assert_matches_dequantized(g, w)
 
 
 # --------------------------------------------------------------------------
