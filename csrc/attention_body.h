@@ -235,7 +235,9 @@ static void FN(softmax_step)(REAL *s, PANEL *rounded, int64_t cols_pad, REAL *m,
  * Few query rows (decode): no transposed panels and no padding to MR rows.
  * Key and value rows are read where they lie (copied only when their own
  * elements are not contiguous), each score is one dot product, and P V is
- * accumulated key by key.  Same masking and online softmax as the tiled path.
+ * accumulated key by key, for up to ROW_GROUP rows per load of a key or value
+ * row (micro_kernel.h's direct_scores and direct_values).  Same masking and
+ * online softmax as the tiled path.
  */
 static void FN(attend_direct)(const pyattn_problem *p, const KV *k, const KV *v,
                               const void *mask, const pyattn_block *blk, const REAL *qs,
@@ -269,22 +271,16 @@ static void FN(attend_direct)(const pyattn_problem *p, const KV *k, const KV *v,
                 for (int64_t x = 0; x < Ev; x++) vb[c * Ev + x] = vr[c * p->v_row + x * p->v_col];
             vr = vb, v_stride = Ev;
         }
+        FN(direct_scores)(p, qs, nrows, kr, k_stride, ks, vr, v_stride, nb, sc);
         for (int64_t r = 0; r < nrows; r++) {
             REAL *s = sc + r * BLOCK_N;
-            const int64_t full = nb - nb % LANES;
-            for (int64_t c = 0; c < full; c += LANES)
-                FN(dots)(qs + r * E, kr + c * k_stride, k_stride,
-                         FN(scale_row)(ks, p->ks_row, c), p->ks_row, p->k_group, E, s + c);
-            for (int64_t c = full; c < nb; c++)
-                s[c] = FN(dot)(qs + r * E, kr + c * k_stride, FN(scale_row)(ks, p->ks_row, c),
-                               p->k_group, E);
             for (int64_t c = nb; c < cols_pad; c++) s[c] = 0; /* read by softcap_row */
             for (int64_t c = 0; c < cols_pad; c += LANES) FN(vstore)(s + c, FN(vload)(s + c) * vscale);
             if (FN(row_needs_finish)(p, blk, row0 + r, j0, nb, cols_pad))
                 FN(finish_row)(p, blk, mask, s, row0 + r, j0, nb, cols_pad);
             FN(softmax_step)(s, NULL, cols_pad, mrow + r, lrow + r, acc + r * evp, evp);
-            FN(weighted_rows)(s, vr, v_stride, vs, p->vs_row, p->v_group, nb, acc + r * evp, Ev);
         }
+        FN(direct_values)(p, sc, nrows, vr, v_stride, vs, nb, acc);
     }
 }
 

@@ -1,8 +1,11 @@
 /*
  * Register kernels of the direct (decode) path of the attention template
  * (see attention_body.h): dot products and weighted row sums that read K and
- * V rows where they lie.  The tiled path's micro-kernels are in the products
- * headers (products_exact.h, products_bf16.h).
+ * V rows where they lie, for one query row (dots, weighted_rows) or a few
+ * that share each load (rows_dots, rows_weighted), and the two tile-level
+ * steps built on them (direct_scores, direct_values).  The tiled path's
+ * micro-kernels are in the products headers (products_exact.h,
+ * products_bf16.h).
  */
 /* K and V rows come with their scales (bs: row 0's, lds apart, `group`
  * channels each; see scale_row), which only quantized rows have. */
@@ -118,3 +121,162 @@ static inline void FN(weighted_rows)(const REAL *p, const KV *x, int64_t ldx, co
                                                                       FN(group_of)(e, group)));
 }
 
+
+/* Query rows handled together by rows_dots and rows_weighted: each K or V
+ * vector is loaded (and, int8, converted and scaled) once for all of them. */
+#define ROW_GROUP 4
+
+/* s[r * lds_out + j] = dot(a + r * lda, b + j * ldb) for R rows r (2..ROW_GROUP)
+ * and the LANES keys j: accumulators for R rows and two keys at a time, each
+ * key vector shared by the rows, then one transposing fold per row as in
+ * dots.  The sums run in dots' order, so float rows give its bits; int8
+ * rows are scaled per vector here (one multiply shared by R rows). */
+static inline __attribute__((always_inline)) void FN(rows_dots)(
+    const REAL *a, int64_t lda, int R, const KV *b, int64_t ldb, const void *bs, int64_t lds,
+    int64_t group, int64_t n, REAL *s, int64_t lds_out)
+{
+    const int64_t nv = n - n % LANES;
+    const int64_t step = KV_INT8 ? group : nv; /* channels of one scale, or the whole row */
+    VEC out[ROW_GROUP][LANES];
+    for (int j = 0; j < LANES; j += 2) {
+        VEC acc[ROW_GROUP][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = FN(vsplat)(0);
+        const void *s0 = FN(scale_row)(bs, lds, j), *s1 = FN(scale_row)(bs, lds, j + 1);
+        for (int64_t e0 = 0; e0 < nv; e0 += step) { /* one scale per key and step */
+            const int64_t g = FN(group_of)(e0, group), e1 = e0 + step < nv ? e0 + step : nv;
+            const REAL c0 = FN(kv_scale)(s0, g), c1 = FN(kv_scale)(s1, g);
+            for (int64_t e = e0; e < e1; e += LANES) {
+                const VEC b0 = FN(vload_kv)(b + j * ldb + e, c0);
+                const VEC b1 = FN(vload_kv)(b + (j + 1) * ldb + e, c1);
+                for (int r = 0; r < R; r++) {
+                    const VEC av = FN(vload)(a + r * lda + e);
+                    acc[r][0] += av * b0;
+                    acc[r][1] += av * b1;
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) out[r][j] = acc[r][0], out[r][j + 1] = acc[r][1];
+    }
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+        for (int level = 0; (1 << level) < LANES; level++)
+#pragma GCC unroll 8
+            for (int i = 0; i < (LANES >> (level + 1)); i++)
+                out[r][i] = FN(fold)(out[r][2 * i], out[r][2 * i + 1], level);
+        REAL *sr = s + r * lds_out;
+        FN(vstore)(sr, out[r][0]);
+        for (int64_t e = nv; e < n; e++)
+            for (int j = 0; j < LANES; j++)
+                sr[j] += a[r * lda + e] * FN(kv_to_real)(b[j * ldb + e],
+                                                         FN(kv_scale)(FN(scale_row)(bs, lds, j),
+                                                                      FN(group_of)(e, group)));
+    }
+}
+
+/* y[r * ldy + 0:n] += sum over keys c < nb of p[r * ldp + c] * x[c * ldx + 0:n]
+ * for R rows r (2..ROW_GROUP): two vectors of each row's y in registers at a
+ * time, each value vector loaded once for the rows (in weighted_rows' order
+ * of additions, so float rows give its bits). */
+static inline __attribute__((always_inline)) void FN(rows_weighted)(
+    const REAL *p, int64_t ldp, int R, const KV *x, int64_t ldx, const void *xs, int64_t lds,
+    int64_t group, int64_t nb, REAL *y, int64_t ldy, int64_t n)
+{
+    const int64_t nv = n - n % LANES;
+    int64_t x0 = 0;
+    for (; x0 + 2 * LANES <= nv; x0 += 2 * LANES) {
+        VEC acc[ROW_GROUP][2];
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 2; i++) acc[r][i] = FN(vload)(y + r * ldy + x0 + i * LANES);
+        const int64_t g0 = FN(group_of)(x0, group), g1 = FN(group_of)(x0 + LANES, group);
+        for (int64_t c = 0; c < nb; c++) {
+            const void *sr = FN(scale_row)(xs, lds, c);
+            const VEC x0v = FN(vload_kv)(x + c * ldx + x0, FN(kv_scale)(sr, g0));
+            const VEC x1v = FN(vload_kv)(x + c * ldx + x0 + LANES, FN(kv_scale)(sr, g1));
+            for (int r = 0; r < R; r++) {
+                const VEC pr = FN(vsplat)(p[r * ldp + c]);
+                acc[r][0] += pr * x0v;
+                acc[r][1] += pr * x1v;
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 2; i++) FN(vstore)(y + r * ldy + x0 + i * LANES, acc[r][i]);
+    }
+    if (x0 < nv) { /* one vector left */
+        VEC acc[ROW_GROUP];
+        for (int r = 0; r < R; r++) acc[r] = FN(vload)(y + r * ldy + x0);
+        const int64_t g = FN(group_of)(x0, group);
+        for (int64_t c = 0; c < nb; c++) {
+            const VEC xv = FN(vload_kv)(x + c * ldx + x0, FN(kv_scale)(FN(scale_row)(xs, lds, c), g));
+            for (int r = 0; r < R; r++) acc[r] += FN(vsplat)(p[r * ldp + c]) * xv;
+        }
+        for (int r = 0; r < R; r++) FN(vstore)(y + r * ldy + x0, acc[r]);
+    }
+    for (int r = 0; r < R; r++)
+        for (int64_t e = nv; e < n; e++)
+            for (int64_t c = 0; c < nb; c++)
+                y[r * ldy + e] += p[r * ldp + c] *
+                                  FN(kv_to_real)(x[c * ldx + e], FN(kv_scale)(FN(scale_row)(xs, lds, c),
+                                                                              FN(group_of)(e, group)));
+}
+
+/* The direct path's two products for one key tile, apart from the softmax
+ * between them (noinline: inlined into attend_direct, the constants its
+ * other loops keep in registers made these spill their accumulators). */
+
+/* Scores s[r * BLOCK_N + c] = q_r . k_c (unscaled) of the tile's nb keys for
+ * the nrows query rows qs (E apart), ROW_GROUP rows at a time (GQA heads as
+ * rows, a few query rows): each key row is read once per group.  The same
+ * keys' value rows are prefetched meanwhile. */
+static __attribute__((noinline)) void FN(direct_scores)(
+    const pyattn_problem *p, const REAL *qs, int64_t nrows, const KV *kr, int64_t k_stride,
+    const void *ks, const KV *vr, int64_t v_stride, int64_t nb, REAL *sc)
+{
+    const int64_t E = p->E, full = nb - nb % LANES;
+    const int64_t v_bytes = p->Ev * (int64_t)sizeof(KV);
+    for (int64_t r0 = 0; r0 < nrows; r0 += ROW_GROUP) {
+        const int R = nrows - r0 < ROW_GROUP ? (int)(nrows - r0) : ROW_GROUP;
+        const REAL *a = qs + r0 * E;
+        REAL *s = sc + r0 * BLOCK_N;
+        for (int64_t c = 0; c < full; c += LANES) {
+            if (r0 == 0) /* into L2 */
+                for (int64_t i = c; i < c + LANES; i++)
+                    for (int64_t off = 0; off < v_bytes; off += 64)
+                        __builtin_prefetch((const char *)(vr + i * v_stride) + off, 0, 3);
+            const KV *b = kr + c * k_stride;
+            const void *bs = FN(scale_row)(ks, p->ks_row, c);
+            const int64_t lds = p->ks_row, g = p->k_group;
+            switch (R) { /* constant row counts: accumulators in registers */
+            case 4: FN(rows_dots)(a, E, 4, b, k_stride, bs, lds, g, E, s + c, BLOCK_N); break;
+            case 3: FN(rows_dots)(a, E, 3, b, k_stride, bs, lds, g, E, s + c, BLOCK_N); break;
+            case 2: FN(rows_dots)(a, E, 2, b, k_stride, bs, lds, g, E, s + c, BLOCK_N); break;
+            default: FN(dots)(a, b, k_stride, bs, lds, g, E, s + c);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int64_t c = full; c < nb; c++)
+                s[r * BLOCK_N + c] = FN(dot)(a + r * E, kr + c * k_stride,
+                                             FN(scale_row)(ks, p->ks_row, c), p->k_group, E);
+    }
+}
+
+/* acc[r * evp + 0:Ev] += sum over the tile's keys c of w[r * BLOCK_N + c] * v_c
+ * for the nrows rows, ROW_GROUP at a time: each value row read once per group. */
+static __attribute__((noinline)) void FN(direct_values)(
+    const pyattn_problem *p, const REAL *w, int64_t nrows, const KV *vr, int64_t v_stride,
+    const void *vs, int64_t nb, REAL *acc)
+{
+    const int64_t Ev = p->Ev, evp = FN(round_up)(Ev, NR), lds = p->vs_row, g = p->v_group;
+    for (int64_t r0 = 0; r0 < nrows; r0 += ROW_GROUP) {
+        const int R = nrows - r0 < ROW_GROUP ? (int)(nrows - r0) : ROW_GROUP;
+        const REAL *wr = w + r0 * BLOCK_N;
+        REAL *y = acc + r0 * evp;
+        switch (R) {
+        case 4: FN(rows_weighted)(wr, BLOCK_N, 4, vr, v_stride, vs, lds, g, nb, y, evp, Ev); break;
+        case 3: FN(rows_weighted)(wr, BLOCK_N, 3, vr, v_stride, vs, lds, g, nb, y, evp, Ev); break;
+        case 2: FN(rows_weighted)(wr, BLOCK_N, 2, vr, v_stride, vs, lds, g, nb, y, evp, Ev); break;
+        default: FN(weighted_rows)(wr, vr, v_stride, vs, lds, g, nb, y, Ev);
+        }
+    }
+}
+
+#undef ROW_GROUP

@@ -178,6 +178,33 @@ def test_bitwise_whatever_the_alignment(dtype, L, S, kernel, rng):
         assert np.array_equal(out, want), off
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("E, Ev", [(128, 128), (12, 24), (40, 136), (8, 8)])
+def test_decode_rows_are_bitwise_those_of_a_lone_row(dtype, E, Ev, kernel, rng, helpers):
+    """The direct path loads each key and value row once for up to four query
+    rows (GQA heads as rows, a few query rows) in the order a lone row sums
+    them: every row of such a block has the bits of the same row decoded
+    alone.  The widths cover whole vector pairs, a vector left over and
+    scalar tails; S = 300 ends on keys that are not whole vectors."""
+    S, hkv = 300, 2
+    k, v = randn(rng, (1, hkv, S, E), dtype), randn(rng, (1, hkv, S, Ev), dtype)
+    for group in (2, 3, 4, 5):  # rows per block (on AVX2: one group, a group and a tail)
+        q = randn(rng, (1, hkv * group, 1, E), dtype)
+        got = sdpa(q, k, v, enable_gqa=True, window=(200, None))
+        for h in range(hkv * group):
+            alone = sdpa(q[:, h:h + 1], k[:, h // group:h // group + 1],
+                         v[:, h // group:h // group + 1], window=(200, None))
+            assert np.array_equal(got[:, h:h + 1], alone), (group, h)
+        helpers.assert_close(got, ref.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True, window=(200, None)))
+    # three query rows of one head (more than the smallest micro-tile's MR - 1,
+    # 3 on baseline, would take the tiled path, which rounds otherwise)
+    rows = randn(rng, (1, hkv, 3, E), dtype)
+    got = sdpa(rows, k, v)
+    for r in range(3):
+        assert np.array_equal(got[:, :, r:r + 1], sdpa(rows[:, :, r:r + 1], k, v)), r
+
+
 # --------------------------------------------------------------------------
 # Split-KV: the chunking of S
 # --------------------------------------------------------------------------
