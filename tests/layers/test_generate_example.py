@@ -46,3 +46,21 @@ def test_cache_prefill_then_steps_matches_the_full_forward(example):
         logits = model.forward(tokens[t:t + 1], caches)
     assert [c.lengths.tolist() for c in caches] == [[30], [30]]
     np.testing.assert_allclose(logits, model.forward(tokens), rtol=2e-4, atol=2e-4)
+
+
+def test_kv_dtype_agreement_counts_the_steps_that_match(example, capsys):
+    """--kv-dtype counts teacher-forced steps whose greedy token equals the
+    float32 run's: all of them for a float32 cache, not the first once the
+    first token is changed.  The toy's tokens vary, so the count measures
+    something (a model that repeats one token agrees trivially)."""
+    model = example.ToyDecoder(layers=2)
+    prompt = np.random.default_rng(1).integers(0, 1000, 40)
+    tokens = example.generate_cached(model, prompt, 8)
+    assert len(set(tokens)) >= 4
+    assert example.agreement(model, prompt, tokens, "float32") == 8
+    changed = [(tokens[0] + 1) % 1000] + tokens[1:]
+    assert example.agreement(model, prompt, changed, "float32") <= 7
+    example.main(["--prompt", "40", "--new", "8", "--layers", "2", "--kv-dtype", "int8"])
+    n = int(re.search(r"^int8 cache: (\d+) of 8 greedy tokens", capsys.readouterr().out,
+                      flags=re.M).group(1))
+    assert n == example.agreement(model, prompt, tokens, "int8")
