@@ -15,8 +15,9 @@
  *             converted where they are loaded and written, and all the
  *             arithmetic stays in REAL.
  *   KV        optional: the element type of k and v when it is not STORE;
- *             KV_INT8 1 for int8 rows with float16 scales per group (q and
- *             out are then REAL), dequantized as they are loaded (simd.h's
+ *             KV_SCALED 1 for quantized rows with float16 scales per group
+ *             (q and out are then REAL), int8 or, with KV_FP8 1,
+ *             float8_e4m3fn bits, dequantized as they are loaded (simd.h's
  *             vload_kv).
  *
  * Vectors are GCC vector extensions, so the same text compiles to SSE2, AVX2
@@ -503,7 +504,9 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
 #undef STORE
 #undef STORE_KIND
 #undef KV
-#undef KV_INT8
+#undef KV_SCALED
+#undef KV_FP8
+#undef FP8_UNIT
 #undef TO_REAL
 #undef FROM_REAL
 #undef PANEL_BUDGET

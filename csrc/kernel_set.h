@@ -9,10 +9,10 @@
  * BF16_* block sizes, and gets a second table, bf16_products: the float
  * storage types with Q K^T and P V in bfloat16.
  *
- * A set that has run int8 K/V on a CPU of its own defines INT8_KV and gets
- * the int8 kernel (float32 q and out, exact products); the others leave its
- * entry empty and the registry falls back to a set below them
- * (pyattn_kernels_for_dtype).
+ * A set that has run quantized K/V on a CPU of its own defines QUANTIZED_KV
+ * and gets the int8 and float8_e4m3fn kernels (float32 q and out, exact
+ * products); the others leave their entries empty and the registry falls
+ * back to a set below them (pyattn_kernels_for_dtype).
  *
  * A new storage dtype is one block in float_instances.h (its STORE type and TO_REAL /
  * FROM_REAL, plus a lane-wise load in simd.h's vload_store when the generic
@@ -75,16 +75,24 @@ static inline uint16_t PA_CAT(float_to_bf16, ISA)(float x)
 #define BLOCK_N F32_BLOCK_N
 #define PRODUCTS_TAG exact
 #include "float_instances.h"
-/* int8 K/V with float16 scales */
-#ifdef INT8_KV
+/* quantized K/V with float16 scales: int8, float8_e4m3fn */
+#ifdef QUANTIZED_KV
 #define KV int8_t
-#define KV_INT8 1
+#define KV_SCALED 1
 #define SUFFIX PA_CAT(i8, PA_CAT(exact, ISA))
 #include "attention_body.h"
 #undef SUFFIX
+#define KV uint8_t
+#define KV_SCALED 1
+#define KV_FP8 1
+#define SUFFIX PA_CAT(f8, PA_CAT(exact, ISA))
+#include "attention_body.h"
+#undef SUFFIX
 #define PA_INT8_KERNEL PA_DTYPE_KERNEL(i8, exact, F32_BLOCK_M)
+#define PA_FP8_KERNEL PA_DTYPE_KERNEL(f8, exact, F32_BLOCK_M)
 #else
 #define PA_INT8_KERNEL {0} /* not run on this set's CPUs yet */
+#define PA_FP8_KERNEL {0}
 #endif
 #undef PRODUCTS_TAG
 #undef MR
@@ -142,6 +150,7 @@ const pyattn_kernels PA_CAT(pyattn_kernels, ISA) = {
         [PYATTN_FLOAT16] = PA_F16_KERNEL(exact, F32_BLOCK_M),
         [PYATTN_BFLOAT16] = PA_DTYPE_KERNEL(bf16, exact, F32_BLOCK_M),
         [PYATTN_INT8] = PA_INT8_KERNEL,
+        [PYATTN_FLOAT8_E4M3FN] = PA_FP8_KERNEL,
     },
     .bf16_products = PA_BF16_PRODUCTS,
 };

@@ -21,6 +21,6 @@ static int cpu_supports(void)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
 }
-/* int8 K/V kernels: run and tested on a CPU of this set (an AMD EPYC Zen 3) */
-#define INT8_KV 1
+/* quantized K/V kernels (int8, float8_e4m3fn): run and tested on a CPU of this set (an AMD EPYC Zen 3) */
+#define QUANTIZED_KV 1
 #include "kernel_set.h"

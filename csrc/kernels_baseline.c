@@ -14,9 +14,9 @@
 #define F64_BLOCK_N 128
 
 static int cpu_supports(void) { return 1; }
-/* int8 K/V kernels: run and tested on x86-64 (an AMD EPYC Zen 3), not yet
+/* quantized K/V kernels (int8, float8_e4m3fn): run and tested on x86-64 (an AMD EPYC Zen 3), not yet
  * on another architecture's baseline */
 #if defined(__x86_64__)
-#define INT8_KV 1
+#define QUANTIZED_KV 1
 #endif
 #include "kernel_set.h"

@@ -42,7 +42,7 @@ static inline void FN(dots)(const REAL *a, const KV *b, int64_t ldb, const void 
 {
     const int64_t nv = n - n % LANES;
     /* channels of one scale per step (quantized rows), else the whole row */
-    const int64_t step = KV_INT8 ? group : nv;
+    const int64_t step = KV_SCALED ? group : nv;
     enum { G = LANES < 4 ? LANES : 4 }; /* rows at once: independent FMA chains */
     VEC acc[LANES];
     for (int j = 0; j < LANES; j += G) {
@@ -59,7 +59,7 @@ static inline void FN(dots)(const REAL *a, const KV *b, int64_t ldb, const void 
                     part[g] += av * FN(vload_kv_unscaled)(b + (j + g) * ldb + e);
             }
             for (int g = 0; g < G; g++)
-                sum[g] = KV_INT8 ? sum[g] + part[g] * FN(vsplat)(FN(kv_scale)(
+                sum[g] = KV_SCALED ? sum[g] + part[g] * FN(vsplat)(FN(kv_scale)(
                                                 FN(scale_row)(bs, lds, j + g), FN(group_of)(e0, group)))
                                  : part[g]; /* one step: the whole row */
         }
@@ -84,7 +84,7 @@ static inline void FN(weighted_rows)(const REAL *p, const KV *x, int64_t ldx, co
                                      int64_t lds, int64_t group, int64_t nb, REAL *y, int64_t n)
 {
     enum { BLOCK = 8 };
-    _Static_assert(!KV_INT8 || BLOCK * LANES % PYATTN_GROUP_QUANTUM == 0, "blocks start on a quantum");
+    _Static_assert(!KV_SCALED || BLOCK * LANES % PYATTN_GROUP_QUANTUM == 0, "blocks start on a quantum");
     const int64_t nv = n - n % LANES;
     int64_t x0 = 0;
     for (; x0 + BLOCK * LANES <= nv; x0 += BLOCK * LANES) { /* constant trip counts: registers */
@@ -136,7 +136,7 @@ static inline __attribute__((always_inline)) void FN(rows_dots)(
     int64_t group, int64_t n, REAL *s, int64_t lds_out)
 {
     const int64_t nv = n - n % LANES;
-    const int64_t step = KV_INT8 ? group : nv; /* channels of one scale, or the whole row */
+    const int64_t step = KV_SCALED ? group : nv; /* channels of one scale, or the whole row */
     VEC out[ROW_GROUP][LANES];
     for (int j = 0; j < LANES; j += 2) {
         VEC acc[ROW_GROUP][2];

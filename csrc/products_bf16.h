@@ -24,7 +24,7 @@
  */
 #define BF16_UNIT_DPBF16 1
 #define BF16_UNIT_AMX 2
-_Static_assert(!KV_INT8, "quantized K/V have exact products only");
+_Static_assert(!KV_SCALED, "quantized K/V have exact products only");
 
 #define PANEL uint16_t
 #define DIRECT_BELOW 8 /* as the float32 micro-tile: decode rows stay exact */

@@ -104,7 +104,7 @@ static REAL FN(pack_q)(const pyattn_problem *p, const STORE *q, int64_t row0, in
  * Quantized rows must be dequantized, so they are always packed. */
 static inline int FN(v_in_place)(const pyattn_problem *p)
 {
-    return !KV_INT8 && STORE_KIND == STORE_KIND_NATIVE && p->v_col == 1 && p->Ev % NR == 0;
+    return !KV_SCALED && STORE_KIND == STORE_KIND_NATIVE && p->v_col == 1 && p->Ev % NR == 0;
 }
 
 /* Pack keys [j0, j0 + nb) as K^T (E x tile_cols, zero columns past nb) and,

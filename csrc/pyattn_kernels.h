@@ -28,6 +28,7 @@ enum pyattn_dtype {
     PYATTN_BFLOAT16, /* computed in float32 */
     PYATTN_INT8,     /* K and V only, with per-group float16 scales (docs/kv-cache.md);
                       * q and out are float32 */
+    PYATTN_FLOAT8_E4M3FN, /* K and V only, as int8 */
     PYATTN_NUM_DTYPES
 };
 
@@ -167,21 +168,22 @@ const pyattn_kernels *pyattn_kernel_set(int index);
 /* The set that runs `dtype` (enum pyattn_dtype) when `set` is chosen: `set`
  * itself when its by_dtype entry exists, else the first set after it in the
  * order that this CPU supports and that has one; NULL when none does.  A set
- * enables a dtype only once it has run on a CPU of that set (int8: avx2 and
- * baseline), so a better set may leave it out. */
+ * enables a dtype only once it has run on a CPU of that set (int8 and
+ * float8_e4m3fn: avx2 and baseline), so a better set may leave it out. */
 const pyattn_kernels *pyattn_kernels_for_dtype(const pyattn_kernels *set, int dtype);
 
 /* The set called `name`, or NULL when this build has none. */
 const pyattn_kernels *pyattn_kernels_by_name(const char *name);
 
-/* Quantize n rows of x (float32, D channels each, contiguous) to the int8
- * format of docs/kv-cache.md, `group` channels per scale, into q (n x D
- * int8) and scales (n x D / group float16, as bits), both contiguous.
- * Returns 0; 1 when x holds a non-finite value, 2 when a group's scale
- * overflows float16, 3 when this build has no float16 (no _Float16): then
- * rows from the first bad one on are left as they were. */
-int pyattn_quantize_int8(const float *x, int64_t n, int64_t D, int64_t group, int8_t *q,
-                         uint16_t *scales);
+/* Quantize n rows of x (float32, D channels each, contiguous) to `format`
+ * (PYATTN_INT8 or PYATTN_FLOAT8_E4M3FN, docs/kv-cache.md), `group`
+ * channels per scale, into q (n x D bytes) and scales (n x D / group
+ * float16, as bits), both contiguous.  Returns 0; 1 when x holds a
+ * non-finite value, 2 when a group's scale overflows float16, 3 when this
+ * build has no float16 (no _Float16), 4 for another format: then rows from
+ * the first bad one on are left as they were. */
+int pyattn_quantize(int format, const float *x, int64_t n, int64_t D, int64_t group, void *q,
+                    uint16_t *scales);
 
 /* Bytes of RAM of this machine, read once (every launch checks sizes). */
 size_t pyattn_physical_memory(void);

@@ -17,6 +17,7 @@ const pyattn_dtype_info pyattn_dtypes[PYATTN_NUM_DTYPES] = {
     [PYATTN_FLOAT16] = {"float16", 2, 4, 0},
     [PYATTN_BFLOAT16] = {"bfloat16", 2, 4, 0},
     [PYATTN_INT8] = {"int8", 1, 4, 1},
+    [PYATTN_FLOAT8_E4M3FN] = {"float8_e4m3fn", 1, 4, 1},
 };
 
 /* setup.py defines PYATTN_KERNEL_SETS as PYATTN_SET(avx512) PYATTN_SET(avx2)

@@ -12,11 +12,14 @@
 #endif
 
 /* KV: the element type of k and v, STORE unless the instance reads
- * quantized rows (KV_INT8: int8 with one float16 scale per group of
- * channels, see pyattn_problem's k_group). */
+ * quantized rows (KV_SCALED: one float16 scale per group of channels, see
+ * pyattn_problem's k_group), int8 or, with KV_FP8, float8_e4m3fn bits. */
 #ifndef KV
 #define KV STORE
-#define KV_INT8 0
+#define KV_SCALED 0
+#endif
+#ifndef KV_FP8
+#define KV_FP8 0
 #endif
 
 #define LANES ((int64_t)(VBYTES / sizeof(REAL)))
@@ -232,7 +235,7 @@ static inline VEC FN(vload_store)(const STORE *p)
  * channel e and its scale: what the loads below multiply by. */
 static inline const void *FN(scale_row)(const void *scales, int64_t row_stride, int64_t j)
 {
-#if KV_INT8
+#if KV_SCALED
     return (const uint16_t *)scales + j * row_stride;
 #else
     (void)scales, (void)row_stride, (void)j;
@@ -242,7 +245,7 @@ static inline const void *FN(scale_row)(const void *scales, int64_t row_stride, 
 
 static inline int64_t FN(group_of)(int64_t e, int64_t group)
 {
-#if KV_INT8
+#if KV_SCALED
     return e / group;
 #else
     (void)e, (void)group;
@@ -250,13 +253,11 @@ static inline int64_t FN(group_of)(int64_t e, int64_t group)
 #endif
 }
 
-/* Scales are float16 bits, finite (validated): F16C converts one in an
- * instruction; elsewhere the exponent is rebased in integer code, and a
- * subnormal, m * 2^-24, is exact in float arithmetic. */
-static inline REAL FN(kv_scale)(const void *srow, int64_t g)
+/* float16 bits as a float: F16C converts in an instruction; elsewhere the
+ * exponent is rebased in integer code, and a subnormal, m * 2^-24, is
+ * exact in float arithmetic.  Inf and NaN never come here (validated). */
+static inline float FN(half_bits_to_float)(uint16_t h)
 {
-#if KV_INT8
-    const uint16_t h = ((const uint16_t *)srow)[g];
 #ifdef __F16C__
     return _cvtsh_ss(h);
 #else
@@ -270,29 +271,70 @@ static inline REAL FN(kv_scale)(const void *srow, int64_t g)
     memcpy(&x, &bits, sizeof x);
     return x;
 #endif
+}
+
+/* float8_e4m3fn is read through float16: its bits shifted into float16's
+ * (sign to sign, exponent and mantissa 7 places up) are the float16 of the
+ * value times 2^-8, subnormals included (float16's range covers them, its
+ * exponent bias is 8 more), so F16C converts them and the 2^8 joins the
+ * row's scale (kv_scale).  NaN bytes (0x7f, 0xff) never come here:
+ * pyattn.QuantizedKV refuses them. */
+#define FP8_UNIT 256.0f
+static inline uint16_t FN(fp8_as_half_bits)(uint8_t x)
+{
+    return (uint16_t)((x & 0x80u) << 8 | (x & 0x7fu) << 7);
+}
+
+/* The scale of group g of a row's scales srow (float16 bits, finite and
+ * >= 0: validated), times FP8_UNIT for float8 rows. */
+static inline REAL FN(kv_scale)(const void *srow, int64_t g)
+{
+#if KV_SCALED
+    const REAL s = FN(half_bits_to_float)(((const uint16_t *)srow)[g]);
+    return KV_FP8 ? s * FP8_UNIT : s; /* exact: a float16 times 2^8 */
 #else
     (void)srow, (void)g;
     return 1;
 #endif
 }
 
-/* LANES contiguous K/V elements as REAL, unscaled: int8 is converted here,
- * in registers, right before its use (sign-extended lane-wise: GCC's
- * generic vector conversion goes element by element).  Loops that can
- * apply a group's scale once per group (to a partial sum or a weight) read
- * with this; vload_kv scales each vector. */
+/* One K/V element as REAL before its scale: int8 as an integer, float8 as
+ * its value times 2^-8 (see fp8_as_half_bits). */
+static inline REAL FN(kv_unscaled)(KV x)
+{
+#if KV_FP8
+    return FN(half_bits_to_float)(FN(fp8_as_half_bits)(x));
+#else
+    return (REAL)x;
+#endif
+}
+
+/* LANES contiguous K/V elements as REAL, unscaled (kv_unscaled), converted
+ * in registers right before their use: int8 sign-extended lane-wise (GCC's
+ * generic vector conversion goes element by element), float8 through
+ * float16.  Loops that can apply a group's scale once per group (to a
+ * partial sum or a weight) read with this; vload_kv scales each vector. */
 static inline VEC FN(vload_kv_unscaled)(const KV *p)
 {
-#if KV_INT8 && VBYTES == 32 && defined(__AVX2__)
+#if KV_FP8 && VBYTES == 32 && defined(__AVX2__) && defined(__F16C__)
+    const __m128i x = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    /* sign-extended, shifted 7 up: sign and the copy in bit 14 set; keep 15, 13..7 */
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(x, 7), _mm_set1_epi16((short)0xbf80));
+    return (VEC)_mm256_cvtph_ps(h);
+#elif KV_FP8
+    REAL buf[LANES];
+    for (int64_t i = 0; i < LANES; i++) buf[i] = FN(kv_unscaled)(p[i]);
+    return FN(vload)(buf);
+#elif KV_SCALED && VBYTES == 32 && defined(__AVX2__)
     return (VEC)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-#elif KV_INT8 && VBYTES == 16 && defined(__SSE2__)
+#elif KV_SCALED && VBYTES == 16 && defined(__SSE2__)
     int32_t w;
     memcpy(&w, p, sizeof w);
     __m128i x = _mm_cvtsi32_si128(w);
     x = _mm_unpacklo_epi8(x, x);
     x = _mm_srai_epi32(_mm_unpacklo_epi16(x, x), 24); /* each byte in the top of a lane */
     return (VEC)_mm_cvtepi32_ps(x);
-#elif KV_INT8
+#elif KV_SCALED
 #error "int8 K/V loads exist for AVX2 and SSE2 (the CPUs they ran on)"
 #else
     return FN(vload_store)(p);
@@ -302,7 +344,7 @@ static inline VEC FN(vload_kv_unscaled)(const KV *p)
 /* LANES contiguous K/V elements as REAL, all of one group of scale s. */
 static inline VEC FN(vload_kv)(const KV *p, REAL s)
 {
-#if KV_INT8
+#if KV_SCALED
     return FN(vload_kv_unscaled)(p) * FN(vsplat)(s);
 #else
     (void)s;
@@ -313,8 +355,8 @@ static inline VEC FN(vload_kv)(const KV *p, REAL s)
 /* One K/V element as REAL, of scale s. */
 static inline REAL FN(kv_to_real)(KV x, REAL s)
 {
-#if KV_INT8
-    return (REAL)x * s;
+#if KV_SCALED
+    return FN(kv_unscaled)(x) * s;
 #else
     (void)s;
     return TO_REAL(x);

@@ -6,9 +6,9 @@ more so the longer the text.
     pip install .
     python examples/generate.py [--prompt 512] [--new 64] [--layers 4] [--kv-dtype int8]
 
-With --kv-dtype int8 it also decodes with quantized caches,
-fed the float32 run's tokens, and counts the steps whose greedy token is the
-same as float32's.
+With --kv-dtype int8 (or float8_e4m3fn, with ml_dtypes) it also decodes
+with quantized caches, fed the float32 run's tokens, and counts the steps
+whose greedy token is the same as float32's.
 
 The model is a small pre-norm transformer decoder (random weights, so the
 tokens mean nothing): token embedding, then per layer grouped-query attention
@@ -102,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=512, help="prompt length (tokens)")
     parser.add_argument("--new", type=int, default=64, help="tokens to generate")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--kv-dtype", choices=["int8"],
+    parser.add_argument("--kv-dtype", choices=["int8", "float8_e4m3fn"],
                         help="also count the greedy tokens a quantized cache shares with float32")
     args = parser.parse_args(argv)
     model = ToyDecoder(layers=args.layers)

@@ -19,8 +19,9 @@ def config():
         "default_threads": _attention.max_threads(),
         "kernel": _dispatch.KERNEL,
         "bf16_products": _attention.has_bf16_products(_dispatch.KERNEL, "float32"),
-        # the set that runs int8 K/V: this one, or the best usable set below it with int8
-        "int8_kernel": _attention.kernel_for_dtype(_dispatch.KERNEL, "int8"),
+        # the set that runs quantized K/V (int8 and float8_e4m3fn, enabled
+        # together): this one, or the best usable set below it that has them
+        "quantized_kernel": _attention.kernel_for_dtype(_dispatch.KERNEL, "int8"),
         "usable_kernels": _dispatch.usable_kernels(),
         "kernel_env_var": _dispatch.ENV_VAR,
     }

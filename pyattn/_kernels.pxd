@@ -64,8 +64,8 @@ cdef extern from "pyattn_kernels.h" nogil:
     const pyattn_kernels *pyattn_kernel_set(int index)
     const pyattn_kernels *pyattn_kernels_by_name(const char *name)
     const pyattn_kernels *pyattn_kernels_for_dtype(const pyattn_kernels *set, int dtype)
-    int pyattn_quantize_int8(const float *x, int64_t n, int64_t D, int64_t group, int8_t *q,
-                             uint16_t *scales)
+    int pyattn_quantize(int format, const float *x, int64_t n, int64_t D, int64_t group,
+                        void *q, uint16_t *scales)
     size_t pyattn_physical_memory()
     size_t pyattn_size_mul(size_t a, size_t b)
     size_t pyattn_size_add(size_t a, size_t b)

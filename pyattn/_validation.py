@@ -30,17 +30,17 @@ def is_kernel_dtype(dtype):
 
 
 def resolve_dtype(dtype):
-    """np.dtype(dtype), with "bfloat16" found in ml_dtypes."""
+    """np.dtype(dtype), with "bfloat16" and "float8_e4m3fn" found in ml_dtypes."""
     try:
         return np.dtype(dtype)
     except TypeError:
-        if dtype != "bfloat16":
+        if dtype not in ("bfloat16", "float8_e4m3fn"):
             raise
         try:
             import ml_dtypes
         except ImportError:
-            raise TypeError("bfloat16 needs ml_dtypes: pip install ml_dtypes") from None
-        return np.dtype(ml_dtypes.bfloat16)
+            raise TypeError(f"{dtype} needs ml_dtypes: pip install ml_dtypes") from None
+        return np.dtype(getattr(ml_dtypes, dtype))
 
 
 def check_size(value, name):
@@ -268,8 +268,8 @@ class AttentionProblem:
     num_heads: int
     out_shape: Tuple[int, ...]  # what the caller gets back
     work_shape: Tuple[int, ...]  # (*batch, heads, L, Ev)
-    # quantized key and value (pyattn.QuantizedKV): k and v hold their int8
-    # data, these their float16 scales (lifted like k and v) and group sizes
+    # quantized key and value (pyattn.QuantizedKV): k and v hold their int8 or
+    # float8 data, these their float16 scales (lifted like k and v) and group sizes
     k_scales: Optional[np.ndarray] = None
     v_scales: Optional[np.ndarray] = None
     groups: Tuple[int, int] = (0, 0)
@@ -281,7 +281,7 @@ class AttentionProblem:
     @property
     def kernel_dtype(self):
         """The name of the kernel table entry: the storage of k and v."""
-        return "int8" if self.k_scales is not None else self.q.dtype.name
+        return self.k.dtype.name if self.k_scales is not None else self.q.dtype.name
 
     @property
     def compute_dtype(self):
@@ -434,8 +434,9 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
 
 def _key_value(key, value, q_dtype):
     """(k, v, k_scales, v_scales, groups) of a call: float arrays of the
-    query's dtype, or two pyattn.QuantizedKV (int8 data, float16 scales whose
-    groups the kernel reads contiguous) for a float32 query."""
+    query's dtype, or two pyattn.QuantizedKV of one storage dtype (int8 or
+    float8_e4m3fn data; float16 scales, whose groups the kernel reads
+    contiguous) for a float32 query."""
     from .quantized import QuantizedKV  # it imports this module
 
     quantized = isinstance(key, QuantizedKV), isinstance(value, QuantizedKV)
@@ -452,8 +453,11 @@ def _key_value(key, value, q_dtype):
         raise TypeError(f"key and value must both be pyattn.QuantizedKV or both arrays; got "
                         f"key {type(key).__name__} and value {type(value).__name__}")
     if q_dtype != np.float32:
-        raise TypeError(f"query must be float32 with quantized key and value (the int8 "
+        raise TypeError(f"query must be float32 with quantized key and value (their "
                         f"kernels compute in float32); got {q_dtype}")
+    if key.dtype != value.dtype:
+        raise TypeError(f"quantized key and value must share one storage dtype; got key "
+                        f"{key.dtype.name} and value {value.dtype.name}")
 
     def scales_for_kernel(kv, name):
         s = convert_stored(kv.scales, f"{name}.scales")

@@ -15,7 +15,7 @@ from ._validation import (
     convert_stored,
 )
 from .functional import scaled_dot_product_attention
-from .quantized import QuantizedKV, check_group_size, quantize_rows
+from .quantized import FORMATS, QuantizedKV, check_group_size, default_group_size, quantize_rows
 
 __all__ = ["KVCache", "decode_attention"]
 
@@ -46,16 +46,17 @@ class KVCache:
     batch, num_kv_heads, head_dim : int
     max_len : int, optional
         Refuse to grow beyond this many positions (and never allocate more).
-    dtype : float32, float64, float16, bfloat16 or int8
-        int8 quantizes keys and values as they are appended (compiled code,
-        docs/kv-cache.md): int8 data and one float16 scale per group of
-        ``group_size`` channels, about 0.27x the float32 cache at
-        head_dim 128; queries are then float32.
+    dtype : float32, float64, float16, bfloat16, int8 or float8_e4m3fn
+        int8 and float8_e4m3fn quantize keys and values as they are appended
+        (compiled code, docs/kv-cache.md): one byte per channel and one
+        float16 scale per group of ``group_size`` channels, about 0.27x
+        (int8) and 0.25x (float8) the float32 cache at head_dim 128;
+        queries are then float32.  bfloat16 and float8 need ml_dtypes.
     value_dim : int, optional
         Width of the values (default head_dim).
     group_size : 32, 64 or the width, optional
-        int8 only: channels per scale (default 32); it must divide head_dim
-        and value_dim.
+        Quantized caches only: channels per scale (default 32 for int8, the
+        whole row for float8_e4m3fn); it must divide head_dim and value_dim.
     """
 
     def __init__(self, batch, num_kv_heads, head_dim, max_len=None, dtype=np.float32,
@@ -65,15 +66,23 @@ class KVCache:
         self.head_dim = check_size(head_dim, "head_dim")
         self.value_dim = self.head_dim if value_dim is None else check_size(value_dim, "value_dim")
         self.max_len = None if max_len is None else check_size(max_len, "max_len")
-        self.dtype = check_dtype(dtype, KERNEL_DTYPE_NAMES + ("int8",),
-                                 "float32, float64, float16, bfloat16 (with ml_dtypes) or int8")
+        self.dtype = check_dtype(dtype, KERNEL_DTYPE_NAMES + FORMATS,
+                                 "float32, float64, float16, bfloat16, int8 or float8_e4m3fn "
+                                 "(bfloat16 and float8 with ml_dtypes)")
         self.group_size = None
         if self.quantized:
-            self.group_size = check_group_size(32 if group_size is None else group_size,
-                                               self.head_dim)
-            check_group_size(self.group_size, self.value_dim)
+            if (group_size is None and self.dtype.name != "int8"
+                    and self.value_dim != self.head_dim):
+                raise ValueError(f"a {self.dtype.name} cache whose value_dim ({self.value_dim}) "
+                                 f"is not head_dim ({self.head_dim}) has no whole row to scale: "
+                                 f"pass group_size (32 or 64, dividing both)")
+            self.group_size = check_group_size(
+                default_group_size(self.dtype.name, self.head_dim) if group_size is None
+                else group_size, self.head_dim)
+            check_group_size(self.group_size, self.value_dim, "group_size")
         elif group_size is not None:
-            raise ValueError(f"group_size is for int8 caches; this one stores {self.dtype.name}")
+            raise ValueError(f"group_size is for quantized (int8, float8_e4m3fn) caches; this "
+                             f"one stores {self.dtype.name}")
         self.lengths = np.zeros(self.batch, dtype=np.int64)
         self._lock = threading.Lock()
         self._k = self._v = self._ks = self._vs = None
@@ -97,8 +106,8 @@ class KVCache:
 
     @property
     def quantized(self):
-        """Whether keys and values are stored as int8 with scales."""
-        return self.dtype == np.int8
+        """Whether keys and values are stored quantized (int8, float8_e4m3fn) with scales."""
+        return self.dtype.name in FORMATS
 
     def _allocate(self, capacity, why):
         """Storage for `capacity` positions, checked to fit first; `why` says
@@ -128,7 +137,7 @@ class KVCache:
 
     def _filled(self):
         """(keys view, values view, lengths) of one moment, the views
-        QuantizedKV for int8; the caller holds the lock."""
+        QuantizedKV for quantized caches; the caller holds the lock."""
         n = int(self.lengths.max(initial=0))
         if self.quantized:
             return (QuantizedKV._trusted(self._k[:, :, :n], self._ks[:, :, :n], self.group_size),
@@ -146,11 +155,11 @@ class KVCache:
         return sum(a.nbytes for a in (self._k, self._v, self._ks, self._vs) if a is not None)
 
     def dequantize(self):
-        """(keys, values) of an int8 cache as float32 arrays (batch,
+        """(keys, values) of a quantized cache as float32 arrays (batch,
         num_kv_heads, max(lengths), dim): exactly what the kernels compute
         with (positions past a sequence's length included)."""
         if not self.quantized:
-            raise TypeError(f"dequantize() is for int8 caches; this one stores "
+            raise TypeError(f"dequantize() is for quantized caches; this one stores "
                             f"{self.dtype.name} (use keys and values)")
         with self._lock:
             keys, values, _ = self._filled()
@@ -159,8 +168,8 @@ class KVCache:
     @property
     def keys(self):
         """View (batch, num_kv_heads, max(lengths), head_dim); sequence b's
-        valid keys are the first lengths[b].  A QuantizedKV of views for an
-        int8 cache."""
+        valid keys are the first lengths[b].  A QuantizedKV of views for a
+        quantized cache."""
         with self._lock:
             return self._filled()[0]
 
@@ -184,7 +193,7 @@ class KVCache:
         if k_new.shape != want_k or v_new.shape != want_v:
             raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
                              f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
-        # into the cache's dtype (int8 caches quantize float32) before the lock,
+        # into the cache's dtype (quantized caches quantize float32) before the lock,
         # refusing finite values it cannot hold
         given = np.float32 if self.quantized else self.dtype
         k_new = convert_stored(k_new, "k_new", given)
@@ -257,7 +266,7 @@ def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=No
     end of each sequence (lower-right): query i of L sees the keys up to
     position lengths[b] - L + i, so append the new keys and values first.
 
-    query : (batch, num_heads, L, head_dim), float32 for an int8 cache;
+    query : (batch, num_heads, L, head_dim), float32 for a quantized cache;
         num_heads a multiple of the cache's num_kv_heads (GQA/MQA: each KV
         head is read once for all the query heads that share it when L == 1).
     q_lengths : (batch,) ints, optional

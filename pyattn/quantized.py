@@ -1,13 +1,23 @@
-"""Quantized keys and values: int8 with one float16 scale per group of
-channels (the format of docs/kv-cache.md), read by the kernels as they are."""
+"""Quantized keys and values: int8 or float8_e4m3fn with one float16 scale
+per group of channels (the formats of docs/kv-cache.md), read by the kernels
+as they are."""
 import numbers
 
 import numpy as np
 
-from . import _attention
-from ._validation import as_array, as_float_array, check_fits, cpu_count
+from . import _attention, reference
+from ._validation import as_array, as_float_array, check_dtype, check_fits, cpu_count
 
 __all__ = ["QuantizedKV"]
+
+FORMATS = tuple(reference.LARGEST)  # the storage dtypes' names: int8, float8_e4m3fn
+FORMAT_NAMES = "int8 or float8_e4m3fn (with ml_dtypes)"
+
+
+def default_group_size(dtype, D):
+    """Channels per scale unless asked: 32 for int8 (llama.cpp's q8_0),
+    the whole row for float8, whose exponent covers the range within it."""
+    return 32 if dtype == "int8" else D
 
 # quantizing fewer elements than this runs on one thread (one token of a
 # decode step: 32 heads x 128 channels cost microseconds)
@@ -24,28 +34,30 @@ def check_group_size(group_size, D, name="group_size"):
 
 
 def quantize_rows(x, data, scales, group_size, starts, counts, name):
-    """Quantize x (B, H, n, D), any float dtype, in compiled code: rows
-    t < counts[b] of x[b, h] go to rows starts[b] + t of data[b, h] and of
-    scales[b, h] (C-contiguous int8 and float16 arrays).  `name` is x's
-    argument, for the errors."""
+    """Quantize x (B, H, n, D), any float dtype, in compiled code to data's
+    format: rows t < counts[b] of x[b, h] go to rows starts[b] + t of
+    data[b, h] and of scales[b, h] (C-contiguous int8 or float8_e4m3fn, and
+    float16 arrays).  `name` is x's argument, for the errors."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    dtype = data.dtype.name
     threads = cpu_count() if x.size >= PARALLEL_QUANTIZE else 1
-    err = _attention.quantize_int8(x, data, scales.view(np.uint16), group_size,
-                                   np.ascontiguousarray(starts, np.int64),
-                                   np.ascontiguousarray(counts, np.int64), threads)
+    err = _attention.quantize(dtype, x, data.view(np.int8), scales.view(np.uint16), group_size,
+                              np.ascontiguousarray(starts, np.int64),
+                              np.ascontiguousarray(counts, np.int64), threads)
     if err & 1:
-        raise ValueError(f"{name} must be finite to be quantized to int8")
+        raise ValueError(f"{name} must be finite to be quantized to {dtype}")
     if err & 2:
         raise ValueError(f"{name} has a group whose scale overflows float16 "
-                         f"(|x| > 65504 * 127)")
+                         f"(|x| > 65504 * {reference.LARGEST[dtype]})")
     if err & 4:
-        raise TypeError("this build has no int8 quantizer (its compiler lacks _Float16)")
+        raise TypeError(f"this build has no {dtype} quantizer (its compiler lacks _Float16)")
 
 
 class QuantizedKV:
-    """Keys or values stored as int8 with per-group float16 scales, for
-    ``key`` and ``value`` of scaled_dot_product_attention (both quantized,
-    with a float32 query) and the storage of ``KVCache(dtype="int8")``.
+    """Keys or values stored as int8 or float8_e4m3fn with per-group float16
+    scales, for ``key`` and ``value`` of scaled_dot_product_attention (both
+    quantized, with a float32 query) and the storage of
+    ``KVCache(dtype="int8" | "float8_e4m3fn")``.
 
     Channel e of row (..., j) is ``float32(data[..., j, e]) *
     float32(scales[..., j, e // group_size])``; the kernels compute exactly
@@ -53,10 +65,12 @@ class QuantizedKV:
 
     Parameters
     ----------
-    data : int8 array (..., S, D)
+    data : int8 or ml_dtypes.float8_e4m3fn array (..., S, D)
+        float8 data must hold no NaN (bit patterns 0x7f, 0xff).
     scales : float16 array (..., S, D // group_size), finite and >= 0
-    group_size : 32, 64 or D
-        Channels per scale; it must divide D.
+    group_size : 32, 64 or D, optional
+        Channels per scale; it must divide D.  Default: 32 for int8, D
+        (one scale per row) for float8_e4m3fn.
 
     The arrays are kept as given (no copy) and must not change while a call
     reads them.  ``QuantizedKV.quantize(x)`` makes one from float data.
@@ -64,17 +78,19 @@ class QuantizedKV:
 
     __slots__ = ("_data", "_scales", "_group_size")
 
-    def __init__(self, data, scales, group_size=32):
-        data = as_array(data, "data", "an int8 array")
+    def __init__(self, data, scales, group_size=None):
+        data = as_array(data, "data", f"an array of {FORMAT_NAMES}")
         scales = as_array(scales, "scales", "a float16 array")
-        if data.dtype != np.int8:
-            raise TypeError(f"data must be an int8 array; got dtype {data.dtype}")
+        if data.dtype.name not in FORMATS or data.dtype.itemsize != 1:
+            raise TypeError(f"data must be an array of {FORMAT_NAMES}; got dtype {data.dtype}")
         if scales.dtype != np.float16 or not scales.dtype.isnative:
             raise TypeError(f"scales must be a float16 array; got dtype {scales.dtype}")
         if data.ndim < 2 or data.shape[-1] == 0:
             raise ValueError(f"data must have at least 2 dimensions (..., S, D) with D >= 1; "
                              f"got shape {data.shape}")
         D = data.shape[-1]
+        if group_size is None:
+            group_size = default_group_size(data.dtype.name, D)
         group_size = check_group_size(group_size, D)
         want = data.shape[:-1] + (D // group_size,)
         if scales.shape != want:
@@ -82,6 +98,9 @@ class QuantizedKV:
                              f"channels of data {data.shape}; got {scales.shape}")
         if not (np.isfinite(scales) & (scales >= 0)).all():
             raise ValueError("scales must be finite and non-negative")
+        # the kernels read float8 through float16, which has no room for NaN
+        if data.dtype.name == "float8_e4m3fn" and (data.view(np.uint8) & 0x7f == 0x7f).any():
+            raise ValueError("data must hold no NaN (float8_e4m3fn bits 0x7f, 0xff)")
         self._data, self._scales, self._group_size = data, scales, group_size
 
     @classmethod
@@ -92,18 +111,22 @@ class QuantizedKV:
         return self
 
     @classmethod
-    def quantize(cls, x, group_size=32):
-        """`x` (..., S, D), any float dtype, quantized in compiled code (as
-        pyattn.reference.quantize_int8: round half to even, clipped to
-        +-127).  Non-finite values, and groups whose scale overflows float16,
-        raise ValueError."""
+    def quantize(cls, x, group_size=None, dtype="int8"):
+        """`x` (..., S, D), any float dtype, quantized in compiled code to
+        `dtype`, int8 or float8_e4m3fn (as pyattn.reference's quantize_int8
+        and quantize_float8_e4m3fn: round half to even, saturated at +-127
+        or +-448).  Non-finite values, and groups whose scale overflows
+        float16, raise ValueError."""
+        dtype = check_dtype(dtype, FORMATS, FORMAT_NAMES)
         x = as_float_array(x, "x", layout="(..., S, D)")
         D = x.shape[-1]
         if D == 0:
             raise ValueError(f"x must have at least one channel; got shape {x.shape}")
+        if group_size is None:
+            group_size = default_group_size(dtype.name, D)
         group_size = check_group_size(group_size, D)
-        check_fits(x.size * (1 + 2 / group_size), 1, f"int8 data and scales of x {x.shape}")
-        data = np.empty(x.shape, np.int8)
+        check_fits(x.size * (1 + 2 / group_size), 1, f"{dtype.name} data and scales of x {x.shape}")
+        data = np.empty(x.shape, dtype)
         scales = np.empty(x.shape[:-1] + (D // group_size,), np.float16)
         rows = x.size // D
         quantize_rows(x.reshape(1, 1, rows, D), data.reshape(1, 1, rows, D),
@@ -131,11 +154,15 @@ class QuantizedKV:
     def nbytes(self):
         return self._data.nbytes + self._scales.nbytes
 
+    @property
+    def dtype(self):
+        """The storage dtype of data: int8 or float8_e4m3fn."""
+        return self._data.dtype
+
     def dequantize(self):
         """float32 keys or values, exactly those the kernels compute with."""
-        groups = self._data.reshape(self._scales.shape + (self._group_size,))
-        out = groups.astype(np.float32) * self._scales.astype(np.float32)[..., None]
-        return out.reshape(self._data.shape)
+        return reference.dequantize(self._data, self._scales)
 
     def __repr__(self):
-        return f"QuantizedKV(shape={self.shape}, group_size={self.group_size})"
+        return (f"QuantizedKV(shape={self.shape}, dtype={self.dtype.name}, "
+                f"group_size={self.group_size})")

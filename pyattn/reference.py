@@ -17,10 +17,12 @@ from ._validation import (
     prepare_attention,
     prepare_lse,
     prepare_out,
+    resolve_dtype,
 )
 
-__all__ = ["dequantize_int8", "quantize_int8", "scaled_dot_product_attention",
-           "softmax"]
+__all__ = ["dequantize", "dequantize_float8_e4m3fn", "dequantize_int8",
+           "float8_e4m3fn_values", "quantize_float8_e4m3fn", "quantize_int8",
+           "scaled_dot_product_attention", "softmax", "to_float8_e4m3fn_bits"]
 
 
 def softmax(scores, axis=-1, sink=None):
@@ -69,7 +71,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     nb = len(prob.batch)
     k, v = prob.k, prob.v
     if prob.k_scales is not None:  # quantized: the float32 numbers they stand for
-        k, v = dequantize_int8(k, prob.k_scales), dequantize_int8(v, prob.v_scales)
+        k, v = dequantize(k, prob.k_scales), dequantize(v, prob.v_scales)
     q, k, v = (compact(convert_stored(a, name, prob.compute_dtype), nb)
                for name, a in (("query", prob.q), ("key", k), ("value", v)))
     mask = None if prob.mask is None else compact(prob.mask, nb)
@@ -138,11 +140,40 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     return result, lse_out.reshape(prob.out_shape[:-1])
 
 
-def quantize_int8(x, group_size=32):
-    """The int8 KV format of docs/kv-cache.md, in NumPy: the oracle the
-    compiled quantizer is to be tested against.  Splits the last axis of `x`
-    into groups of `group_size` channels; returns (int8 data shaped like `x`,
-    float16 scales shaped (..., D // group_size))."""
+# The quantized KV formats of docs/kv-cache.md: each group's scale maps its
+# largest magnitude to the format's largest value.
+LARGEST = {"int8": 127, "float8_e4m3fn": 448}
+
+
+def float8_e4m3fn_values():
+    """The float32 value of each float8_e4m3fn bit pattern 0..255: sign, 4
+    exponent bits (bias 7), 3 mantissa bits; no infinities; 0x7f and 0xff
+    are NaN."""
+    bits = np.arange(256)
+    e, m = bits >> 3 & 15, bits & 7
+    magnitude = np.where(e > 0, np.ldexp(1 + m / 8, e - 7), np.ldexp(m, -9))
+    magnitude = np.where(bits & 0x7f == 0x7f, np.nan, magnitude)
+    return np.where(bits & 0x80, -magnitude, magnitude).astype(np.float32)
+
+
+def to_float8_e4m3fn_bits(x):
+    """float8_e4m3fn bit patterns (uint8) of the reals `x`: round half to
+    even, saturating at +-448 (infinities included), NaN kept NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    a = np.minimum(np.abs(x), 448.0)
+    # the spacing of the format at a: 2^(E - 3) for a in [2^E, 2^(E + 1)),
+    # E >= -6, and the subnormals' 2^-9 below 2^-6 (frexp: a = f 2^k, f in [0.5, 1))
+    _, k = np.frexp(np.nan_to_num(a))
+    step = np.ldexp(1.0, np.maximum(k - 1, -6) - 3)
+    rounded = np.rint(a / step) * step  # a / step is exact: step is a power of two
+    positive = float8_e4m3fn_values()[:0x7f].astype(np.float64)  # ascending, 0 to 448
+    bits = np.searchsorted(positive, np.nan_to_num(rounded)).astype(np.uint8)
+    bits = np.where(np.isnan(x), np.uint8(0x7f), bits)
+    return (bits | np.signbit(x).astype(np.uint8) << 7).astype(np.uint8)
+
+
+def _quantize(x, group_size, dtype):
+    """(data, float16 scales) of `x` in format `dtype`, as data's bytes."""
     try:
         x = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError) as exc:
@@ -150,41 +181,81 @@ def quantize_int8(x, group_size=32):
     if x.ndim == 0:
         raise ValueError("x must have at least 1 dimension (..., D), got a 0-d array")
     d = x.shape[-1]
+    if group_size is None:
+        group_size = 32 if dtype == "int8" else d
     if group_size not in (32, 64, d) or d % group_size:
         raise ValueError(f"group_size must be 32, 64 or D={d} and divide D, "
                          f"got {group_size}")
     if not np.isfinite(x).all():
-        raise ValueError("x must be finite to be quantized to int8")
+        raise ValueError(f"x must be finite to be quantized to {dtype}")
+    largest = LARGEST[dtype]
     groups = x.reshape(x.shape[:-1] + (d // group_size, group_size))
-    # one symmetric scale per group: its largest magnitude maps to +-127
+    # one symmetric scale per group: its largest magnitude maps to +-largest
     amax = np.abs(groups).max(axis=-1, initial=0.0)
     with np.errstate(over="ignore"):  # overflow is the error just below
-        scales = (amax / 127).astype(np.float16)
+        scales = (amax / np.float32(largest)).astype(np.float16)
     if not np.isfinite(scales).all():
-        raise ValueError("x has a group whose scale overflows float16 "
-                         "(|x| > 65504 * 127)")
+        raise ValueError(f"x has a group whose scale overflows float16 "
+                         f"(|x| > 65504 * {largest})")
     # divide by the stored (rounded) scale, so dequantizing inverts exactly
     # what was rounded; a zero scale (all-zero or tiny group) stores zeros
     s32 = scales.astype(np.float32)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s32 > 0, groups / s32, 0.0)
-    # round half to even, then clip: a scale rounded down can push one
-    # element just past 127
-    q = np.clip(np.rint(q), -127, 127).astype(np.int8)
+        q = np.where(s32 > 0, groups / s32, np.float32(0))
+    # round half to even, then saturate: a scale rounded down can push one
+    # element just past the largest value
+    if dtype == "int8":
+        q = np.clip(np.rint(q), -127, 127).astype(np.int8)
+    else:
+        q = to_float8_e4m3fn_bits(q).view(resolve_dtype("float8_e4m3fn"))
     return q.reshape(x.shape), scales
 
 
-def dequantize_int8(q, scales):
-    """float32 values of int8 data `q` with per-group float16 `scales`
-    (as quantize_int8 returns them): what the decode kernel computes."""
+def _dequantize(q, scales, dtype):
     q = np.asarray(q)
     scales = np.asarray(scales)
-    if q.dtype != np.int8 or scales.dtype != np.float16:
-        raise TypeError(f"q must be int8 and scales float16, got {q.dtype} "
+    if dtype not in LARGEST or q.dtype.name != dtype or scales.dtype != np.float16:
+        raise TypeError(f"q must be {dtype} and scales float16, got {q.dtype} "
                         f"and {scales.dtype}")
     if q.shape[:-1] != scales.shape[:-1] or scales.shape[-1] == 0 \
             or q.shape[-1] % scales.shape[-1]:
         raise ValueError(f"scales shape {scales.shape} does not split q shape "
                          f"{q.shape} into equal groups")
-    groups = q.reshape(scales.shape + (-1,)).astype(np.float32)
-    return (groups * scales.astype(np.float32)[..., None]).reshape(q.shape)
+    groups = q.reshape(scales.shape + (-1,))
+    values = (groups.astype(np.float32) if dtype == "int8"
+              else float8_e4m3fn_values()[groups.view(np.uint8)])
+    return (values * scales.astype(np.float32)[..., None]).reshape(q.shape)
+
+
+def quantize_int8(x, group_size=32):
+    """The int8 KV format of docs/kv-cache.md, in NumPy: the oracle the
+    compiled quantizer is to be tested against.  Splits the last axis of `x`
+    into groups of `group_size` channels; returns (int8 data shaped like `x`,
+    float16 scales shaped (..., D // group_size))."""
+    return _quantize(x, group_size, "int8")
+
+
+def dequantize_int8(q, scales):
+    """float32 values of int8 data `q` with per-group float16 `scales`
+    (as quantize_int8 returns them): what the decode kernel computes."""
+    return _dequantize(q, scales, "int8")
+
+
+def quantize_float8_e4m3fn(x, group_size=None):
+    """The float8_e4m3fn KV format of docs/kv-cache.md, in NumPy (the
+    compiled quantizer's oracle): one float16 scale per row of `x` (or per
+    group of `group_size` channels) mapping its largest magnitude to 448,
+    each element x / scale rounded half to even and saturated.  Returns
+    (ml_dtypes.float8_e4m3fn data shaped like `x`, float16 scales)."""
+    return _quantize(x, group_size, "float8_e4m3fn")
+
+
+def dequantize_float8_e4m3fn(q, scales):
+    """float32 values of float8_e4m3fn data `q` with float16 `scales` (as
+    quantize_float8_e4m3fn returns them): what the decode kernel computes."""
+    return _dequantize(q, scales, "float8_e4m3fn")
+
+
+def dequantize(q, scales):
+    """float32 values of quantized data (int8 or float8_e4m3fn) with scales."""
+    return _dequantize(q, scales, np.asarray(q).dtype.name)

@@ -355,7 +355,8 @@ def test_sizes_are_checked_alike_by_the_cache_and_the_layers(make, size, error):
 def test_bad_dtype_is_a_type_error_naming_dtype(dtype):
     """None too: np.dtype(None) is float64, which a cache must not become silently."""
     with pytest.raises(TypeError, match=r"^dtype must be float32, float64, float16, "
-                                        r"bfloat16 \(with ml_dtypes\) or int8"):
+                                        r"bfloat16, int8 or float8_e4m3fn \(bfloat16 and "
+                                        r"float8 with ml_dtypes\)"):
         pyattn.KVCache(1, 1, 1, dtype=dtype)
 
 

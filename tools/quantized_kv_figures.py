@@ -1,10 +1,10 @@
-"""The int8 KV cache's figures for docs/kv-cache.md (issue 17): decode time of
-an int8 cache against pyattn's float32 and float16 caches and torch's float32
-SDPA, timed interleaved in one run; accuracy against float32 decode per
-output row on N(0,1) K/V and on the MiniLM example's layers; the cost of
-appending one token.
+"""The quantized KV caches' figures for docs/kv-cache.md (issue 17): decode
+time of int8 and float8_e4m3fn caches against pyattn's float32 and float16
+caches and torch's float32 SDPA, timed interleaved in one run; accuracy
+against float32 decode per output row on N(0,1) K/V and on the MiniLM
+example's layers; the cost of appending one token.
 
-    PYTHONPATH=. python tools/int8_kv_figures.py [--threads 2] [--reps 40]
+    PYTHONPATH=. python tools/quantized_kv_figures.py [--threads 2] [--reps 40]
 """
 import argparse
 import importlib.util
@@ -15,6 +15,8 @@ import types
 import numpy as np
 
 import pyattn
+
+QUANTIZED = ("int8", "float8_e4m3fn")
 
 
 def interleaved(calls, reps):
@@ -32,7 +34,7 @@ def interleaved(calls, reps):
 
 def caches(k, v):
     out = {}
-    for dtype in ("float32", "float16", "int8"):
+    for dtype in ("float32", "float16") + QUANTIZED:
         c = pyattn.KVCache(k.shape[0], k.shape[1], k.shape[3], dtype=dtype)
         c.append(k, v)
         out[dtype] = c
@@ -51,6 +53,8 @@ def decode_times(H, Hkv, S, threads, reps, rng):
     tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
     calls = {
         "pyattn int8": lambda: pyattn.decode_attention(q, c["int8"], num_threads=threads),
+        "pyattn float8_e4m3fn": lambda: pyattn.decode_attention(q, c["float8_e4m3fn"],
+                                                                num_threads=threads),
         "pyattn float16": lambda: pyattn.decode_attention(q16, c["float16"],
                                                           num_threads=threads),
         "pyattn float32": lambda: pyattn.decode_attention(q, c["float32"], num_threads=threads),
@@ -61,11 +65,12 @@ def decode_times(H, Hkv, S, threads, reps, rng):
         return interleaved(calls, reps), c
 
 
-def row_errors(q, k, v, group=32):
-    """Per output row: ||o_int8 - o_f32|| / ||o_f32|| and the cosine."""
+def row_errors(q, k, v, dtype):
+    """Per output row: ||o_quantized - o_f32|| / ||o_f32|| and the cosine, at
+    the format's default group size."""
     o32 = pyattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    o8 = pyattn.scaled_dot_product_attention(q, pyattn.QuantizedKV.quantize(k, group),
-                                             pyattn.QuantizedKV.quantize(v, group),
+    o8 = pyattn.scaled_dot_product_attention(q, pyattn.QuantizedKV.quantize(k, dtype=dtype),
+                                             pyattn.QuantizedKV.quantize(v, dtype=dtype),
                                              enable_gqa=True)
     a, b = o8.reshape(-1, o8.shape[-1]).astype(np.float64), o32.reshape(-1, o32.shape[-1])
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
@@ -103,37 +108,42 @@ def main():
     ap.add_argument("--reps", type=int, default=40)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    print(pyattn.config()["kernel"], "int8 on", pyattn.config()["int8_kernel"])
+    print(pyattn.config()["kernel"], "quantized K/V on", pyattn.config()["quantized_kernel"])
     for H, Hkv, S in ((32, 32, 4096), (32, 8, 8192)):
         t, c = decode_times(H, Hkv, S, args.threads, args.reps, rng)
         print(f"decode H{H}/{Hkv} S{S} D128, {args.threads} threads, median ms: "
               + ", ".join(f"{n} {ms:.2f}" for n, ms in t.items()))
-        print(f"  int8/float32 {t['pyattn int8'] / t['pyattn float32']:.3f}, "
-              f"int8/float16 {t['pyattn int8'] / t['pyattn float16']:.3f}, "
-              f"torch/int8 {t['torch float32 SDPA'] / t['pyattn int8']:.2f}x; "
-              f"cache bytes int8/float32 {c['int8'].nbytes / c['float32'].nbytes:.3f}")
+        for dtype in QUANTIZED:
+            ms = t[f"pyattn {dtype}"]
+            print(f"  {dtype}/float32 {ms / t['pyattn float32']:.3f}, "
+                  f"{dtype}/float16 {ms / t['pyattn float16']:.3f}, "
+                  f"torch/{dtype} {t['torch float32 SDPA'] / ms:.2f}x; "
+                  f"cache bytes {dtype}/float32 {c[dtype].nbytes / c['float32'].nbytes:.3f}")
     # accuracy: one query row per head against N(0,1) K/V, and MiniLM's layers
     q = rng.standard_normal((1, 32, 1, 128)).astype(np.float32)
     k, v = (rng.standard_normal((1, 32, 4096, 128)).astype(np.float32) for _ in range(2))
-    print("accuracy N(0,1) H32 S4096 D128, G 32:", summary(*row_errors(q, k, v)))
-    rels, coss = zip(*(row_errors(*qkv) for qkv in minilm_qkv()))
-    print(f"accuracy MiniLM (6 layers, 12 heads, D 32, G 32, {rels[0].size // 12} tokens, "
-          "every query row):", summary(np.concatenate(rels), np.concatenate(coss)))
-    # appending one token (32 heads x 128) to an int8 cache of 4096, against the decode step
-    cache = pyattn.KVCache(1, 32, 128, dtype="int8", max_len=8192)
-    cache.append(k, v)
+    layers = minilm_qkv()
+    for dtype in QUANTIZED:
+        print(f"accuracy {dtype}, N(0,1) H32 S4096 D128:", summary(*row_errors(q, k, v, dtype)))
+        rels, coss = zip(*(row_errors(*qkv, dtype) for qkv in layers))
+        print(f"accuracy {dtype}, MiniLM (6 layers, 12 heads, D 32, {rels[0].size // 12} "
+              "tokens, every query row):", summary(np.concatenate(rels), np.concatenate(coss)))
+    # appending one token (32 heads x 128) to a cache of 4096, against the decode step
     one_k, one_v = (rng.standard_normal((1, 32, 1, 128)).astype(np.float32) for _ in range(2))
+    for dtype in QUANTIZED:
+        cache = pyattn.KVCache(1, 32, 128, dtype=dtype, max_len=8192)
+        cache.append(k, v)
 
-    def append():
-        cache.append(one_k, one_v)
-        cache.truncate(4096)
+        def append(cache=cache):
+            cache.append(one_k, one_v)
+            cache.truncate(4096)
 
-    t = interleaved({"append": append,
-                     "decode": lambda: pyattn.decode_attention(q, cache,
-                                                               num_threads=args.threads)},
-                    args.reps * 5)
-    print(f"append one token (32 x 128, int8, incl. a truncate) {1e3 * t['append']:.1f} us, "
-          f"the decode step {1e3 * t['decode']:.1f} us")
+        t = interleaved({"append": append,
+                         "decode": lambda cache=cache: pyattn.decode_attention(
+                             q, cache, num_threads=args.threads)},
+                        args.reps * 5)
+        print(f"append one token (32 x 128, {dtype}, incl. a truncate) "
+              f"{1e3 * t['append']:.1f} us, the decode step {1e3 * t['decode']:.1f} us")
 
 
 if __name__ == "__main__":
