@@ -92,6 +92,19 @@ def physical_memory():
     return _attention.physical_memory()
 
 
+def broadcast_shapes(*shapes):
+    """np.broadcast_shapes for any number of dimensions (NumPy's stops at
+    32): sizes must agree or be 1, and 0 against 1 gives 0."""
+    ndim = max(map(len, shapes), default=0)
+    out = []
+    for axis in range(-ndim, 0):
+        sizes = {s[axis] for s in shapes if len(s) >= -axis} - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"shapes {shapes} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
 def check_fits(n_elements, itemsize, what):
     """Refuse, before allocating, an array larger than the machine's memory."""
     nbytes = int(n_elements) * itemsize
@@ -346,7 +359,7 @@ def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
             f"(..., Hq, L, S) = {scores_shape}"
         )
     try:
-        broadcast = np.broadcast_shapes(mask.shape, scores_shape)
+        broadcast = broadcast_shapes(mask.shape, scores_shape)
     except ValueError:
         broadcast = None
     if broadcast != scores_shape:
@@ -392,7 +405,7 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         k_scales, v_scales = _lift(k_scales, ndim), _lift(v_scales, ndim)
     num_heads, kv_group = _heads(q.shape[-3], k.shape[-3], v.shape[-3], enable_gqa)
     try:
-        batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        batch = broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     except ValueError:
         raise ValueError(
             f"the batch dimensions of query {q.shape[:-3]}, key {k.shape[:-3]} and "
@@ -460,8 +473,14 @@ def _key_value(key, value, q_dtype):
                         f"{key.dtype.name} and value {value.dtype.name}")
 
     def scales_for_kernel(kv, name):
+        """The scales with each row's groups contiguous, as the kernel reads
+        them; a copy holds the distinct rows only (broadcast axes stay so)."""
         s = convert_stored(kv.scales, f"{name}.scales")
-        return s if s.strides[-1] == s.itemsize else np.ascontiguousarray(s)
+        if s.shape[-1] == 1 or s.strides[-1] == s.itemsize:
+            return s
+        rows = compact(s, s.ndim - 1)
+        check_fits(rows.size, s.itemsize, f"a copy of {name}.scales with contiguous rows")
+        return np.broadcast_to(np.ascontiguousarray(rows), s.shape)
 
     return (key.data, value.data, scales_for_kernel(key, "key"),
             scales_for_kernel(value, "value"), (key.group_size, value.group_size))

@@ -83,10 +83,11 @@ class KVCache:
         elif group_size is not None:
             raise ValueError(f"group_size is for quantized (int8, float8_e4m3fn) caches; this "
                              f"one stores {self.dtype.name}")
-        self.lengths = np.zeros(self.batch, dtype=np.int64)
         self._lock = threading.Lock()
         self._k = self._v = self._ks = self._vs = None
+        # storage first: its size check also covers the lengths, (batch,) int64
         self._allocate(min(INITIAL_CAPACITY, self.max_len or INITIAL_CAPACITY), "the KVCache")
+        self.lengths = np.zeros(self.batch, dtype=np.int64)
 
     # A lock cannot be pickled or copied: a copy (pickle, copy.deepcopy) gets its own.
     def __getstate__(self):
@@ -128,7 +129,7 @@ class KVCache:
         new = [np.zeros(shape + (w,), dtype=np.float16 if i > 1 else self.dtype)
                for i, w in enumerate(widths)]
         old = [a for a in (self._k, self._v, self._ks, self._vs) if a is not None]
-        n = int(self.lengths.max())
+        n = int(self.lengths.max()) if old else 0
         for a, b in zip(new, old):  # keep what is there (up to the longest sequence)
             a[:, :, :n] = b[:, :, :n]
         self._k, self._v = new[:2]
@@ -193,11 +194,6 @@ class KVCache:
         if k_new.shape != want_k or v_new.shape != want_v:
             raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
                              f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
-        # into the cache's dtype (quantized caches quantize float32) before the lock,
-        # refusing finite values it cannot hold
-        given = np.float32 if self.quantized else self.dtype
-        k_new = convert_stored(k_new, "k_new", given)
-        v_new = convert_stored(v_new, "v_new", given)
         n = k_new.shape[2]
         if lengths is None:
             counts = np.full(self.batch, n, dtype=np.int64)
@@ -209,6 +205,12 @@ class KVCache:
             if counts.size and (counts.min() < 0 or counts.max() > n):
                 raise ValueError(f"lengths must lie in [0, n] = [0, {n}]; got {counts}")
             counts = counts.astype(np.int64)
+        # the rows each sequence takes, in the cache's dtype (quantized caches
+        # quantize float32), before the lock: a finite value the cache cannot
+        # hold is refused, in those rows only
+        given = np.float32 if self.quantized else self.dtype
+        rows = [(convert_stored(k_new[b, :, :c], "k_new", given),
+                 convert_stored(v_new[b, :, :c], "v_new", given)) for b, c in enumerate(counts)]
         with self._lock:  # from reading the lengths to replacing them: one step
             new_lengths = self.lengths + counts
             needed = int(new_lengths.max(initial=0))
@@ -219,16 +221,17 @@ class KVCache:
                 grown = max(needed, 2 * self.capacity)
                 self._allocate(grown if self.max_len is None else min(grown, self.max_len),
                                f"appending n = {n} positions (k_new, v_new)")
-            if self.quantized:  # compiled, over sequences and heads; errors before lengths move
-                quantize_rows(k_new, self._k, self._ks, self.group_size, self.lengths, counts,
-                              "k_new")
-                quantize_rows(v_new, self._v, self._vs, self.group_size, self.lengths, counts,
-                              "v_new")
-            else:
-                for b in range(self.batch):
-                    start, c = int(self.lengths[b]), int(counts[b])
-                    self._k[b, :, start:start + c] = k_new[b, :, :c]
-                    self._v[b, :, start:start + c] = v_new[b, :, :c]
+            for b, (k_rows, v_rows) in enumerate(rows):
+                start, c = self.lengths[b:b + 1], int(counts[b])
+                if self.quantized:  # compiled, over heads; errors before lengths move
+                    one = slice(b, b + 1)
+                    quantize_rows(k_rows[None], self._k[one], self._ks[one], self.group_size,
+                                  start, counts[one], "k_new")
+                    quantize_rows(v_rows[None], self._v[one], self._vs[one], self.group_size,
+                                  start, counts[one], "v_new")
+                else:
+                    self._k[b, :, int(start[0]):int(start[0]) + c] = k_rows
+                    self._v[b, :, int(start[0]):int(start[0]) + c] = v_rows
             self.lengths = new_lengths
 
     def reset(self):

@@ -20,6 +20,7 @@ from ._validation import (
     as_float_array,
     check_dtype,
     check_fits,
+    check_flag,
     check_size,
     checked_cast,
     compact,
@@ -137,6 +138,7 @@ class SelfAttention:
         self.kdim = self.embed_dim if kdim is None else check_size(kdim, "kdim")
         self.vdim = self.embed_dim if vdim is None else check_size(vdim, "vdim")
         self.dtype = _layer_dtype(dtype)
+        bias = check_flag(bias, "bias")
         rng = _generator(rng)
         shapes = {"q": self.kdim, "k": self.kdim, "v": self.vdim}
         _check_parameters([(self.embed_dim, w) for w in shapes.values()], self.dtype,
@@ -157,6 +159,7 @@ class SelfAttention:
         ``return_weights`` also the (..., L, L) softmax weights.  attn_mask
         follows scaled_dot_product_attention (bool True = attend, float
         added), broadcastable to (..., L, L)."""
+        return_weights = check_flag(return_weights, "return_weights")
         x = _as_input(x, "x", self.dtype, self.embed_dim, "embed_dim")
         if x.ndim < 2:
             raise ValueError(f"x must have shape (..., L, embed_dim); got shape {x.shape}")
@@ -197,11 +200,11 @@ class MultiHeadAttention:
         self.head_dim = E // self.num_heads
         self.kdim = E if kdim is None else check_size(kdim, "kdim")
         self.vdim = E if vdim is None else check_size(vdim, "vdim")
-        self.batch_first = bool(batch_first)
+        self.batch_first = check_flag(batch_first, "batch_first")
         self.dtype = dt = _layer_dtype(dtype)
         rng = _generator(rng)
         self._qkv_same_embed_dim = self.kdim == E and self.vdim == E
-        self._bias = bool(bias)
+        self._bias = check_flag(bias, "bias")
         _check_parameters(self._parameter_shapes().values(), dt,
                           f"the weights for embed_dim={E}, kdim={self.kdim}, vdim={self.vdim}")
         if self._qkv_same_embed_dim:
@@ -294,6 +297,8 @@ class MultiHeadAttention:
         averaged over heads, or (B, num_heads, L, S) with
         average_attn_weights=False, and cost B*H*L*S memory.
         """
+        need_weights = check_flag(need_weights, "need_weights")
+        average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
         E, H, D = self.embed_dim, self.num_heads, self.head_dim
         fused = query is key and key is value and self._qkv_same_embed_dim
         query = _as_input(query, "query", self.dtype, E, "embed_dim")

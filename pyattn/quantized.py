@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from . import _attention, reference
-from ._validation import as_array, as_float_array, check_dtype, check_fits, cpu_count
+from ._validation import as_array, as_float_array, check_dtype, check_fits, compact, cpu_count
 
 __all__ = ["QuantizedKV"]
 
@@ -33,12 +33,19 @@ def check_group_size(group_size, D, name="group_size"):
     return int(group_size)
 
 
+def is_float32_rows(x):
+    """Whether the quantizer reads `x` as it is (else it gets a float32 copy)."""
+    return x.dtype == np.float32 and x.flags.c_contiguous
+
+
 def quantize_rows(x, data, scales, group_size, starts, counts, name):
     """Quantize x (B, H, n, D), any float dtype, in compiled code to data's
     format: rows t < counts[b] of x[b, h] go to rows starts[b] + t of
     data[b, h] and of scales[b, h] (C-contiguous int8 or float8_e4m3fn, and
     float16 arrays).  `name` is x's argument, for the errors."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size and not is_float32_rows(x):
+        check_fits(x.size, 4, f"{name} as float32 rows for the quantizer (a copy)")
+        x = np.ascontiguousarray(x, dtype=np.float32)
     dtype = data.dtype.name
     threads = cpu_count() if x.size >= PARALLEL_QUANTIZE else 1
     err = _attention.quantize(dtype, x, data.view(np.int8), scales.view(np.uint16), group_size,
@@ -96,10 +103,13 @@ class QuantizedKV:
         if scales.shape != want:
             raise ValueError(f"scales must have shape {want}, one per group of {group_size} "
                              f"channels of data {data.shape}; got {scales.shape}")
-        if not (np.isfinite(scales) & (scales >= 0)).all():
+        # checked on the distinct elements: a broadcast view is never expanded
+        distinct = compact(scales)
+        if not (np.isfinite(distinct) & (distinct >= 0)).all():
             raise ValueError("scales must be finite and non-negative")
         # the kernels read float8 through float16, which has no room for NaN
-        if data.dtype.name == "float8_e4m3fn" and (data.view(np.uint8) & 0x7f == 0x7f).any():
+        if data.dtype.name == "float8_e4m3fn" and (
+                compact(data).view(np.uint8) & 0x7f == 0x7f).any():
             raise ValueError("data must hold no NaN (float8_e4m3fn bits 0x7f, 0xff)")
         self._data, self._scales, self._group_size = data, scales, group_size
 
@@ -125,7 +135,10 @@ class QuantizedKV:
         if group_size is None:
             group_size = default_group_size(dtype.name, D)
         group_size = check_group_size(group_size, D)
-        check_fits(x.size * (1 + 2 / group_size), 1, f"{dtype.name} data and scales of x {x.shape}")
+        copy = 0 if is_float32_rows(x) else 4 * x.size  # the quantizer's float32 rows
+        check_fits(x.size * (1 + 2 / group_size) + copy, 1,
+                   f"{dtype.name} data and scales of x {x.shape}"
+                   + (", with x as float32 rows" if copy else ""))
         data = np.empty(x.shape, dtype)
         scales = np.empty(x.shape[:-1] + (D // group_size,), np.float16)
         rows = x.size // D

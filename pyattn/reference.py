@@ -8,6 +8,7 @@ import numpy as np
 
 from ._options import prepare_options
 from ._validation import (
+    broadcast_shapes,
     check_fits,
     check_flag,
     check_num_threads,
@@ -77,7 +78,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     mask = None if prob.mask is None else compact(prob.mask, nb)
     diag, q_len, kv_len = (None if a is None else compact(a)[..., None, None, None]
                            for a in (opts.diag, opts.q_lengths, opts.kv_lengths))
-    batch = np.broadcast_shapes(*(a.shape[:nb] for a in (q, k, v, mask, diag, q_len, kv_len)
+    batch = broadcast_shapes(*(a.shape[:nb] for a in (q, k, v, mask, diag, q_len, kv_len)
                                   if a is not None))
     L, S, H = q.shape[-2], k.shape[-2], prob.num_heads
     scores_shape = batch + (H, L, S)

@@ -86,6 +86,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ("kv_lengths", kv_lengths))}
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch tensor; got {type(out).__name__}")
+    if out is not None and out.is_neg():  # resolving it would fill a copy, silently
+        raise ValueError("out is a lazily negated view (its memory holds the negatives of its "
+                         "values): pass a tensor without the neg bit")
     result = functional.scaled_dot_product_attention(
         **arrays, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         out=_as_array(out, "out") if out is not None else None,

@@ -7,6 +7,7 @@ example's layers; the cost of appending one token.
     PYTHONPATH=. python tools/quantized_kv_figures.py [--threads 2] [--reps 40]
 """
 import argparse
+import concurrent.futures
 import importlib.util
 import os
 import time
@@ -41,6 +42,16 @@ def caches(k, v):
     return out
 
 
+def stream_read(arrays, threads, pool):
+    """Read every byte of `arrays` once on `threads` threads (an OR over
+    uint64 words: NumPy's reduction releases the GIL and costs nothing per
+    word), the bound a decode of those bytes is held to."""
+    words = [a.reshape(-1).view(np.uint64) for a in arrays]
+    parts = [w[i * w.size // threads:(i + 1) * w.size // threads]
+             for w in words for i in range(threads)]
+    list(pool.map(np.bitwise_or.reduce, parts))
+
+
 def decode_times(H, Hkv, S, threads, reps, rng):
     import torch
 
@@ -51,7 +62,12 @@ def decode_times(H, Hkv, S, threads, reps, rng):
     c = caches(k, v)
     q16 = q.astype(np.float16)
     tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
     calls = {
+        "stream read float32": lambda: stream_read(
+            [c["float32"]._k, c["float32"]._v], threads, pool),
+        "stream read float16": lambda: stream_read(
+            [c["float16"]._k, c["float16"]._v], threads, pool),
         "pyattn int8": lambda: pyattn.decode_attention(q, c["int8"], num_threads=threads),
         "pyattn float8_e4m3fn": lambda: pyattn.decode_attention(q, c["float8_e4m3fn"],
                                                                 num_threads=threads),
@@ -113,6 +129,9 @@ def main():
         t, c = decode_times(H, Hkv, S, args.threads, args.reps, rng)
         print(f"decode H{H}/{Hkv} S{S} D128, {args.threads} threads, median ms: "
               + ", ".join(f"{n} {ms:.2f}" for n, ms in t.items()))
+        for dtype in ("float32", "float16"):
+            share = t[f"stream read {dtype}"] / t[f"pyattn {dtype}"]
+            print(f"  {dtype} decode at {100 * share:.0f} % of a streaming read of its bytes")
         for dtype in QUANTIZED:
             ms = t[f"pyattn {dtype}"]
             print(f"  {dtype}/float32 {ms / t['pyattn float32']:.3f}, "

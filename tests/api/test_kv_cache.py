@@ -875,3 +875,24 @@ def test_copy_of_a_cache_is_independent(rng, helpers):
     twin.append(np.ones((2, 2, 1, 8), np.float32), np.ones((2, 2, 1, 8), np.float32))
     np.testing.assert_array_equal(cache.keys, before)
     assert list(cache.lengths) == [5, 5] and list(twin.lengths) == [6, 6]
+
+
+def test_a_batch_beyond_memory_is_refused_before_anything_is_allocated():
+    """The storage check comes first: it covers the (batch,) lengths too, which
+    NumPy would otherwise try to allocate (8 TiB here) and fail with MemoryError."""
+    with pytest.raises(ValueError, match="^the KVCache: keys and values for 256 positions"):
+        pyattn.KVCache(batch=2**40, num_kv_heads=1, head_dim=8)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_only_the_rows_a_sequence_takes_are_converted(dtype):
+    """With `lengths`, rows past a sequence's count are not stored, so a value
+    the cache could not hold there is no error; in a stored row it is."""
+    k = np.zeros((2, 1, 4, 32))
+    k[1, 0, 3, 0] = 1e39  # beyond float16 and float32; sequence 1 takes 2 rows
+    cache = pyattn.KVCache(2, 1, 32, dtype=dtype)
+    cache.append(k, k, lengths=[4, 2])
+    assert cache.lengths.tolist() == [4, 2]
+    with pytest.raises(ValueError, match="^k_new "):
+        cache.append(k, np.zeros_like(k), lengths=[0, 4])
+    assert cache.lengths.tolist() == [4, 2]

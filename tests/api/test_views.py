@@ -152,3 +152,65 @@ def test_conversion_that_would_expand_a_view_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"a converted copy of key \(4398046511104 distinct "
                                          r"elements\) would need .* GiB, more than"):
         pyattn.scaled_dot_product_attention(query, key, key)
+
+
+# --------------------------------------------------------------------------
+# Quantized K/V views (the second adversarial review)
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups,group_size", [(2, 32), (1, 64)])
+def test_broadcast_quantized_kv_is_checked_and_read_in_place(groups, group_size):
+    """A QuantizedKV of 2 stored bytes that claims 2**22 rows: its checks run
+    on the distinct elements and a call reads its scales in place, also with
+    one scale per row (group_size = D: a last axis of length 1, any stride)."""
+    data = _claim(np.ones(1, np.int8), (2**6, 1, 2**16, 64))
+    scales = _claim(np.full(1, 0.01, np.float16), (2**6, 1, 2**16, groups))
+    kv, peak = peak_traced_bytes(lambda: pyattn.QuantizedKV(data, scales, group_size))
+    assert peak < MiB
+    q = np.ones((1, 1, 1, 64), np.float32)
+    got, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(
+        q, kv, kv, kv_lengths=[1]))
+    assert peak < MiB and got.shape == (2**6, 1, 1, 64)
+    np.testing.assert_allclose(got, 0.01, rtol=1e-3)  # the one key's value, 1 * 0.01
+
+
+def test_scales_with_a_broadcast_last_axis_are_copied_by_their_rows():
+    """Scales whose groups are a zero-stride axis must be made contiguous for
+    the kernel: the copy holds the distinct rows, not the claimed batch."""
+    rng = np.random.default_rng(0)
+    kv = pyattn.QuantizedKV.quantize(rng.standard_normal((1, 2, 50, 64)))
+    rows = kv.scales[..., :1]
+    wide = np.broadcast_to(np.broadcast_to(rows, (1, 2, 50, 2)), (2**12, 2, 50, 2))
+    claimed = pyattn.QuantizedKV(np.broadcast_to(kv.data, (2**12, 2, 50, 64)), wide)
+    plain = pyattn.QuantizedKV(kv.data, np.ascontiguousarray(np.broadcast_to(rows, (1, 2, 50, 2))))
+    q = rng.standard_normal((1, 2, 1, 64)).astype(np.float32)
+    got, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(q, claimed, claimed))
+    assert peak < 2**12 * 2 * 1 * 64 * 4 + MiB  # the result, and no claimed-size scales
+    np.testing.assert_array_equal(got[:1], pyattn.scaled_dot_product_attention(q, plain, plain))
+
+
+def test_quantizing_counts_its_float32_copy(monkeypatch):
+    """The quantizer reads C-contiguous float32 rows: a broadcast (or other)
+    x is copied first, and that copy is part of the size check."""
+    from pyattn import _validation
+
+    monkeypatch.setattr(_validation, "physical_memory", lambda: int(0.9 * 2**30))
+    x = _claim(np.ones(1, np.float32), (2**18, 2**10))  # 256 Mi elements: int8 0.27 GiB
+    with pytest.raises(ValueError, match="^int8 data and scales of x .*, with x as float32 "
+                                         "rows would need 1.266 GiB"):
+        pyattn.QuantizedKV.quantize(x)
+    # storage for 2**10 positions fits (0.53 GiB), a float32 copy of k_new does not (1 GiB)
+    cache = pyattn.KVCache(1, 2**8, 2**10, dtype="int8", max_len=2**10)
+    with pytest.raises(ValueError, match="^k_new as float32 rows for the quantizer"):
+        cache.append(_claim(np.ones(1), (1, 2**8, 2**10, 2**10)),
+                     _claim(np.ones(1), (1, 2**8, 2**10, 2**10)))
+    assert cache.lengths.tolist() == [0]
+
+
+def test_more_batch_dimensions_than_numpy_broadcasts():
+    """np.broadcast_shapes stops at 32 dimensions; NumPy arrays have up to 64."""
+    q = np.random.default_rng(0).standard_normal((2,) + (1,) * 40 + (3, 4, 8)).astype(np.float32)
+    mask = np.tril(np.ones((4, 4), bool)).reshape((1,) * 36 + (4, 4))
+    got = pyattn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    np.testing.assert_allclose(got, ref.scaled_dot_product_attention(q, q, q, attn_mask=mask),
+                               rtol=1e-5, atol=1e-6)

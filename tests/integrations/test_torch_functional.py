@@ -172,6 +172,15 @@ def test_lazily_negated_views_read_their_values():
     assert_close(got, torch_sdpa_float64(q, -k, v), torch.float32)
 
 
+def test_a_lazily_negated_out_is_refused():
+    """Resolving it would fill a copy and leave `out` as it was: refused."""
+    q = torch.randn(1, 2, 4, 8)
+    out = torch._neg_view(torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="^out is a lazily negated view"):
+        pt.scaled_dot_product_attention(q, q, q, out=out)
+    assert not out.any()
+
+
 def test_num_threads_follows_torch(monkeypatch):
     calls = []
     real = functional.scaled_dot_product_attention

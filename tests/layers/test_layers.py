@@ -948,6 +948,23 @@ def test_mha_integer_mask_is_rejected(err_mha, name):
         err_mha(f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4), **{name: np.zeros(shape, np.int64)})
 
 
+@pytest.mark.parametrize("make", [
+    lambda: pyattn.MultiHeadAttention(8, 2, batch_first="no", rng=0),
+    lambda: pyattn.MultiHeadAttention(8, 2, bias=1, rng=0),
+    lambda: pyattn.MultiHeadAttention(8, 2, rng=0)(f32(2, 3, 8), f32(2, 3, 8), f32(2, 3, 8),
+                                                  need_weights="no"),
+    lambda: pyattn.MultiHeadAttention(8, 2, rng=0)(f32(2, 3, 8), f32(2, 3, 8), f32(2, 3, 8),
+                                                  average_attn_weights=None),
+    lambda: pyattn.SelfAttention(8, bias="yes", rng=0),
+    lambda: pyattn.SelfAttention(8, rng=0)(f32(2, 3, 8), return_weights=0),
+], ids=["batch_first", "mha_bias", "need_weights", "average_attn_weights", "sa_bias",
+        "return_weights"])
+def test_layer_flags_must_be_bools(make):
+    """A flag is a bool (or NumPy bool), as is_causal: "no" would be truthy."""
+    with pytest.raises(TypeError, match="must be a bool, got"):
+        make()
+
+
 def test_mha_batch_first_false_errors():
     mha = pyattn.MultiHeadAttention(8, 2, batch_first=False, rng=0)
     # (L, B, E) with key (S, B', E): batch sizes differ along axis 1
