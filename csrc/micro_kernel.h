@@ -48,7 +48,9 @@ static inline void FN(dots)(const REAL *a, const KV *b, int64_t ldb, const void 
     for (int j = 0; j < LANES; j += G) {
         VEC sum[G];
         for (int g = 0; g < G; g++) sum[g] = FN(vsplat)(0);
-        for (int64_t e0 = 0; e0 < nv; e0 += step) {
+        /* gi counts the groups (e0 / group without a division: a 64-bit
+         * divide per group cost as much as the group's products) */
+        for (int64_t e0 = 0, gi = 0; e0 < nv; e0 += step, gi++) {
             /* A group's products are summed unscaled, then scaled once. */
             VEC part[G];
             for (int g = 0; g < G; g++) part[g] = FN(vsplat)(0);
@@ -60,7 +62,7 @@ static inline void FN(dots)(const REAL *a, const KV *b, int64_t ldb, const void 
             }
             for (int g = 0; g < G; g++)
                 sum[g] = KV_SCALED ? sum[g] + part[g] * FN(vsplat)(FN(kv_scale)(
-                                                FN(scale_row)(bs, lds, j + g), FN(group_of)(e0, group)))
+                                                FN(scale_row)(bs, lds, j + g), gi))
                                  : part[g]; /* one step: the whole row */
         }
         for (int g = 0; g < G; g++) acc[j + g] = sum[g];
@@ -142,8 +144,9 @@ static inline __attribute__((always_inline)) void FN(rows_dots)(
         VEC acc[ROW_GROUP][2];
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = FN(vsplat)(0);
         const void *s0 = FN(scale_row)(bs, lds, j), *s1 = FN(scale_row)(bs, lds, j + 1);
-        for (int64_t e0 = 0; e0 < nv; e0 += step) { /* one scale per key and step */
-            const int64_t g = FN(group_of)(e0, group), e1 = e0 + step < nv ? e0 + step : nv;
+        /* one scale per key and step; g counts the groups, as in dots */
+        for (int64_t e0 = 0, g = 0; e0 < nv; e0 += step, g++) {
+            const int64_t e1 = e0 + step < nv ? e0 + step : nv;
             const REAL c0 = FN(kv_scale)(s0, g), c1 = FN(kv_scale)(s1, g);
             for (int64_t e = e0; e < e1; e += LANES) {
                 const VEC b0 = FN(vload_kv)(b + j * ldb + e, c0);
@@ -187,11 +190,13 @@ static inline __attribute__((always_inline)) void FN(rows_weighted)(
         VEC acc[ROW_GROUP][2];
         for (int r = 0; r < R; r++)
             for (int i = 0; i < 2; i++) acc[r][i] = FN(vload)(y + r * ldy + x0 + i * LANES);
-        const int64_t g0 = FN(group_of)(x0, group), g1 = FN(group_of)(x0 + LANES, group);
+        /* both vectors lie in one group: groups are whole quanta or rows */
+        _Static_assert(!KV_SCALED || PYATTN_GROUP_QUANTUM % (2 * LANES) == 0, "one group");
+        const int64_t g = FN(group_of)(x0, group);
         for (int64_t c = 0; c < nb; c++) {
-            const void *sr = FN(scale_row)(xs, lds, c);
-            const VEC x0v = FN(vload_kv)(x + c * ldx + x0, FN(kv_scale)(sr, g0));
-            const VEC x1v = FN(vload_kv)(x + c * ldx + x0 + LANES, FN(kv_scale)(sr, g1));
+            const REAL sc = FN(kv_scale)(FN(scale_row)(xs, lds, c), g);
+            const VEC x0v = FN(vload_kv)(x + c * ldx + x0, sc);
+            const VEC x1v = FN(vload_kv)(x + c * ldx + x0 + LANES, sc);
             for (int r = 0; r < R; r++) {
                 const VEC pr = FN(vsplat)(p[r * ldp + c]);
                 acc[r][0] += pr * x0v;
