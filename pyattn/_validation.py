@@ -183,15 +183,28 @@ def convert_stored(arr, name, dtype=None):
     return np.broadcast_to(checked_cast(stored, dtype, name), arr.shape)
 
 
+# Dimensions an input may have: NumPy's 64, less the axes that the
+# reference, the quantizers and merge_attention add to their inputs.
+MAX_NDIM = 60
+
+
+def check_ndim(arr, name):
+    if arr.ndim > MAX_NDIM:
+        raise ValueError(f"{name} has {arr.ndim} dimensions; pyattn takes at most {MAX_NDIM}")
+    return arr
+
+
 def as_array(x, name, what="an array"):
     """np.asarray(x), with None and unconvertible input (ragged nested lists
-    and the like) reported against the argument's `name`."""
+    and the like) reported against the argument's `name`, and at most
+    MAX_NDIM dimensions."""
     if x is None:
         raise TypeError(f"{name} must be {what}, got None")
     try:
-        return np.asarray(x)
+        arr = np.asarray(x)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
+    return check_ndim(arr, name)
 
 
 def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
@@ -299,6 +312,12 @@ class AttentionProblem:
     @property
     def compute_dtype(self):
         return compute_dtype(self.q.dtype)
+
+    @property
+    def inputs(self):
+        """The arrays a call reads, by argument name: what `out` must not overlap."""
+        return {"query": self.q, "key": self.k, "value": self.v, "attn_mask": self.mask,
+                "key.scales": self.k_scales, "value.scales": self.v_scales}
 
     @property
     def scores_shape(self):
@@ -473,17 +492,22 @@ def _key_value(key, value, q_dtype):
                         f"{key.dtype.name} and value {value.dtype.name}")
 
     def scales_for_kernel(kv, name):
-        """The scales with each row's groups contiguous, as the kernel reads
-        them; a copy holds the distinct rows only (broadcast axes stay so)."""
+        """(scales, group size) as the kernel reads them: each row's groups
+        contiguous.  Groups that share one scale (a zero-stride last axis)
+        are read as one scale per row; other strided groups are copied, by
+        the distinct rows only (broadcast axes stay so)."""
         s = convert_stored(kv.scales, f"{name}.scales")
+        if s.shape[-1] > 1 and s.strides[-1] == 0:
+            return s[..., :1], kv.shape[-1]
         if s.shape[-1] == 1 or s.strides[-1] == s.itemsize:
-            return s
+            return s, kv.group_size
         rows = compact(s, s.ndim - 1)
         check_fits(rows.size, s.itemsize, f"a copy of {name}.scales with contiguous rows")
-        return np.broadcast_to(np.ascontiguousarray(rows), s.shape)
+        return np.broadcast_to(np.ascontiguousarray(rows), s.shape), kv.group_size
 
-    return (key.data, value.data, scales_for_kernel(key, "key"),
-            scales_for_kernel(value, "value"), (key.group_size, value.group_size))
+    (k_scales, k_group), (v_scales, v_group) = (scales_for_kernel(kv, name) for kv, name in
+                                                ((key, "key"), (value, "value")))
+    return key.data, value.data, k_scales, v_scales, (k_group, v_group)
 
 
 def prepare_lse(prob):

@@ -129,8 +129,7 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     opts = prepare_options(prob, **modifiers)
     return_lse = check_flag(return_lse, "return_lse")
     nthreads = check_num_threads(num_threads, _attention.max_threads)
-    read = {"query": prob.q, "key": prob.k, "value": prob.v, "attn_mask": prob.mask}
-    result = prepare_out(out, prob.out_shape, prob.dtype, read)
+    result = prepare_out(out, prob.out_shape, prob.dtype, prob.inputs)
     L, S = prob.q.shape[-2], prob.k.shape[-2]
     probs = lse = None
     if weights is not None:

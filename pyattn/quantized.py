@@ -43,7 +43,9 @@ def quantize_rows(x, data, scales, group_size, starts, counts, name):
     format: rows t < counts[b] of x[b, h] go to rows starts[b] + t of
     data[b, h] and of scales[b, h] (C-contiguous int8 or float8_e4m3fn, and
     float16 arrays).  `name` is x's argument, for the errors."""
-    if x.size and not is_float32_rows(x):
+    if x.size == 0:
+        return  # no rows
+    if not is_float32_rows(x):
         check_fits(x.size, 4, f"{name} as float32 rows for the quantizer (a copy)")
         x = np.ascontiguousarray(x, dtype=np.float32)
     dtype = data.dtype.name

@@ -11,6 +11,7 @@ from ._validation import (
     broadcast_shapes,
     check_fits,
     check_flag,
+    check_ndim,
     check_num_threads,
     compact,
     convert_stored,
@@ -61,8 +62,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
                            kv_lengths)
     return_lse = check_flag(return_lse, "return_lse")
     check_num_threads(num_threads, cpu_count)  # validated for parity; NumPy's BLAS decides
-    read = {"query": prob.q, "key": prob.k, "value": prob.v, "attn_mask": prob.mask}
-    result = prepare_out(out, prob.out_shape, prob.dtype, read)
+    result = prepare_out(out, prob.out_shape, prob.dtype, prob.inputs)
     lse_out = prepare_lse(prob) if return_lse else None
 
     # Computed once per distinct batch item: a batch axis that every operand
@@ -181,6 +181,7 @@ def _quantize(x, group_size, dtype):
         raise TypeError(f"x must hold real numbers: {exc}") from None
     if x.ndim == 0:
         raise ValueError("x must have at least 1 dimension (..., D), got a 0-d array")
+    check_ndim(x, "x")
     d = x.shape[-1]
     if group_size is None:
         group_size = 32 if dtype == "int8" else d
@@ -213,7 +214,7 @@ def _quantize(x, group_size, dtype):
 
 
 def _dequantize(q, scales, dtype):
-    q = np.asarray(q)
+    q = check_ndim(np.asarray(q), "q")
     scales = np.asarray(scales)
     if dtype not in LARGEST or q.dtype.name != dtype or scales.dtype != np.float16:
         raise TypeError(f"q must be {dtype} and scales float16, got {q.dtype} "
@@ -222,7 +223,7 @@ def _dequantize(q, scales, dtype):
             or q.shape[-1] % scales.shape[-1]:
         raise ValueError(f"scales shape {scales.shape} does not split q shape "
                          f"{q.shape} into equal groups")
-    groups = q.reshape(scales.shape + (-1,))
+    groups = q.reshape(scales.shape + (q.shape[-1] // scales.shape[-1],))  # S = 0 too
     values = (groups.astype(np.float32) if dtype == "int8"
               else float8_e4m3fn_values()[groups.view(np.uint8)])
     return (values * scales.astype(np.float32)[..., None]).reshape(q.shape)

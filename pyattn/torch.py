@@ -36,6 +36,8 @@ def _as_array(tensor, name):
         tensor = tensor.detach()
     if tensor.is_neg():  # a lazily negated view: its memory holds the values' negatives
         tensor = tensor.resolve_neg()
+    if tensor.is_conj():  # complex only, which is refused by dtype below: no numpy() for it
+        tensor = tensor.resolve_conj()
     if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: same bits, ml_dtypes' type
         try:
             bfloat16 = resolve_dtype("bfloat16")
@@ -86,9 +88,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ("kv_lengths", kv_lengths))}
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch tensor; got {type(out).__name__}")
-    if out is not None and out.is_neg():  # resolving it would fill a copy, silently
-        raise ValueError("out is a lazily negated view (its memory holds the negatives of its "
-                         "values): pass a tensor without the neg bit")
+    if out is not None and (out.is_neg() or out.is_conj()):  # resolving: a copy, silently
+        raise ValueError("out is a lazily negated or conjugated view (its memory does not hold "
+                         "its values): pass a tensor without the neg or conj bit")
     result = functional.scaled_dot_product_attention(
         **arrays, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         out=_as_array(out, "out") if out is not None else None,

@@ -174,19 +174,18 @@ def test_broadcast_quantized_kv_is_checked_and_read_in_place(groups, group_size)
     np.testing.assert_allclose(got, 0.01, rtol=1e-3)  # the one key's value, 1 * 0.01
 
 
-def test_scales_with_a_broadcast_last_axis_are_copied_by_their_rows():
-    """Scales whose groups are a zero-stride axis must be made contiguous for
-    the kernel: the copy holds the distinct rows, not the claimed batch."""
+def test_scales_with_a_strided_last_axis_are_copied_by_their_rows():
+    """Scales whose groups are strided must be made contiguous for the
+    kernel: the copy holds the distinct rows, not the claimed batch."""
     rng = np.random.default_rng(0)
     kv = pyattn.QuantizedKV.quantize(rng.standard_normal((1, 2, 50, 64)))
-    rows = kv.scales[..., :1]
-    wide = np.broadcast_to(np.broadcast_to(rows, (1, 2, 50, 2)), (2**12, 2, 50, 2))
+    every_other = np.repeat(kv.scales, 2, axis=-1)[..., ::2]  # kv's scales, 4 bytes apart
+    wide = np.broadcast_to(every_other, (2**12, 2, 50, 2))
     claimed = pyattn.QuantizedKV(np.broadcast_to(kv.data, (2**12, 2, 50, 64)), wide)
-    plain = pyattn.QuantizedKV(kv.data, np.ascontiguousarray(np.broadcast_to(rows, (1, 2, 50, 2))))
     q = rng.standard_normal((1, 2, 1, 64)).astype(np.float32)
     got, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(q, claimed, claimed))
     assert peak < 2**12 * 2 * 1 * 64 * 4 + MiB  # the result, and no claimed-size scales
-    np.testing.assert_array_equal(got[:1], pyattn.scaled_dot_product_attention(q, plain, plain))
+    np.testing.assert_array_equal(got[:1], pyattn.scaled_dot_product_attention(q, kv, kv))
 
 
 def test_quantizing_counts_its_float32_copy(monkeypatch):
@@ -208,9 +207,48 @@ def test_quantizing_counts_its_float32_copy(monkeypatch):
 
 
 def test_more_batch_dimensions_than_numpy_broadcasts():
-    """np.broadcast_shapes stops at 32 dimensions; NumPy arrays have up to 64."""
-    q = np.random.default_rng(0).standard_normal((2,) + (1,) * 40 + (3, 4, 8)).astype(np.float32)
+    """np.broadcast_shapes stops at 32 dimensions; pyattn takes up to
+    MAX_NDIM = 60 (NumPy's 64, less the axes the reference and the merge
+    add), and refuses more with an error naming the argument."""
+    q = np.random.default_rng(0).standard_normal((2,) + (1,) * 56 + (3, 4, 8)).astype(np.float32)
+    assert q.ndim == 60
     mask = np.tril(np.ones((4, 4), bool)).reshape((1,) * 36 + (4, 4))
     got = pyattn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     np.testing.assert_allclose(got, ref.scaled_dot_product_attention(q, q, q, attn_mask=mask),
                                rtol=1e-5, atol=1e-6)
+    wide = q[np.newaxis]  # 61 dimensions
+    for call in (pyattn.scaled_dot_product_attention, ref.scaled_dot_product_attention):
+        with pytest.raises(ValueError, match="^query has 61 dimensions; pyattn takes at most 60"):
+            call(wide, q, q)
+    with pytest.raises(ValueError, match="^x has 61 dimensions"):
+        pyattn.QuantizedKV.quantize(wide.repeat(4, axis=-1))
+
+
+def test_scales_shared_by_a_rows_groups_are_read_as_one_per_row():
+    """Scales broadcast along the group axis (every group of a row alike)
+    are one scale per row: read in place, with the result of the copy."""
+    rng = np.random.default_rng(1)
+    per_row = (rng.random(1024) * 0.01).astype(np.float16)
+    data = _claim(np.ones(1, np.int8), (1024, 2**16))
+    kv = pyattn.QuantizedKV(data, np.broadcast_to(per_row[:, None], (1024, 2**11)), 32)
+    q = np.ones((1, 2**16), np.float32)
+    got, peak = peak_traced_bytes(lambda: pyattn.scaled_dot_product_attention(q, kv, kv))
+    assert peak < MiB  # the copy by rows would be 4 MiB for each of key and value
+    copied = pyattn.QuantizedKV(data, np.ascontiguousarray(kv.scales), 32)
+    np.testing.assert_allclose(got, pyattn.scaled_dot_product_attention(q, copied, copied),
+                               rtol=1e-6)
+
+
+def test_out_may_not_overlap_the_scales():
+    """The kernel reads the scales while it writes out: an out that shares
+    their memory is refused, as for key and value."""
+    rng = np.random.default_rng(2)
+    src = pyattn.QuantizedKV.quantize(rng.standard_normal((1, 8, 64, 64)), 64)
+    raw = np.zeros(8 * 24 * 64 * 4, np.uint8)
+    scales = raw[:src.scales.nbytes].view(np.float16).reshape(src.scales.shape)
+    scales[...] = src.scales
+    k = pyattn.QuantizedKV(src.data, scales, 64)
+    out = raw.view(np.float32).reshape(1, 8, 24, 64)
+    q = rng.standard_normal((1, 8, 24, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="^out overlaps key.scales in memory"):
+        pyattn.scaled_dot_product_attention(q, k, k, out=out)

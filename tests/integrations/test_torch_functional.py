@@ -172,13 +172,22 @@ def test_lazily_negated_views_read_their_values():
     assert_close(got, torch_sdpa_float64(q, -k, v), torch.float32)
 
 
-def test_a_lazily_negated_out_is_refused():
+def test_a_lazily_negated_or_conjugated_out_is_refused():
     """Resolving it would fill a copy and leave `out` as it was: refused."""
     q = torch.randn(1, 2, 4, 8)
     out = torch._neg_view(torch.zeros(1, 2, 4, 8))
-    with pytest.raises(ValueError, match="^out is a lazily negated view"):
+    with pytest.raises(ValueError, match="^out is a lazily negated or conjugated view"):
         pt.scaled_dot_product_attention(q, q, q, out=out)
     assert not out.any()
+    with pytest.raises(ValueError, match="^out is a lazily negated or conjugated view"):
+        conj = torch.zeros(1, 2, 4, 8, dtype=torch.complex64).conj()
+        pt.scaled_dot_product_attention(q, q, q, out=conj)
+
+
+def test_a_conjugated_complex_input_is_refused_by_its_dtype():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(TypeError, match="^query has dtype complex64"):
+        pt.scaled_dot_product_attention(torch.complex(q, q).conj(), q, q)
 
 
 def test_num_threads_follows_torch(monkeypatch):

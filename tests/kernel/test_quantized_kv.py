@@ -355,3 +355,16 @@ def test_quantized_kv_plans_as_float32(dtype):
     split and merge, which the comparisons above rely on."""
     for isa in USABLE_KERNELS:
         assert _attention.block_rows(isa, dtype) == _attention.block_rows(isa, "float32")
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_an_empty_store_dequantizes_to_empty_rows(dtype):
+    """An empty cache (before its first append) and S = 0 data dequantize
+    to (..., 0, D), as the kernels read them."""
+    keys, values = pyattn.KVCache(1, 2, 64, dtype=dtype).dequantize()
+    assert keys.shape == values.shape == (1, 2, 0, 64) and keys.dtype == np.float32
+    empty = QuantizedKV.quantize(np.zeros((2, 0, 64)), dtype=dtype)
+    assert empty.dequantize().shape == (2, 0, 64)
+    q = np.ones((2, 1, 64), np.float32)
+    np.testing.assert_array_equal(pyattn.scaled_dot_product_attention(q, empty, empty), 0)
+    np.testing.assert_array_equal(ref.scaled_dot_product_attention(q, empty, empty), 0)
