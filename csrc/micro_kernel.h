@@ -237,16 +237,21 @@ static __attribute__((noinline)) void FN(direct_scores)(
     const void *ks, const KV *vr, int64_t v_stride, int64_t nb, REAL *sc)
 {
     const int64_t E = p->E, full = nb - nb % LANES;
-    const int64_t v_bytes = p->Ev * (int64_t)sizeof(KV);
+    const int64_t v_bytes = p->Ev * (int64_t)sizeof(KV), k_bytes = E * (int64_t)sizeof(KV);
     for (int64_t r0 = 0; r0 < nrows; r0 += ROW_GROUP) {
         const int R = nrows - r0 < ROW_GROUP ? (int)(nrows - r0) : ROW_GROUP;
         const REAL *a = qs + r0 * E;
         REAL *s = sc + r0 * BLOCK_N;
         for (int64_t c = 0; c < full; c += LANES) {
-            if (r0 == 0) /* into L2 */
-                for (int64_t i = c; i < c + LANES; i++)
+            if (r0 == 0) { /* the first pass over the tile's keys reads them from memory */
+                for (int64_t i = c; i < c + LANES; i++) /* these keys' values, into L2 */
                     for (int64_t off = 0; off < v_bytes; off += 64)
                         __builtin_prefetch((const char *)(vr + i * v_stride) + off, 0, 3);
+                /* the next keys: their rows' loads stalled the products (perf) */
+                for (int64_t i = c + LANES; i < c + 2 * LANES && i < nb; i++)
+                    for (int64_t off = 0; off < k_bytes; off += 64)
+                        __builtin_prefetch((const char *)(kr + i * k_stride) + off, 0, 3);
+            }
             const KV *b = kr + c * k_stride;
             const void *bs = FN(scale_row)(ks, p->ks_row, c);
             const int64_t lds = p->ks_row, g = p->k_group;
