@@ -13,9 +13,6 @@ import numpy as np
 
 from . import _attention
 
-_TooHardError = getattr(np, "exceptions", np).TooHardError
-
-
 # The kernels' storage dtypes, by name, from the C registry; the half types are
 # stored as such and computed in float32.  bfloat16 is NumPy's only through
 # ml_dtypes, an optional dependency imported only when a name asks for it (an
@@ -188,29 +185,29 @@ def convert_stored(arr, name, dtype=None):
 MAX_NDIM = 60
 
 
-def check_ndim(arr, name):
-    if arr.ndim > MAX_NDIM:
-        raise ValueError(f"{name} has {arr.ndim} dimensions; pyattn takes at most {MAX_NDIM}")
+def check_ndim(arr, name, max_ndim=MAX_NDIM):
+    if arr.ndim > max_ndim:
+        raise ValueError(f"{name} has {arr.ndim} dimensions; pyattn takes at most {max_ndim}")
     return arr
 
 
-def as_array(x, name, what="an array"):
+def as_array(x, name, what="an array", max_ndim=MAX_NDIM):
     """np.asarray(x), with None and unconvertible input (ragged nested lists
     and the like) reported against the argument's `name`, and at most
-    MAX_NDIM dimensions."""
+    `max_ndim` dimensions."""
     if x is None:
         raise TypeError(f"{name} must be {what}, got None")
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name} cannot be converted to an array: {exc}") from None
-    return check_ndim(arr, name)
+    return check_ndim(arr, name, max_ndim)
 
 
-def as_float_array(x, name, min_ndim=2, layout="(..., L, E)"):
+def as_float_array(x, name, min_ndim=2, layout="(..., L, E)", max_ndim=MAX_NDIM):
     """`x` as an ndarray of a supported float dtype, without copying when it
     already is one."""
-    arr = as_array(x, name, f"an array of {_SUPPORTED_NAMES}")
+    arr = as_array(x, name, f"an array of {_SUPPORTED_NAMES}", max_ndim)
     if arr.dtype.kind == "f" and not arr.dtype.isnative:  # e.g. '>f4'
         arr = convert_stored(arr, name)
     if not is_kernel_dtype(arr.dtype):
@@ -299,6 +296,9 @@ class AttentionProblem:
     k_scales: Optional[np.ndarray] = None
     v_scales: Optional[np.ndarray] = None
     groups: Tuple[int, int] = (0, 0)
+    # query, key, value and attn_mask as the caller gave them (before any
+    # conversion): the memory `out` must not overlap
+    sources: Optional[dict] = None
 
     @property
     def dtype(self):
@@ -315,9 +315,19 @@ class AttentionProblem:
 
     @property
     def inputs(self):
-        """The arrays a call reads, by argument name: what `out` must not overlap."""
-        return {"query": self.q, "key": self.k, "value": self.v, "attn_mask": self.mask,
-                "key.scales": self.k_scales, "value.scales": self.v_scales}
+        """The caller's arrays a call reads, by argument name: what `out` must
+        not overlap.  As given: a converted copy overlaps nothing, the array
+        it was made from may (and a view covers no more than its base)."""
+        from .quantized import QuantizedKV  # it imports this module
+
+        used = {"query": self.q, "key": self.k, "value": self.v, "attn_mask": self.mask}
+        arrays = {}
+        for name, x in self.sources.items():
+            if isinstance(x, QuantizedKV):
+                arrays[name], arrays[f"{name}.scales"] = x.data, x.scales
+            else:  # a buffer or list: the array read from it (a view of a buffer)
+                arrays[name] = x if isinstance(x, np.ndarray) else used[name]
+        return arrays
 
     @property
     def scores_shape(self):
@@ -461,103 +471,22 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         batch=batch,
         num_heads=num_heads, out_shape=out_shape, work_shape=work_shape,
         k_scales=k_scales, v_scales=v_scales, groups=groups,
+        sources={"query": query, "key": key, "value": value, "attn_mask": attn_mask},
     )
 
 
 def _key_value(key, value, q_dtype):
     """(k, v, k_scales, v_scales, groups) of a call: float arrays of the
-    query's dtype, or two pyattn.QuantizedKV of one storage dtype (int8 or
-    float8_e4m3fn data; float16 scales, whose groups the kernel reads
-    contiguous) for a float32 query."""
-    from .quantized import QuantizedKV  # it imports this module
+    query's dtype, or what the kernels read of two pyattn.QuantizedKV."""
+    from .quantized import QuantizedKV, kernel_operands  # it imports this module
 
-    quantized = isinstance(key, QuantizedKV), isinstance(value, QuantizedKV)
-    if quantized == (False, False):
-        k = as_float_array(key, "key", layout="(..., S, E)")
-        v = as_float_array(value, "value", layout="(..., S, Ev)")
-        if not (q_dtype == k.dtype == v.dtype):
-            raise TypeError(
-                f"query, key and value must share one dtype ({_SUPPORTED_NAMES}); got "
-                f"query {q_dtype}, key {k.dtype}, value {v.dtype}"
-            )
-        return k, v, None, None, (0, 0)
-    if quantized != (True, True):
-        raise TypeError(f"key and value must both be pyattn.QuantizedKV or both arrays; got "
-                        f"key {type(key).__name__} and value {type(value).__name__}")
-    if q_dtype != np.float32:
-        raise TypeError(f"query must be float32 with quantized key and value (their "
-                        f"kernels compute in float32); got {q_dtype}")
-    if key.dtype != value.dtype:
-        raise TypeError(f"quantized key and value must share one storage dtype; got key "
-                        f"{key.dtype.name} and value {value.dtype.name}")
-
-    def scales_for_kernel(kv, name):
-        """(scales, group size) as the kernel reads them: each row's groups
-        contiguous.  Groups that share one scale (a zero-stride last axis)
-        are read as one scale per row; other strided groups are copied, by
-        the distinct rows only (broadcast axes stay so)."""
-        s = convert_stored(kv.scales, f"{name}.scales")
-        if s.shape[-1] > 1 and s.strides[-1] == 0:
-            return s[..., :1], kv.shape[-1]
-        if s.shape[-1] == 1 or s.strides[-1] == s.itemsize:
-            return s, kv.group_size
-        rows = compact(s, s.ndim - 1)
-        check_fits(rows.size, s.itemsize, f"a copy of {name}.scales with contiguous rows")
-        return np.broadcast_to(np.ascontiguousarray(rows), s.shape), kv.group_size
-
-    (k_scales, k_group), (v_scales, v_group) = (scales_for_kernel(kv, name) for kv, name in
-                                                ((key, "key"), (value, "value")))
-    return key.data, value.data, k_scales, v_scales, (k_group, v_group)
-
-
-def prepare_lse(prob):
-    """The array for a call's logsumexp, (*batch, H, L) in the compute dtype,
-    after checking that it fits."""
-    shape = prob.work_shape[:-1]
-    check_fits(math.prod(shape), prob.compute_dtype.itemsize,
-               f"return_lse: the logsumexp, of shape {shape},")
-    return np.empty(shape, dtype=prob.compute_dtype)
-
-
-def _overlaps(a, b):
-    if not np.may_share_memory(a, b):
-        return False
-    try:
-        return np.shares_memory(a, b, max_work=10**6)
-    except _TooHardError:
-        return True  # cannot prove otherwise: refuse rather than risk it
-
-
-def _self_overlapping(arr):
-    """Whether two elements of `arr` may share memory: with its axes sorted by
-    stride, each stride must clear the extent of the axes below it."""
-    if arr.size == 0:
-        return False
-    extent = arr.itemsize
-    for stride, n in sorted((abs(st), n) for n, st in zip(arr.shape, arr.strides) if n > 1):
-        if stride < extent:
-            return True
-        extent = stride * (n - 1) + extent
-    return False
-
-
-def prepare_out(out, shape, dtype, inputs):
-    """The array to write a result of `shape` and `dtype` into: `out` after
-    checks, or a new one.  `inputs` names the arrays it must not overlap."""
-    if out is None:
-        return np.empty(shape, dtype=dtype)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}; the result has dtype {dtype}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"out has shape {out.shape}; the result has shape {tuple(shape)}")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    if _self_overlapping(out):
-        raise ValueError("out has elements that share memory (zero or overlapping strides); "
-                         "pass an array whose every element is its own")
-    for name, arr in inputs.items():
-        if arr is not None and _overlaps(out, arr):
-            raise ValueError(f"out overlaps {name} in memory; pass a separate array")
-    return out
+    if isinstance(key, QuantizedKV) or isinstance(value, QuantizedKV):
+        return kernel_operands(key, value, q_dtype)
+    k = as_float_array(key, "key", layout="(..., S, E)")
+    v = as_float_array(value, "value", layout="(..., S, Ev)")
+    if not (q_dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"query, key and value must share one dtype ({_SUPPORTED_NAMES}); got "
+            f"query {q_dtype}, key {k.dtype}, value {v.dtype}"
+        )
+    return k, v, None, None, (0, 0)

@@ -6,7 +6,9 @@ import numpy as np
 
 from . import _attention, _dispatch, _launch, _plan
 from ._options import ALIGNMENTS, prepare_options
+from ._outputs import prepare_lse, prepare_out
 from ._validation import (
+    MAX_NDIM,
     as_array,
     as_float_array,
     check_fits,
@@ -14,8 +16,6 @@ from ._validation import (
     check_num_threads,
     compute_dtype,
     prepare_attention,
-    prepare_lse,
-    prepare_out,
 )
 
 __all__ = ["merge_attention", "scaled_dot_product_attention"]
@@ -209,9 +209,11 @@ def merge_attention(outputs, lses, *, out=None):
     (output (..., L, Ev) in the outputs' dtype, lse (..., L) in the lses').  Parts in any
     order give the same result up to rounding.
     """
+    # the parts have at most MAX_NDIM dimensions, and their stack one more
     outs = as_float_array(_stacked(outputs, "outputs"), "outputs", min_ndim=3,
-                          layout="(n, ..., L, Ev)")
-    ls = as_float_array(_stacked(lses, "lses"), "lses", min_ndim=2, layout="(n, ..., L)")
+                          layout="(n, ..., L, Ev)", max_ndim=MAX_NDIM + 1)
+    ls = as_float_array(_stacked(lses, "lses"), "lses", min_ndim=2, layout="(n, ..., L)",
+                        max_ndim=MAX_NDIM + 1)
     if ls.dtype != compute_dtype(outs.dtype):
         raise TypeError(f"lses must have dtype {compute_dtype(outs.dtype)} (as return_lse gives "
                         f"for {outs.dtype} outputs); got {ls.dtype}")

@@ -258,6 +258,7 @@ class MultiHeadAttention:
         inputs do): float16, bfloat16 and float8 widen exactly, float64 rounds
         into a float32 layer.  strict=False ignores missing and unexpected keys; shapes are
         always checked."""
+        strict = check_flag(strict, "strict")
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of parameter names to arrays, "
                             f"got {type(state_dict).__name__}")

@@ -6,7 +6,15 @@ import numbers
 import numpy as np
 
 from . import _attention, reference
-from ._validation import as_array, as_float_array, check_dtype, check_fits, compact, cpu_count
+from ._validation import (
+    as_array,
+    as_float_array,
+    check_dtype,
+    check_fits,
+    compact,
+    convert_stored,
+    cpu_count,
+)
 
 __all__ = ["QuantizedKV"]
 
@@ -60,6 +68,37 @@ def quantize_rows(x, data, scales, group_size, starts, counts, name):
                          f"(|x| > 65504 * {reference.LARGEST[dtype]})")
     if err & 4:
         raise TypeError(f"this build has no {dtype} quantizer (its compiler lacks _Float16)")
+
+
+def kernel_operands(key, value, q_dtype):
+    """(k data, v data, k scales, v scales, (k group, v group)) as the
+    kernels read two QuantizedKV of one storage dtype, for a float32 query:
+    each row's groups contiguous.  Groups that share one scale (a
+    zero-stride last axis) are read as one scale per row; other strided
+    groups are copied, by the distinct rows only (broadcast axes stay so)."""
+    if not (isinstance(key, QuantizedKV) and isinstance(value, QuantizedKV)):
+        raise TypeError(f"key and value must both be pyattn.QuantizedKV or both arrays; got "
+                        f"key {type(key).__name__} and value {type(value).__name__}")
+    if q_dtype != np.float32:
+        raise TypeError(f"query must be float32 with quantized key and value (their "
+                        f"kernels compute in float32); got {q_dtype}")
+    if key.dtype != value.dtype:
+        raise TypeError(f"quantized key and value must share one storage dtype; got key "
+                        f"{key.dtype.name} and value {value.dtype.name}")
+
+    def scales_for_kernel(kv, name):
+        s = convert_stored(kv.scales, f"{name}.scales")
+        if s.shape[-1] > 1 and s.strides[-1] == 0:
+            return s[..., :1], kv.shape[-1]
+        if s.shape[-1] == 1 or s.strides[-1] == s.itemsize:
+            return s, kv.group_size
+        rows = compact(s, s.ndim - 1)
+        check_fits(rows.size, s.itemsize, f"a copy of {name}.scales with contiguous rows")
+        return np.broadcast_to(np.ascontiguousarray(rows), s.shape), kv.group_size
+
+    (k_scales, k_group), (v_scales, v_group) = (scales_for_kernel(kv, name) for kv, name in
+                                                ((key, "key"), (value, "value")))
+    return key.data, value.data, k_scales, v_scales, (k_group, v_group)
 
 
 class QuantizedKV:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from ._options import prepare_options
+from ._outputs import prepare_lse, prepare_out
 from ._validation import (
     broadcast_shapes,
     check_fits,
@@ -17,8 +18,6 @@ from ._validation import (
     convert_stored,
     cpu_count,
     prepare_attention,
-    prepare_lse,
-    prepare_out,
     resolve_dtype,
 )
 

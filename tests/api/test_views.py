@@ -252,3 +252,35 @@ def test_out_may_not_overlap_the_scales():
     q = rng.standard_normal((1, 8, 24, 64)).astype(np.float32)
     with pytest.raises(ValueError, match="^out overlaps key.scales in memory"):
         pyattn.scaled_dot_product_attention(q, k, k, out=out)
+
+
+def test_out_may_not_overlap_an_input_that_was_converted():
+    """`out` is checked against the caller's arrays, not against the copies a
+    call makes of them (byte order, strided scales): the copies overlap
+    nothing, what they were made from may."""
+    rng = np.random.default_rng(3)
+    buf = np.zeros(8192, np.uint8)
+    q = buf[:2 * 4 * 64 * 4].view(">f4").reshape(2, 4, 64)  # big-endian: converted
+    q[...] = rng.standard_normal(q.shape)
+    kv = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    out = buf[:2 * 4 * 64 * 4].view(np.float32).reshape(2, 4, 64)
+    with pytest.raises(ValueError, match="^out overlaps query in memory"):
+        pyattn.scaled_dot_product_attention(q, kv, kv, out=out)
+    src = pyattn.QuantizedKV.quantize(rng.standard_normal((1, 2, 4, 64)))
+    wide = buf[4096:4096 + 64].view(np.float16).reshape(1, 2, 4, 4)
+    wide[...] = np.repeat(src.scales, 2, axis=-1)
+    k = pyattn.QuantizedKV(src.data, wide[..., ::2])  # strided groups: copied for the kernel
+    out = buf[4096:4096 + 512].view(np.float32).reshape(1, 2, 1, 64)
+    for call in (pyattn.scaled_dot_product_attention, ref.scaled_dot_product_attention):
+        with pytest.raises(ValueError, match="^out overlaps key.scales in memory"):
+            call(np.ones((1, 2, 1, 64), np.float32), k, k, out=out)
+
+
+def test_parts_of_sixty_dimensions_merge():
+    """merge_attention stacks its parts: a part may have MAX_NDIM dimensions."""
+    q = np.random.default_rng(4).standard_normal((1,) * 57 + (2, 3, 8)).astype(np.float32)
+    parts = [pyattn.scaled_dot_product_attention(q, q[..., s, :], q[..., s, :], return_lse=True)
+             for s in (slice(0, 1), slice(1, 3))]
+    merged, _ = pyattn.merge_attention([o for o, _ in parts], [lse for _, lse in parts])
+    np.testing.assert_allclose(merged, pyattn.scaled_dot_product_attention(q, q, q),
+                               rtol=1e-5, atol=1e-6)

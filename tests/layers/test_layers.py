@@ -957,8 +957,9 @@ def test_mha_integer_mask_is_rejected(err_mha, name):
                                                   average_attn_weights=None),
     lambda: pyattn.SelfAttention(8, bias="yes", rng=0),
     lambda: pyattn.SelfAttention(8, rng=0)(f32(2, 3, 8), return_weights=0),
+    lambda: pyattn.MultiHeadAttention(8, 2, rng=0).load_state_dict({}, strict=None),
 ], ids=["batch_first", "mha_bias", "need_weights", "average_attn_weights", "sa_bias",
-        "return_weights"])
+        "return_weights", "strict"])
 def test_layer_flags_must_be_bools(make):
     """A flag is a bool (or NumPy bool), as is_causal: "no" would be truthy."""
     with pytest.raises(TypeError, match="must be a bool, got"):
