@@ -325,8 +325,10 @@ class AttentionProblem:
         for name, x in self.sources.items():
             if isinstance(x, QuantizedKV):
                 arrays[name], arrays[f"{name}.scales"] = x.data, x.scales
-            else:  # a buffer or list: the array read from it (a view of a buffer)
-                arrays[name] = x if isinstance(x, np.ndarray) else used[name]
+            elif isinstance(x, (list, tuple)) or x is None:  # converted into a new array
+                arrays[name] = used[name]
+            else:  # an array, or a buffer / __array__ object: the memory it holds
+                arrays[name] = np.asarray(x)
         return arrays
 
     @property

@@ -291,7 +291,7 @@ def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=No
         keys, values, lengths = cache._filled()
         if lengths.size and (lengths == keys.shape[2]).all():
             lengths = None  # every sequence fills the view: the common call's fast path
-        return scaled_dot_product_attention(
-            q, keys, values, is_causal=True, alignment="lower_right", scale=scale,
+        return scaled_dot_product_attention(  # the query as given: out is checked against it
+            query, keys, values, is_causal=True, alignment="lower_right", scale=scale,
             enable_gqa=True, kv_lengths=lengths, q_lengths=q_lengths,
             num_threads=num_threads, **modifiers)

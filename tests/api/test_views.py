@@ -284,3 +284,18 @@ def test_parts_of_sixty_dimensions_merge():
     merged, _ = pyattn.merge_attention([o for o, _ in parts], [lse for _, lse in parts])
     np.testing.assert_allclose(merged, pyattn.scaled_dot_product_attention(q, q, q),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_out_may_not_overlap_a_converted_buffer_or_decode_query():
+    """A memoryview that must be converted, and decode_attention's query,
+    are checked as the caller gave them."""
+    rng = np.random.default_rng(5)
+    qb = rng.standard_normal((2, 4, 64)).astype(">f4")
+    kv = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="^out overlaps query in memory"):
+        pyattn.scaled_dot_product_attention(memoryview(qb), kv, kv, out=qb.view(np.float32))
+    cache = pyattn.KVCache(1, 2, 64)
+    cache.append(rng.standard_normal((1, 2, 5, 64)), rng.standard_normal((1, 2, 5, 64)))
+    qd = rng.standard_normal((1, 4, 1, 64)).astype(">f4")
+    with pytest.raises(ValueError, match="^out overlaps query in memory"):
+        pyattn.decode_attention(qd, cache, out=qd.view(np.float32))
