@@ -39,8 +39,9 @@
  *
  * The template's parts: simd.h (vectors, loads, 2^x, reductions),
  * micro_kernel.h (the direct path's register kernels), the products header,
- * score_modifiers.h (windows, soft-capping, ALiBi, masks, sinks); this file
- * holds the workspace, the online softmax and the two paths.
+ * score_modifiers.h (windows, soft-capping, ALiBi, masks, sinks) and
+ * workspace.h (the per-thread scratch); this file holds the online softmax
+ * and the two paths.
  */
 #include <float.h>
 #include <math.h>
@@ -78,107 +79,7 @@ static inline int64_t FN(tile_cols)(const pyattn_problem *p)
 #include "products_exact.h"
 #endif
 
-/* A block that is not whole micro-tiles overruns its scratch (MR = 12 with
- * BLOCK_M = 256 corrupts the heap): refuse such a block-size table. */
-_Static_assert(BLOCK_M % MR == 0, "BLOCK_M must be a multiple of MR");
-_Static_assert(BLOCK_N % NR == 0, "BLOCK_N must be a multiple of NV vectors");
-
-/*
- * Scratch layout, per thread.  The K^T and V panels hold every key tile of one
- * (batch, key/value head) when that fits PANEL_BUDGET, so the head is packed
- * once per thread and reused by all the query blocks the thread takes; a
- * longer sequence gets a one-tile panel, repacked per tile.  The panels also
- * serve the direct path, which gathers strided key and value rows there.
- */
-#define PANEL_BUDGET ((int64_t)32 << 20) /* bytes per thread */
-
-typedef struct {
-    PANEL *q_block;        /* block_rows x q_width: Q as the products read it */
-    REAL *q_real;          /* the same region as block_rows x E of REAL: the direct path's Q */
-    PANEL *kt_panel;       /* tiles of packed K^T, zero past the last key */
-    PANEL *v_panel;        /* tiles of packed V, zero past Ev */
-    REAL *scores;          /* BLOCK_M x BLOCK_N: scores, then weights */
-    PANEL *p_block;        /* the weights as the products read them, if they differ */
-    REAL *acc;             /* block_rows x evp: unnormalised output */
-    REAL *row_max, *row_sum; /* BLOCK_M each */
-    REAL scale_left;       /* what the scores are multiplied by: scale / what pack_q folded */
-    int whole_head;        /* the panels hold all tiles of the head */
-} FN(workspace);
-
-/* Bytes of one packed key tile (SIZE_MAX when not representable: sizes are
- * checked, never wrapped). */
-static size_t FN(tile_bytes)(const pyattn_problem *p)
-{
-    return pyattn_size_mul(pyattn_size_add(FN(kt_tile_elems)(p), FN(v_tile_elems)(p)),
-                           sizeof(PANEL));
-}
-
-static int64_t FN(panel_tiles)(const pyattn_problem *p)
-{
-    const int64_t tiles = (p->S + BLOCK_N - 1) / BLOCK_N;
-    const size_t bytes = pyattn_size_mul(FN(tile_bytes)(p), (size_t)tiles);
-    return bytes <= (size_t)PANEL_BUDGET ? tiles : 1;
-}
-
-/* The byte sizes of the regions, in carve's order. */
-typedef struct {
-    size_t q, kt, v, scores, p_block, acc, rows;
-} FN(regions);
-
-static FN(regions) FN(region_bytes)(const pyattn_problem *p)
-{
-    const size_t E = (size_t)p->E, Ev = (size_t)p->Ev;
-    const size_t tiles = (size_t)FN(panel_tiles)(p);
-    const size_t evp = pyattn_size_mul(pyattn_size_add(Ev, NR - 1) / NR, NR);
-    const size_t q_width = (size_t)FN(q_width)(p->E);
-    FN(regions) b;
-    const size_t rows = (size_t)FN(block_rows)(p), cols = (size_t)FN(tile_cols)(p);
-    b.q = pyattn_size_mul(rows, q_width > E ? q_width : E);
-    b.q = pyattn_size_mul(b.q, sizeof(REAL) > sizeof(PANEL) ? sizeof(REAL) : sizeof(PANEL));
-    b.kt = pyattn_size_mul(pyattn_size_mul(tiles, FN(kt_tile_elems)(p)), sizeof(PANEL));
-    b.v = pyattn_size_mul(pyattn_size_mul(tiles, FN(v_tile_elems)(p)), sizeof(PANEL));
-    /* the direct path's gathered rows: tile_cols x E and x Ev of KV */
-    const size_t k_rows = pyattn_size_mul(cols * sizeof(KV), E);
-    const size_t v_rows = pyattn_size_mul(cols * sizeof(KV), Ev);
-    b.kt = b.kt > k_rows ? b.kt : k_rows;
-    b.v = b.v > v_rows ? b.v : v_rows;
-    b.scores = BLOCK_M * BLOCK_N * sizeof(REAL);
-    b.p_block = FN(p_block_elems) * sizeof(PANEL);
-    b.acc = pyattn_size_mul(rows * sizeof(REAL), evp);
-    b.rows = 2 * BLOCK_M * sizeof(REAL);
-    return b;
-}
-
-/* Each region starts on a 64-byte boundary. */
-static inline size_t FN(aligned)(size_t n) { return pyattn_size_add(n, 63) / 64 * 64; }
-
-static size_t FN(scratch_bytes)(const pyattn_problem *p)
-{
-    const FN(regions) b = FN(region_bytes)(p);
-    const size_t sizes[] = {b.q, b.kt, b.v, b.scores, b.p_block, b.acc, b.rows};
-    size_t total = PYATTN_SCRATCH_HEADER;
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
-        total = pyattn_size_add(total, FN(aligned)(sizes[i]));
-    return total;
-}
-
-static FN(workspace) FN(carve)(const pyattn_problem *p, void *scratch)
-{
-    const FN(regions) b = FN(region_bytes)(p);
-    const int64_t tiles = FN(panel_tiles)(p);
-    FN(workspace) w;
-    char *next = (char *)scratch + PYATTN_SCRATCH_HEADER;
-    w.q_block = (PANEL *)next, w.q_real = (REAL *)next, next += FN(aligned)(b.q);
-    w.kt_panel = (PANEL *)next, next += FN(aligned)(b.kt);
-    w.v_panel = (PANEL *)next, next += FN(aligned)(b.v);
-    w.scores = (REAL *)next, next += FN(aligned)(b.scores);
-    w.p_block = (PANEL *)next, next += FN(aligned)(b.p_block);
-    w.acc = (REAL *)next, next += FN(aligned)(b.acc);
-    w.row_max = (REAL *)next;
-    w.row_sum = w.row_max + BLOCK_M;
-    w.whole_head = tiles > 1 || p->S <= BLOCK_N;
-    return w;
-}
+#include "workspace.h"
 
 /* The running max moves only when a tile beats it by more than this: weights
  * then stay below e^LAZY_RESCALE = 2^8, far from overflow, and most tiles
@@ -356,13 +257,72 @@ static int FN(tile_scores)(const pyattn_problem *p, const KV *k, const KV *v,
     return count;
 }
 
+/* One row group of a tile into the online softmax, then O += P V. */
+static void FN(accumulate_group)(const pyattn_problem *p, const pyattn_block *blk,
+                                 const FN(workspace) *w, const FN(group) *g, int64_t nb,
+                                 const PANEL *vp, int64_t ldv)
+{
+    const int64_t evp = FN(round_up)(p->Ev, NR);
+    REAL *sc = w->scores + g->r * BLOCK_N + g->c0;
+    PANEL *rounded = w->p_block + g->r * BLOCK_N + g->c0;
+    for (int64_t i = 0; i < g->n && g->r + i < blk->nrows; i++)
+        FN(softmax_step)(sc + i * BLOCK_N, WEIGHTS_ROUNDED ? rounded + i * BLOCK_N : NULL,
+                         g->c1 - g->c0, w->row_max + g->r + i, w->row_sum + g->r + i,
+                         w->acc + (g->r + i) * evp, evp);
+    /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block). */
+    FN(value_product)(g->n, (nb < g->c1 ? nb : g->c1) - g->c0, evp, sc, vp + g->c0 * ldv, ldv,
+                      w->acc + g->r * evp, rounded);
+}
+
+/* Attention weights of one row group of the tile at j0, once every row's max
+ * m and sum l are final: the probabilities the output used, e^(s - m) / l,
+ * added times w_factor into the zeroed blk->weights (factor 1 writes one head;
+ * 1/H for every head in turn averages them).  Keys a row never sees keep
+ * their 0, and so do rows with no key at all (l == 0). */
+static void FN(add_group_weights)(const pyattn_problem *p, const pyattn_block *blk,
+                                  const FN(workspace) *w, const FN(group) *g, int64_t j0,
+                                  int64_t nb)
+{
+    const int64_t keys = (nb < g->c1 ? nb : g->c1) - g->c0;
+    for (int64_t r = g->r; r < g->r + g->n && r < blk->nrows; r++) {
+        if (w->row_sum[r] == 0) continue;
+        REAL *s = w->scores + r * BLOCK_N + g->c0;
+        const VEC shift = FN(vsplat)(w->row_max[r]), log2e = FN(vsplat)(LOG2E);
+        const VEC coef = FN(vsplat)((REAL)(p->w_factor / w->row_sum[r]));
+        for (int64_t c = 0; c < keys; c += LANES)
+            FN(vstore)(s + c, FN(vexp2)((FN(vload)(s + c) - shift) * log2e) * coef);
+        REAL *dst = (REAL *)blk->weights + (blk->row0 + r) * p->w_row + j0 + g->c0;
+        for (int64_t c = 0; c < keys; c++) dst[c] += s[c];
+    }
+}
+
+/* One sweep over the key tiles the block sees, scoring each tile by row
+ * groups: the first accumulates the output; with `weights`, a second sweep
+ * after it recomputes the same scores for the attention weights. */
+static void FN(sweep_tiles)(const pyattn_problem *p, const KV *k, const KV *v,
+                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
+                            const FN(workspace) *w, int weights)
+{
+    const int64_t ldv = FN(v_in_place)(p) ? p->v_row : FN(round_up)(p->Ev, NR);
+    int64_t kv_begin, kv_end;
+    FN(key_range)(p, blk, &kv_begin, &kv_end);
+    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
+        const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
+        const PANEL *vp;
+        FN(group) groups[MAX_GROUPS];
+        const int count = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, groups);
+        for (int gi = 0; gi < count; gi++) {
+            if (weights) FN(add_group_weights)(p, blk, w, &groups[gi], j0, nb);
+            else FN(accumulate_group)(p, blk, w, &groups[gi], nb, vp, ldv);
+        }
+    }
+}
+
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
 static void FN(attend_tiled)(const pyattn_problem *p, const KV *k, const KV *v,
                              const void *mask, const pyattn_block *blk, int64_t rows_pad,
                              pyattn_scratch_header *tag, const FN(workspace) *w)
 {
-    const int64_t evp = FN(round_up)(p->Ev, NR);
-    const int64_t ldv = FN(v_in_place)(p) ? p->v_row : evp;
     if (w->whole_head && (tag->k != k || tag->v != v)) {
         for (int64_t j0 = 0; j0 < p->S; j0 += BLOCK_N) {
             const size_t tile = (size_t)(j0 / BLOCK_N);
@@ -372,60 +332,8 @@ static void FN(attend_tiled)(const pyattn_problem *p, const KV *k, const KV *v,
         }
         tag->k = k, tag->v = v;
     }
-    int64_t kv_begin, kv_end;
-    FN(key_range)(p, blk, &kv_begin, &kv_end);
-    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
-        const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
-        const PANEL *vp;
-        FN(group) groups[MAX_GROUPS];
-        const int count = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, groups);
-        for (int gi = 0; gi < count; gi++) {
-            const FN(group) g = groups[gi];
-            REAL *sc = w->scores + g.r * BLOCK_N + g.c0;
-            PANEL *rounded = w->p_block + g.r * BLOCK_N + g.c0;
-            for (int64_t i = 0; i < g.n && g.r + i < blk->nrows; i++)
-                FN(softmax_step)(sc + i * BLOCK_N, WEIGHTS_ROUNDED ? rounded + i * BLOCK_N : NULL,
-                                 g.c1 - g.c0, w->row_max + g.r + i, w->row_sum + g.r + i,
-                                 w->acc + (g.r + i) * evp, evp);
-            /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block). */
-            FN(value_product)(g.n, (nb < g.c1 ? nb : g.c1) - g.c0, evp, sc, vp + g.c0 * ldv, ldv,
-                              w->acc + g.r * evp, rounded);
-        }
-    }
-}
-
-/* Attention weights, after attend_tiled: once every row's max m and sum l are
- * final, the probabilities the output used, e^(s - m) / l, are recomputed tile
- * by tile and added, times w_factor, into the zeroed blk->weights (factor 1
- * writes one head; 1/H for every head in turn averages them).  Keys a row
- * never sees keep their 0, and so do rows with no key at all (l == 0). */
-static void FN(add_weights)(const pyattn_problem *p, const KV *k, const KV *v,
-                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
-                            const FN(workspace) *w)
-{
-    REAL *weights = blk->weights;
-    int64_t kv_begin, kv_end;
-    FN(key_range)(p, blk, &kv_begin, &kv_end);
-    for (int64_t j0 = kv_begin; j0 < kv_end; j0 += BLOCK_N) {
-        const int64_t nb = kv_end - j0 < BLOCK_N ? kv_end - j0 : BLOCK_N;
-        const PANEL *vp;
-        FN(group) groups[MAX_GROUPS];
-        const int count = FN(tile_scores)(p, k, v, mask, blk, rows_pad, w, j0, nb, &vp, groups);
-        for (int gi = 0; gi < count; gi++) {
-            const FN(group) g = groups[gi];
-            const int64_t keys = (nb < g.c1 ? nb : g.c1) - g.c0;
-            for (int64_t r = g.r; r < g.r + g.n && r < blk->nrows; r++) {
-                if (w->row_sum[r] == 0) continue;
-                REAL *s = w->scores + r * BLOCK_N + g.c0;
-                const VEC shift = FN(vsplat)(w->row_max[r]), log2e = FN(vsplat)(LOG2E);
-                const VEC coef = FN(vsplat)((REAL)(p->w_factor / w->row_sum[r]));
-                for (int64_t c = 0; c < keys; c += LANES)
-                    FN(vstore)(s + c, FN(vexp2)((FN(vload)(s + c) - shift) * log2e) * coef);
-                REAL *dst = weights + (blk->row0 + r) * p->w_row + j0 + g.c0;
-                for (int64_t c = 0; c < keys; c++) dst[c] += s[c];
-            }
-        }
-    }
+    FN(sweep_tiles)(p, k, v, mask, blk, rows_pad, w, 0);
+    if (blk->weights) FN(sweep_tiles)(p, k, v, mask, blk, rows_pad, w, 1);
 }
 
 static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
@@ -459,7 +367,6 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
                    sizeof(PANEL) * (size_t)((rows_pad - nrows) * BLOCK_N));
         FN(products_begin)();
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
-        if (blk->weights) FN(add_weights)(p, k, v, mask, blk, rows_pad, &w);
         FN(products_end)();
     }
     /* Counted once, with the first keys; in the compute type, where a sink

@@ -4,19 +4,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "cpu_avx512.h"
 #define ISA amx
-#define VBYTES 64
 #define BF16_UNIT BF16_UNIT_AMX
-/* block sizes        MR  NV  BLOCK_M  BLOCK_N */
-#define F32_MR 8
-#define F32_NV 2
-#define F32_BLOCK_M 256
-#define F32_BLOCK_N 128
-#define F64_MR 8
-#define F64_NV 2
-#define F64_BLOCK_M 128
-#define F64_BLOCK_N 128
+#include "avx512_shared.h"
+/* bfloat16 block sizes MR NV BLOCK_M BLOCK_N */
 #define BF16_MR 32 /* rows of a 2 x 2 block of 16-row tiles */
 #define BF16_NV 2
 #define BF16_BLOCK_M 128

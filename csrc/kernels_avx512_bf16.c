@@ -3,23 +3,14 @@
  * VDPBF16PS. */
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx512bf16,avx2,fma,f16c")
 #define ISA avx512_bf16
-#define VBYTES 64
 #define BF16_UNIT BF16_UNIT_DPBF16
-/* block sizes        MR  NV  BLOCK_M  BLOCK_N */
-#define F32_MR 8
-#define F32_NV 2
-#define F32_BLOCK_M 256
-#define F32_BLOCK_N 128
-#define F64_MR 8
-#define F64_NV 2
-#define F64_BLOCK_M 128
-#define F64_BLOCK_N 128
+#include "avx512_shared.h"
+/* bfloat16 block sizes MR NV BLOCK_M BLOCK_N */
 #define BF16_MR 8
 #define BF16_NV 2
 #define BF16_BLOCK_M 256
 #define BF16_BLOCK_N 128
 
-#include "cpu_avx512.h"
 static int cpu_supports(void)
 {
     return avx512_cpu() && __builtin_cpu_supports("avx512bf16");

@@ -35,6 +35,14 @@ HALVES = [np.float16, pytest.param(bfloat16, marks=needs_bf16, id="bfloat16")]
 HALF_AND_FULL = FULL + HALVES
 
 
+# Every score modifier at once, with GQA: (q shape, k shape, v shape, options)
+ALL_MODIFIERS_CASE = ((2, 4, 20, 16), (2, 2, 90, 16), (2, 2, 90, 16),
+                      dict(enable_gqa=True, is_causal=True, alignment="lower_right",
+                           window=(30, None), alibi_slopes=[0.5, 0.25, 0.125, 0.0625],
+                           softcap=3.0, sinks=[0.0, 1.0, -1.0, -np.inf], q_lengths=[20, 7],
+                           kv_lengths=[90, 33]))
+
+
 def ids(v):
     """Parametrize id of a dtype (or any value): its name."""
     return getattr(v, "__name__", str(v))

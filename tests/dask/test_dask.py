@@ -39,13 +39,8 @@ def test_import_pyattn_does_not_import_dask():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("qc,kc", [((1, 2, 16), (1, 2, 16)), ((2, 4, 48), (2, 4, 64)),
-                                   ((1, 4, 20), (1, 4, 24))])
-@pytest.mark.parametrize("opts", [{}, {"is_causal": True},
-                                  {"is_causal": True, "alignment": "lower_right"},
-                                  {"window": (8, 3)}, {"is_causal": True, "window": 10},
-                                  {"softcap": 5.0}])
-def test_agrees_with_in_process(client, qc, kc, opts):
+def _assert_chunked_agrees(client, qc, kc, opts):
+    """The dask call on (qc, kc) chunks against the in-process call, output and lse."""
     q, k, v = _qkv()
     expect, expect_lse = pyattn.scaled_dot_product_attention(q, k, v, return_lse=True, **opts)
     out, lse = pdask.scaled_dot_product_attention(*_chunked(q, k, v, qc, kc), return_lse=True,
@@ -53,6 +48,16 @@ def test_agrees_with_in_process(client, qc, kc, opts):
     out, lse = client.compute([out, lse], sync=True)
     np.testing.assert_allclose(out, expect, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(lse, expect_lse, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("qc,kc", [((1, 2, 16), (1, 2, 16)), ((2, 4, 48), (2, 4, 64)),
+                                   ((1, 4, 20), (1, 4, 24))])
+@pytest.mark.parametrize("opts", [{}, {"is_causal": True},
+                                  {"is_causal": True, "alignment": "lower_right"},
+                                  {"window": (8, 3)}, {"is_causal": True, "window": 10},
+                                  {"softcap": 5.0}])
+def test_agrees_with_in_process(client, qc, kc, opts):
+    _assert_chunked_agrees(client, qc, kc, opts)
 
 
 def test_gqa_and_sinks(client):
@@ -189,13 +194,7 @@ def test_numpy_mask_cut_without_warning(client, recwarn):
                                   {"kv_lengths": [7, 64], "is_causal": True, "window": 5,
                                    "sinks": np.linspace(-1, 1, 4)}])
 def test_alibi_and_lengths_agree(client, qc, kc, opts):
-    q, k, v = _qkv()
-    expect, expect_lse = pyattn.scaled_dot_product_attention(q, k, v, return_lse=True, **opts)
-    out, lse = pdask.scaled_dot_product_attention(*_chunked(q, k, v, qc, kc), return_lse=True,
-                                                  **opts)
-    out, lse = client.compute([out, lse], sync=True)
-    np.testing.assert_allclose(out, expect, rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(lse, expect_lse, rtol=2e-5, atol=2e-5)
+    _assert_chunked_agrees(client, qc, kc, opts)
 
 
 def test_lengths_skip_pairs():

@@ -63,7 +63,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from support import USABLE_KERNELS, bfloat16, using_kernel
+from support import ALL_MODIFIERS_CASE, USABLE_KERNELS, bfloat16, using_kernel
 
 import pyattn
 from pyattn import _attention, _config, _dispatch, _plan, functional
@@ -340,11 +340,7 @@ CASES = {
     # L = 1 with 8 query heads per key head: the heads run as the 8 rows of
     # one problem, a tiled block (so bfloat16 products, not the exact decode)
     "gqa_heads_as_rows": ((1, 16, 1, 40), (1, 2, 77, 40), (1, 2, 77, 24), dict(enable_gqa=True)),
-    "modifiers": ((2, 4, 20, 16), (2, 2, 90, 16), (2, 2, 90, 16),
-                  dict(enable_gqa=True, is_causal=True, alignment="lower_right",
-                       window=(30, None), alibi_slopes=[0.5, 0.25, 0.125, 0.0625],
-                       softcap=3.0, sinks=[0.0, 1.0, -1.0, -np.inf], q_lengths=[20, 7],
-                       kv_lengths=[90, 33])),
+    "modifiers": ALL_MODIFIERS_CASE,
     "scale": ((1, 2, 9, 16), (1, 2, 40, 16), (1, 2, 40, 16), dict(scale=0.9)),
     "negative_scale": ((1, 2, 9, 16), (1, 2, 40, 16), (1, 2, 40, 16), dict(scale=-0.3)),
     # odd sizes: E, Ev not multiples of 16 or 32, S not of 32, L around the blocks

@@ -854,6 +854,16 @@ def test_degenerate_and_mismatched_shapes(helpers, kernel_name, case):
 # known hard inputs (a)-(h), deterministic
 # --------------------------------------------------------------------------
 
+def _assert_each_a_clear_value_error(out, count):
+    """The child printed `count` lines "<case> <exception> <message>", each a
+    ValueError whose message names an argument."""
+    lines = out.strip().splitlines()
+    assert len(lines) == count, out
+    for line in lines:
+        assert line.split()[1] == "ValueError", line
+        assert NAMES_AN_ARGUMENT.search(line.split(" ", 2)[2]), line
+
+
 def _run_child(helpers, tmp_path, code, kernel=None, timeout=120):
     """Run `code` in a fresh interpreter (a crash fails the test, not
     pytest); returns its stdout."""
@@ -895,11 +905,7 @@ def test_zero_stride_features_beyond_memory_are_refused(helpers, tmp_path, kerne
         v = np.zeros((3, 2), dt)
         attempt(np.dtype(dt).name, lambda: pyattn.scaled_dot_product_attention(q, k, v).shape)
     """.replace("\n    ", "\n"), kernel=kernel_name, timeout=90)
-    lines = out.strip().splitlines()
-    assert len(lines) == 4, out
-    for line in lines:
-        assert line.split()[1] == "ValueError", line
-        assert NAMES_AN_ARGUMENT.search(line.split(" ", 2)[2]), line
+    _assert_each_a_clear_value_error(out, 4)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_IDS)
@@ -1104,11 +1110,7 @@ def test_claimed_logsumexp_beyond_memory_is_a_value_error(helpers, tmp_path):
                 lambda: [a.shape for a in pyattn.scaled_dot_product_attention(
                     q, k, v, return_lse=True)])
     """.replace("\n    ", "\n"), timeout=90)
-    lines = out.strip().splitlines()
-    assert len(lines) == 3, out
-    for line in lines:
-        assert line.split()[1] == "ValueError", line
-        assert NAMES_AN_ARGUMENT.search(line.split(" ", 2)[2]), line
+    _assert_each_a_clear_value_error(out, 3)
 
 
 @pytest.mark.parametrize("kernel_name", KERNELS)

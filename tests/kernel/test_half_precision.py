@@ -19,7 +19,7 @@ import functools
 
 import numpy as np
 import pytest
-from support import HALVES, bfloat16, ids, needs_bf16
+from support import ALL_MODIFIERS_CASE, HALVES, bfloat16, ids, needs_bf16
 
 import pyattn
 from pyattn import _attention, _plan, functional
@@ -133,11 +133,7 @@ CASES = {
     "gqa_heads_as_rows": ((2, 8, 1, 16), (2, 2, 70, 16), (2, 2, 70, 12),
                           dict(enable_gqa=True)),
     "broadcast_batch": ((3, 1, 2, 9, 8), (1, 4, 2, 20, 8), (3, 4, 1, 20, 8), {}),
-    "modifiers": ((2, 4, 20, 16), (2, 2, 90, 16), (2, 2, 90, 16),
-                  dict(enable_gqa=True, is_causal=True, alignment="lower_right",
-                       window=(30, None), alibi_slopes=[0.5, 0.25, 0.125, 0.0625],
-                       softcap=3.0, sinks=[0.0, 1.0, -1.0, -np.inf], q_lengths=[20, 7],
-                       kv_lengths=[90, 33])),
+    "modifiers": ALL_MODIFIERS_CASE,
     "scale": ((1, 2, 9, 16), (1, 2, 40, 16), (1, 2, 40, 16), dict(scale=0.9)),
     "two_dims": ((17, 8), (33, 8), (33, 5), {}),
 }

@@ -885,6 +885,7 @@ def err_mha():
     return pyattn.MultiHeadAttention(8, 2, kdim=6, vdim=4, rng=0)
 
 
+VALID_QKV = (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4))  # what err_mha accepts
 MHA_ERRORS = {
     # name: (query, key, value, kwargs, argument named in the message)
     "query_embed_dim": (f32(2, 3, 7), f32(2, 5, 6), f32(2, 5, 4), {}, "query"),
@@ -897,26 +898,18 @@ MHA_ERRORS = {
     "batch_mismatch": (f32(2, 3, 8), f32(3, 5, 6), f32(3, 5, 4), {}, "key|batch"),
     "key_value_len": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 4, 4), {}, "value|key"),
     "key_value_batch": (f32(2, 3, 8), f32(2, 5, 6), f32(1, 5, 4), {}, "value|key"),
-    "kpm_len": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                {"key_padding_mask": np.zeros((2, 4), bool)}, "key_padding_mask"),
-    "kpm_batch": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                  {"key_padding_mask": np.zeros((3, 5), bool)}, "key_padding_mask"),
-    "kpm_3d": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-               {"key_padding_mask": np.zeros((2, 1, 5), bool)}, "key_padding_mask"),
+    "kpm_len": (*VALID_QKV, {"key_padding_mask": np.zeros((2, 4), bool)}, "key_padding_mask"),
+    "kpm_batch": (*VALID_QKV, {"key_padding_mask": np.zeros((3, 5), bool)}, "key_padding_mask"),
+    "kpm_3d": (*VALID_QKV, {"key_padding_mask": np.zeros((2, 1, 5), bool)}, "key_padding_mask"),
     "kpm_unbatched_len": (f32(3, 8), f32(5, 6), f32(5, 4),
                           {"key_padding_mask": np.zeros((4,), bool)}, "key_padding_mask"),
-    "attn2_shape": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                    {"attn_mask": np.zeros((3, 4), bool)}, "attn_mask"),
-    "attn2_transposed": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                         {"attn_mask": np.zeros((5, 3), bool)}, "attn_mask"),
-    "attn3_batch_not_times_heads": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                                    {"attn_mask": np.zeros((2, 3, 5), bool)}, "attn_mask"),
-    "attn3_len": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                  {"attn_mask": np.zeros((4, 3, 4), bool)}, "attn_mask"),
-    "attn_4d": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                {"attn_mask": np.zeros((2, 2, 3, 5), bool)}, "attn_mask"),
-    "attn_1d": (f32(2, 3, 8), f32(2, 5, 6), f32(2, 5, 4),
-                {"attn_mask": np.zeros((5,), bool)}, "attn_mask"),
+    "attn2_shape": (*VALID_QKV, {"attn_mask": np.zeros((3, 4), bool)}, "attn_mask"),
+    "attn2_transposed": (*VALID_QKV, {"attn_mask": np.zeros((5, 3), bool)}, "attn_mask"),
+    "attn3_batch_not_times_heads": (*VALID_QKV, {"attn_mask": np.zeros((2, 3, 5), bool)},
+                                    "attn_mask"),
+    "attn3_len": (*VALID_QKV, {"attn_mask": np.zeros((4, 3, 4), bool)}, "attn_mask"),
+    "attn_4d": (*VALID_QKV, {"attn_mask": np.zeros((2, 2, 3, 5), bool)}, "attn_mask"),
+    "attn_1d": (*VALID_QKV, {"attn_mask": np.zeros((5,), bool)}, "attn_mask"),
 }
 
 
