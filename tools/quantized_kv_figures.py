@@ -114,6 +114,28 @@ def minilm_qkv():
     return captured
 
 
+def where_the_error_comes_from(layers, dtype):
+    """MiniLM's worst row with only K, or only V, quantized; and with the keys'
+    channels equalised (k * s, q / s: the same scores) before quantizing, s
+    = 1 / max |k| per channel over the tokens, as per-channel key scales would
+    do: whether a format with other scales would meet the bar."""
+    def worst(quantize_k, quantize_v, equalise=False):
+        rels = []
+        for q, k, v in layers:
+            s = 1 / np.abs(k).max(-2, keepdims=True) if equalise else np.ones_like(k[..., :1, :])
+            kq = (pyattn.QuantizedKV.quantize(k * s, dtype=dtype).dequantize() / s
+                  if quantize_k else k)
+            vq = pyattn.QuantizedKV.quantize(v, dtype=dtype).dequantize() if quantize_v else v
+            o, o_q = (pyattn.reference.scaled_dot_product_attention(
+                q.astype(np.float64), a.astype(np.float64), b.astype(np.float64))
+                for a, b in ((k, v), (kq, vq)))
+            a, b = o_q.reshape(-1, o.shape[-1]), o.reshape(-1, o.shape[-1])
+            rels.append(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1))
+        return f"{100 * np.concatenate(rels).max():.2f} %"
+    return (f"max error with only K quantized {worst(True, False)}, only V {worst(False, True)}, "
+            f"both with the keys' channels equalised {worst(True, True, equalise=True)}")
+
+
 def summary(rel, cos):
     return f"mean {100 * rel.mean():.3f} %, max {100 * rel.max():.3f} %, min cosine {cos.min():.6f}"
 
@@ -147,6 +169,7 @@ def main():
         rels, coss = zip(*(row_errors(*qkv, dtype) for qkv in layers))
         print(f"accuracy {dtype}, MiniLM (6 layers, 12 heads, D 32, {rels[0].size // 12} "
               "tokens, every query row):", summary(np.concatenate(rels), np.concatenate(coss)))
+        print(f"  MiniLM {dtype}:", where_the_error_comes_from(layers, dtype))
     # appending one token (32 heads x 128) to a cache of 4096, against the decode step
     one_k, one_v = (rng.standard_normal((1, 32, 1, 128)).astype(np.float32) for _ in range(2))
     for dtype in QUANTIZED:
