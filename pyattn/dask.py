@@ -6,6 +6,7 @@ imports dask.
 """
 
 import itertools
+import types
 import warnings
 
 import dask
@@ -13,8 +14,9 @@ import dask.array as da
 import numpy as np
 from dask.array import PerformanceWarning
 
-from ._validation import check_flag, compute_dtype
-from .functional import merge_attention
+from ._options import prepare_options
+from ._validation import check_flag, check_scale, compute_dtype, is_mask_dtype
+from .functional import check_precision, merge_attention
 from .functional import scaled_dot_product_attention as _sdpa
 from .kv_cache import KVCache
 
@@ -79,7 +81,7 @@ def _pair_mask(rows, keys, diag, pattern, alibi, mask, dtype):
         if mask.dtype == bool:
             visible = visible & mask
         else:
-            bias = mask.astype(dtype) if bias is None else bias + mask
+            bias = mask.astype(dtype) if bias is None else bias + mask.astype(dtype)
     if bias is None:
         return None if np.all(visible) else visible
     return np.where(visible, bias, -np.inf).astype(dtype, copy=False)
@@ -135,8 +137,9 @@ def _prepare_mask(attn_mask, q, k):
     """attn_mask as a 4-D dask array chunked to match: q's chunks along
     (B, H, L), k's along S, one chunk on a broadcast (length-1) axis."""
     m = _as_dask(attn_mask, "attn_mask")
-    if m.dtype != bool and m.dtype.kind != "f":
-        raise TypeError(f"attn_mask must be bool or a float dtype; got {m.dtype}")
+    if not is_mask_dtype(m.dtype):
+        raise TypeError(f"attn_mask has dtype {m.dtype}; it must be bool (True = take part) "
+                        "or floating (added to the scores)")
     if m.ndim > 4:
         raise ValueError(f"attn_mask must have at most 4 dimensions; got shape {m.shape}")
     m = m.reshape((1,) * (4 - m.ndim) + m.shape)
@@ -155,22 +158,20 @@ def _prepare_mask(attn_mask, q, k):
     return m
 
 
-def _lengths(lengths, name, batch, limit, limit_name):
-    """Per-sequence lengths as int64 (batch,), or None."""
-    if lengths is None:
-        return None
-    arr = np.asarray(lengths)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
-    try:
-        arr = np.broadcast_to(arr, (batch,)).astype(np.int64)
-    except ValueError:
-        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to the batch "
-                         f"({batch},)") from None
-    if arr.size and (arr.min() < 0 or arr.max() > limit):
-        raise ValueError(f"{name} must lie in [0, {limit_name}] = [0, {limit}]; got values "
-                         f"from {arr.min()} to {arr.max()}")
-    return arr
+def _whole_call_options(q_shape, dtype, S, is_causal, scale, precision, **modifiers):
+    """The options and scale checked as the in-process call checks them, on a
+    stand-in for the whole call's problem (shapes only: nothing is computed);
+    returns the ScoreOptions and the window as (left, right), None for an
+    open side (causal: right 0)."""
+    check_precision(precision)
+    cdtype = compute_dtype(dtype)
+    check_scale(scale, q_shape[3], cdtype)
+    whole = types.SimpleNamespace(q=types.SimpleNamespace(shape=q_shape),
+                                  k=types.SimpleNamespace(shape=(S, q_shape[3])),
+                                  batch=(q_shape[0],), num_heads=q_shape[1], is_causal=is_causal,
+                                  compute_dtype=cdtype)
+    opts = prepare_options(whole, **modifiers)
+    return opts, tuple(None if side < 0 else side for side in opts.window)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
@@ -193,9 +194,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     for x, n in ((q, "query"), (k, "key"), (v, "value")):
         if x.ndim != 4:
             raise ValueError(f"{n} must be 4-D (B, H, L, E); got shape {x.shape}")
-    if alignment not in ("top_left", "lower_right"):
-        raise ValueError(f"alignment must be 'top_left' or 'lower_right'; got {alignment!r}")
-    (B, Hq, L, _), (_, Hkv, S, _) = q.shape, k.shape
+    (_, Hq, L, _), (_, Hkv, S, _) = q.shape, k.shape
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"key and value must agree on (B, H, S); got {k.shape} and {v.shape}")
     if k.chunks[:3] != v.chunks[:3]:
@@ -216,23 +215,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     if Hq != Hkv and (len(k.chunks[1]) > 1 or any(c % group for c in q.chunks[1])):
         raise ValueError(f"with GQA, key/value heads must be one chunk and query head chunks "
                          f"multiples of the group size {group}; got {q.chunks[1]}")
-    if window is not None and not isinstance(window, tuple):
-        window = (window, window)
-    pattern = (window, bool(is_causal)) if is_causal or window is not None else None
-    q_len = _lengths(q_lengths, "q_lengths", B, L, "L")
-    kv_len = _lengths(kv_lengths, "kv_lengths", B, S, "S")
-    # row r's diagonal key is r + diag[b]; lower-right per sequence's lengths
-    diag = np.zeros(B, np.int64)
-    if alignment == "lower_right":
-        diag += (S if kv_len is None else kv_len) - (L if q_len is None else q_len)
-    alibi = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
-    for name, per_head in (("alibi_slopes", alibi), ("sinks", sinks)):
-        if per_head is not None and np.shape(per_head) != (Hq,):
-            raise ValueError(f"{name} must have shape (Hq,) = ({Hq},); got "
-                             f"{np.shape(per_head)}")
-    sinks = None if sinks is None else np.asarray(sinks)
+    opts, window = _whole_call_options(q.shape, q.dtype, S, is_causal, scale, precision,
+                                       alignment=alignment, window=window,
+                                       alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
+                                       q_lengths=q_lengths, kv_lengths=kv_lengths)
+    pattern = (window, is_causal) if window != (None, None) else None
+    q_len, kv_len = (None if n is None else np.array(n) for n in (opts.q_lengths, opts.kv_lengths))
+    diag = np.array(opts.diag)  # row r's diagonal key is r + diag[b]
+    alibi, sinks = opts.alibi, opts.sinks
     mb = None if attn_mask is None else _prepare_mask(attn_mask, q, k).to_delayed()
-    kw = dict(scale=scale, enable_gqa=enable_gqa, softcap=softcap, precision=precision)
+    kw = dict(scale=scale, enable_gqa=enable_gqa, softcap=opts.softcap or None,
+              precision=precision)
 
     qb, kb, vb = q.to_delayed(), k.to_delayed(), v.to_delayed()
     rows_of, keys_of = _bounds(q.chunks[2]), _bounds(k.chunks[2])
@@ -390,10 +383,12 @@ class ShardedKVCache:
         if not self._shards:
             raise ValueError("the cache is empty: append before decode")
         L = q.shape[2]
-        if window is not None and not isinstance(window, tuple):
-            window = (window, window)
-        alibi = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
-        kw = dict(scale=scale, softcap=softcap, precision=precision)
+        opts, window = _whole_call_options(q.shape, q.dtype, self.length, True, scale, precision,
+                                           alignment="lower_right", window=window,
+                                           alibi_slopes=alibi_slopes, softcap=softcap,
+                                           sinks=sinks)
+        alibi, sinks = opts.alibi, opts.sinks
+        kw = dict(scale=scale, softcap=opts.softcap or None, precision=precision)
         diag = np.array([self.length - L])
         one = np.ones(1, np.int64)
         calls = []

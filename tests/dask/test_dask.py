@@ -287,3 +287,43 @@ def test_sharded_decode_after_more_appends(client):
 def test_sharded_cache_errors(client, call, match):
     with pytest.raises(ValueError, match=match):
         call(client)
+
+
+# options the in-process call refuses: dask refuses them with the same error,
+# before any task runs (a bad window or ALiBi slope used to give NaN or zeros)
+BAD_OPTIONS = [{"window": -1}, {"window": (-2, 3)}, {"window": 2.5}, {"window": True},
+               {"alibi_slopes": [np.nan, 0.1, 0.1, 0.1]}, {"alibi_slopes": [np.inf, 0, 0, 0]},
+               {"alibi_slopes": [1e38, 0, 0, 0]}, {"scale": 1e300}, {"precision": "x"},
+               {"softcap": -1.0}, {"sinks": [np.nan, 1.0, 1.0, 1.0]}]
+
+
+@pytest.mark.parametrize("opts", BAD_OPTIONS, ids=str)
+def test_options_refused_as_in_process(opts):
+    q, k, v = _qkv()
+    with pytest.raises((ValueError, TypeError)) as in_process:
+        pyattn.scaled_dot_product_attention(q, k, v, **opts)
+    with pytest.raises(in_process.type) as on_dask:
+        pdask.scaled_dot_product_attention(*_chunked(q, k, v, (1, 2, 16), (1, 2, 16)), **opts)
+    assert str(on_dask.value) == str(in_process.value)
+
+
+@pytest.mark.parametrize("opts", BAD_OPTIONS, ids=str)
+def test_sharded_decode_refuses_as_in_process(client, opts):
+    local, sharded = _caches(client, shard_size=16, Hkv=4)
+    q = np.zeros((2, 4, 1, 16), np.float32)
+    with pytest.raises((ValueError, TypeError)) as in_process:
+        pyattn.decode_attention(q, local, **opts)
+    with pytest.raises(in_process.type) as sharded_error:
+        sharded.decode(q, **opts)
+    assert str(sharded_error.value) == str(in_process.value)
+
+
+def test_list_window_and_bfloat16_mask_as_in_process(client):
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
+    q, k, v = _qkv()
+    mask = np.random.default_rng(7).standard_normal((48, 64)).astype(ml_dtypes.bfloat16)
+    for opts in ({"window": [5, 2]}, {"attn_mask": mask}):
+        expect = pyattn.scaled_dot_product_attention(q, k, v, **opts)
+        out = pdask.scaled_dot_product_attention(*_chunked(q, k, v, (1, 2, 16), (1, 2, 16)),
+                                                 **opts)
+        np.testing.assert_allclose(client.compute(out, sync=True), expect, rtol=2e-5, atol=2e-6)
