@@ -27,17 +27,30 @@ def _overlaps(a, b):
         return True  # cannot prove otherwise: refuse rather than risk it
 
 
+EXACT_OVERLAP_LIMIT = 1 << 24  # elements: beyond, an interleaved layout is refused unverified
+
+
 def _self_overlapping(arr):
-    """Whether two elements of `arr` may share memory: with its axes sorted by
-    stride, each stride must clear the extent of the axes below it."""
+    """Whether two elements of `arr` may share memory.  Sorted by stride, each
+    axis' stride clearing the extent of the axes below it proves they do not;
+    an interleaved layout that fails that test has its byte offsets compared
+    (up to EXACT_OVERLAP_LIMIT elements)."""
     if arr.size == 0:
         return False
     extent = arr.itemsize
     for stride, n in sorted((abs(st), n) for n, st in zip(arr.shape, arr.strides) if n > 1):
         if stride < extent:
-            return True
+            break
         extent = stride * (n - 1) + extent
-    return False
+    else:
+        return False
+    if arr.size > EXACT_OVERLAP_LIMIT:
+        return True
+    offsets = np.zeros((), np.int64)
+    for n, st in zip(arr.shape, arr.strides):
+        offsets = np.add.outer(offsets, np.arange(n, dtype=np.int64) * st)
+    offsets = np.sort(offsets, axis=None)
+    return bool((np.diff(offsets) < arr.itemsize).any())
 
 
 def prepare_out(out, shape, dtype, inputs):
@@ -54,8 +67,9 @@ def prepare_out(out, shape, dtype, inputs):
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     if _self_overlapping(out):
-        raise ValueError("out has elements that share memory (zero or overlapping strides); "
-                         "pass an array whose every element is its own")
+        raise ValueError("out has elements that share memory (zero or overlapping strides, or "
+                         f"an interleaved layout of more than {EXACT_OVERLAP_LIMIT} elements, "
+                         "not verified); pass an array whose every element is its own")
     for name, arr in inputs.items():
         if arr is not None and _overlaps(out, arr):
             raise ValueError(f"out overlaps {name} in memory; pass a separate array")

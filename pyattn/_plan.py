@@ -75,8 +75,9 @@ def merge_partials(outputs, lses, out=None, lse_out=None, sums=None):
     them: outputs (n, ..., L, Ev) each normalised over its keys, lses (n, ...,
     L) their logsumexps.  With `sums` (the kernel's split-KV partials), lses
     are the parts' max scores and sums their sums of exp(score - max), so that
-    a part's key count survives a max as large as finfo.min.  Rows with no key
-    anywhere (all lse -inf) are zeros.  Returns (output, lse), written into
+    a part's key count survives a max as large as finfo.min.  A part with lse
+    -inf (no key) adds nothing, even a NaN output (as other libraries give for
+    such rows); rows with no key anywhere are zeros.  Returns (output, lse), written into
     `out` and `lse_out` when given."""
     top = lses.max(axis=0)
     top = np.where(np.isneginf(top), 0, top)  # all -inf: weights 0, not NaN
@@ -85,6 +86,9 @@ def merge_partials(outputs, lses, out=None, lse_out=None, sums=None):
     if sums is not None:
         weights = weights * sums
     total = weights.sum(axis=0)
+    no_key = np.isneginf(lses)  # such a part adds nothing, whatever its output holds (NaN)
+    if no_key.any():
+        outputs = np.where(no_key[..., None], 0, outputs)
     merged = np.einsum("n...l,n...le->...le", weights, outputs)
     merged = np.divide(merged, total[..., None], out=np.zeros_like(merged),
                        where=total[..., None] != 0)

@@ -297,7 +297,8 @@ class AttentionProblem:
     v_scales: Optional[np.ndarray] = None
     groups: Tuple[int, int] = (0, 0)
     # query, key, value and attn_mask as the caller gave them (before any
-    # conversion): the memory `out` must not overlap
+    # conversion but a buffer's to the array it holds): the memory `out`
+    # must not overlap
     sources: Optional[dict] = None
 
     @property
@@ -327,8 +328,8 @@ class AttentionProblem:
                 arrays[name], arrays[f"{name}.scales"] = x.data, x.scales
             elif isinstance(x, (list, tuple)) or x is None:  # converted into a new array
                 arrays[name] = used[name]
-            else:  # an array, or a buffer / __array__ object: the memory it holds
-                arrays[name] = np.asarray(x)
+            else:  # an array (a buffer / __array__ object's, converted once: _held)
+                arrays[name] = x
         return arrays
 
     @property
@@ -410,10 +411,23 @@ def check_flag(value, name):
     return bool(value)
 
 
+def _held(x, name):
+    """A buffer or __array__ object as the array it holds, converted once (a
+    second conversion may cost as much again, or give other memory than the
+    kernel reads: what `out` is checked against); anything else as given."""
+    from .quantized import QuantizedKV  # it imports this module
+
+    if x is None or isinstance(x, (np.ndarray, list, tuple, QuantizedKV)):
+        return x
+    return as_array(x, name)
+
+
 def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa):
     """Validate a scaled_dot_product_attention call; see docs/api.md for the rules."""
     is_causal = check_flag(is_causal, "is_causal")
     enable_gqa = check_flag(enable_gqa, "enable_gqa")
+    query, key, value, attn_mask = (_held(x, n) for x, n in (
+        (query, "query"), (key, "key"), (value, "value"), (attn_mask, "attn_mask")))
     q = as_float_array(query, "query", layout="(..., L, E)")
     k, v, k_scales, v_scales, groups = _key_value(key, value, q.dtype)
     if q.shape[-1] != k.shape[-1]:

@@ -67,7 +67,7 @@ def _parameter_array(value, name):
         if value.device.type != "cpu":  # meta: no data; cuda: not host memory
             raise ValueError(f"{name} is a torch tensor on the {value.device} device; "
                              f"load CPU tensors (move it there with .cpu())")
-        value = value.detach()
+        value = value.detach().resolve_neg()  # a lazily negated view: NumPy cannot read it
         if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32,
                                                              torch.float64):
             value = value.float()  # bfloat16, float8: NumPy cannot read them; exact in float32

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import SDPA_IMPLS, USABLE_KERNELS, esc, f32
 
 import pyattn
@@ -1171,3 +1173,84 @@ def test_out_with_elements_sharing_memory_is_value_error():
     transposed = np.zeros(q.shape[::-1], np.float32).transpose(3, 2, 1, 0)  # fine
     pyattn.scaled_dot_product_attention(q, q, q, out=transposed)
     np.testing.assert_array_equal(transposed, pyattn.scaled_dot_product_attention(q, q, q))
+
+
+def test_interleaved_out_with_distinct_elements_is_accepted():
+    # byte offsets 0, 8, 16 and 12, 20, 28: no two elements share memory,
+    # though the stride test alone (12 < 8 * 2 + 4) cannot show it
+    interleaved = np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), (2, 3), (12, 8))
+    q, k, v = f32(2, 4), np.arange(20, dtype=np.float32).reshape(5, 4), f32(5, 3)
+    pyattn.scaled_dot_product_attention(q, k, v, out=interleaved)
+    np.testing.assert_array_equal(interleaved, pyattn.scaled_dot_product_attention(q, k, v))
+    overlapping = np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), (2, 3), (8, 4))
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        pyattn.scaled_dot_product_attention(q, k, v, out=overlapping)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(-20, 20)), min_size=1, max_size=3),
+       st.sampled_from([1, 2, 4]))
+def test_self_overlap_check_is_exact(axes, itemsize):
+    """_self_overlapping says whether two elements' bytes meet, for any strides
+    (elements on whole multiples of their size or not)."""
+    from pyattn._outputs import _self_overlapping
+
+    shape, strides = zip(*axes)
+    low = sum(min(0, (n - 1) * st) for n, st in axes)
+    high = sum(max(0, (n - 1) * st) for n, st in axes) + itemsize
+    base = np.zeros(high - low, np.uint8)
+    view = np.ndarray(shape, dtype=f"V{itemsize}", buffer=base, offset=-low, strides=strides)
+    offsets = sorted(sum(i * st for i, st in zip(index, strides)) for index in np.ndindex(*shape))
+    meet = any(b - a < itemsize for a, b in zip(offsets, offsets[1:]))
+    assert _self_overlapping(view) == meet
+
+
+class _CountingArray:
+    """An __array__ object (as dask, xarray or h5py arrays are) that counts
+    its conversions; the first returns `first`, later ones copies."""
+
+    def __init__(self, first):
+        self.first, self.conversions = first, 0
+
+    def __array__(self, dtype=None, copy=None):
+        self.conversions += 1
+        return self.first if self.conversions == 1 else self.first.copy()
+
+
+@pytest.mark.parametrize("opts", [{}, {"is_causal": True}, {"window": 8}, {"return_lse": True}],
+                         ids=str)
+def test_array_like_inputs_are_converted_once(opts):
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((1, 2, 8, 16), np.float32), rng.standard_normal((1, 2, 32, 16),
+                                                                              np.float32)
+    inputs = [_CountingArray(x) for x in (q, k, k)]
+    pyattn.scaled_dot_product_attention(*inputs, **opts)
+    assert [x.conversions for x in inputs] == [1, 1, 1]
+
+
+def test_out_checked_against_the_conversion_the_kernel_reads():
+    """A query whose conversion is a view of out is refused, though a second
+    conversion would give a copy (which overlaps nothing)."""
+    out = np.zeros((1, 2, 64, 16), np.float32)
+    query = _CountingArray(out[:, :, ::-1])
+    k = np.ones((1, 2, 32, 16), np.float32)
+    with pytest.raises(ValueError, match="out overlaps query"):
+        pyattn.scaled_dot_product_attention(query, k, k, out=out, window=100)
+
+
+def test_merge_ignores_parts_without_keys_whatever_their_output():
+    # a part with lse -inf has no key: other libraries give NaN output there
+    rng = np.random.default_rng(1)
+    o1, l1 = rng.standard_normal((2, 4, 8)).astype(np.float32), rng.standard_normal((2, 4))
+    merged, lse = pyattn.merge_attention([o1, np.full_like(o1, np.nan)],
+                                         [l1.astype(np.float32), np.full((2, 4), -np.inf,
+                                                                         np.float32)])
+    np.testing.assert_allclose(merged, o1, rtol=1e-6)
+    np.testing.assert_allclose(lse, l1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_quantize_finite_beyond_float32_follows_the_narrowing_rule(dtype, recwarn):
+    with pytest.raises(ValueError, match="x holds 32 finite value.*beyond the range of float32"):
+        pyattn.QuantizedKV.quantize(np.full((1, 32), 1e300), dtype=dtype)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -372,6 +372,19 @@ def test_load_state_dict_accepts_torch_tensors():
         np.testing.assert_array_equal(got, val.numpy().astype(np.float32))
 
 
+def test_load_state_dict_takes_lazily_negated_tensors():
+    """A tensor with the negative bit (x.conj().imag, say) is a view NumPy
+    cannot read: its values are loaded."""
+    torch.manual_seed(0)
+    state = dict(torch.nn.MultiheadAttention(8, 2, batch_first=True).state_dict())
+    bias = torch.randn(8, dtype=torch.complex64).conj().imag
+    assert bias.is_neg()
+    state["out_proj.bias"] = bias
+    pm = pyattn.MultiHeadAttention(8, 2)
+    pm.load_state_dict(state)
+    np.testing.assert_array_equal(pm.out_proj_bias, bias.resolve_neg().numpy())
+
+
 @pytest.mark.parametrize("layer_dtype", [np.float32, np.float64], ids=["f32-layer", "f64-layer"])
 @pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.float64, torch.float16,
                                           torch.bfloat16], ids=str)
