@@ -20,7 +20,9 @@ from ._kernels cimport *  # the C boundary, declared once in _kernels.pxd
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = PYATTN_MASK_NONE, PYATTN_MASK_BOOL, PYATTN_MASK_ADDITIVE
 KEY_CHUNK = PYATTN_KEY_CHUNK  # split-KV chunks are multiples of this many keys
 MAX_POSITIONS = 2**31 - 1  # queries or keys per sequence; claimed sizes beyond are refused
-MAX_THREADS = 1024  # beyond this, thread creation fails rather than helps
+cdef enum:
+    MAX_TEAM = 1024  # threads at most: the per-thread tables' size
+MAX_THREADS = MAX_TEAM  # beyond this, thread creation fails rather than helps
 _cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
     os.cpu_count() or 1)
 
@@ -356,8 +358,8 @@ cdef int _run(launch *run, int num_threads) except -1:
     global _last_region_end
     cdef int tid, used = 1
     cdef int64_t item
-    cdef int team[1024]  # num_threads is at most 1024 (validated)
-    cdef double started[1024]  # when each thread began, for the start-up cost
+    cdef int team[MAX_TEAM]  # num_threads is at most MAX_THREADS (validated)
+    cdef double started[MAX_TEAM]  # when each thread began, for the start-up cost
     cdef double t0, latest
     cdef bint warm
     for tid in range(threads):
