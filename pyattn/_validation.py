@@ -328,7 +328,7 @@ class AttentionProblem:
                 arrays[name], arrays[f"{name}.scales"] = x.data, x.scales
             elif isinstance(x, (list, tuple)) or x is None:  # converted into a new array
                 arrays[name] = used[name]
-            else:  # an array (a buffer / __array__ object's, converted once: _held)
+            else:  # an array (a buffer / __array__ object's, converted once: held_array)
                 arrays[name] = x
         return arrays
 
@@ -411,7 +411,7 @@ def check_flag(value, name):
     return bool(value)
 
 
-def _held(x, name):
+def held_array(x, name):
     """A buffer or __array__ object as the array it holds, converted once (a
     second conversion may cost as much again, or give other memory than the
     kernel reads: what `out` is checked against); anything else as given."""
@@ -426,7 +426,7 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     """Validate a scaled_dot_product_attention call; see docs/api.md for the rules."""
     is_causal = check_flag(is_causal, "is_causal")
     enable_gqa = check_flag(enable_gqa, "enable_gqa")
-    query, key, value, attn_mask = (_held(x, n) for x, n in (
+    query, key, value, attn_mask = (held_array(x, n) for x, n in (
         (query, "query"), (key, "key"), (value, "value"), (attn_mask, "attn_mask")))
     q = as_float_array(query, "query", layout="(..., L, E)")
     k, v, k_scales, v_scales, groups = _key_value(key, value, q.dtype)

@@ -13,6 +13,7 @@ from ._validation import (
     check_fits,
     check_size,
     convert_stored,
+    held_array,
 )
 from .functional import scaled_dot_product_attention
 from .quantized import FORMATS, QuantizedKV, check_group_size, default_group_size, quantize_rows
@@ -283,6 +284,7 @@ def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=No
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a pyattn.KVCache, got {type(cache).__name__}")
+    query = held_array(query, "query")  # converted once: what is checked is what is read
     q = as_float_array(query, "query", min_ndim=4, layout="(batch, num_heads, L, head_dim)")
     if q.ndim != 4 or q.shape[0] != cache.batch or q.shape[-1] != cache.head_dim:
         raise ValueError(f"query must have shape (batch={cache.batch}, num_heads, L, "

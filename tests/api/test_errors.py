@@ -1254,3 +1254,13 @@ def test_quantize_finite_beyond_float32_follows_the_narrowing_rule(dtype, recwar
     with pytest.raises(ValueError, match="x holds 32 finite value.*beyond the range of float32"):
         pyattn.QuantizedKV.quantize(np.full((1, 32), 1e300), dtype=dtype)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_decode_converts_an_array_like_query_once():
+    """decode_attention checks the query's shape on the same conversion the
+    kernel reads: a second, different conversion cannot slip past it."""
+    cache = pyattn.KVCache(1, 2, 4)
+    cache.append(np.ones((1, 2, 3, 4), np.float32), np.ones((1, 2, 3, 4), np.float32))
+    query = _CountingArray(np.ones((1, 2, 1, 4), np.float32))
+    out = pyattn.decode_attention(query, cache)
+    assert query.conversions == 1 and out.shape == (1, 2, 1, 4)
