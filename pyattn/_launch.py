@@ -45,14 +45,17 @@ def _address(arr):
 
 
 def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts=None,
-               lse=None, precision=None):
+               lse=None, precision=None, row_sum=None):
     """Fill `work_out` (a (*batch, H, L, Ev) view) from a validated problem
     and its ScoreOptions `opts` (None: none).  `weights`, when given, is a
     zeroed C-contiguous array that receives the softmax probabilities:
     (*batch, H, L, S), or (*batch, L, S) averaged over heads with
     `average_heads`; `lse`, a C-contiguous (*batch, H, L) array for the rows'
-    logsumexp; `precision` one of _attention.PRECISIONS.  Returns the number
-    of threads used (at most nthreads)."""
+    logsumexp; `row_sum`, an array like it: then `lse` receives the rows'
+    split-KV state, their max score, and `row_sum` their sum of exp(score -
+    max), which merges where a logsumexp would round away the key count;
+    `precision` one of _attention.PRECISIONS.  Returns the number of threads
+    used (at most nthreads)."""
     if opts is None:
         opts = prepare_options(prob)
     dest = work_out  # an `out` C cannot write as typed elements gets a stand-in
@@ -79,7 +82,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
     n_qblocks = -(-L // _attention.block_rows(_dispatch.KERNEL, dtype, bf16_products))
     n_items = n_batch * prob.num_heads * n_qblocks
     key_chunk = 0 if weights is not None else _plan.split_keys(n_items, S)
-    partial, chunk_lse, chunk_sum = None, lse, None
+    partial, chunk_lse, chunk_sum = None, lse, row_sum
     if key_chunk:  # each chunk writes its own normalised output and logsumexp
         n_chunks = -(-S // key_chunk)
         check_fits((n_chunks + 1) * dest.size, prob.compute_dtype.itemsize,
@@ -115,7 +118,7 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
             mask_kind=mask_kind, window=opts.window, scale=prob.scale, num_threads=nthreads,
             key_chunk=key_chunk, out_split_stride=0 if partial is None else partial.strides[0],
             lse_address=0 if chunk_lse is None else _address(chunk_lse) + start * lse_step,
-            row_sum_address=0 if chunk_sum is None else _address(chunk_sum),
+            row_sum_address=0 if chunk_sum is None else _address(chunk_sum) + start * lse_step,
             weights_address=0 if weights is None else _address(weights) + start * weights_step,
             weights_batch_stride=weights_step,
             average_heads=average_heads, softcap=opts.softcap,
@@ -126,7 +129,8 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
             bf16_products=bf16_products, quant_groups=prob.groups, scale_rows=scale_rows,
         ))
     if partial is not None:
-        _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse, sums=chunk_sum)
+        _plan.merge_partials(partial, chunk_lse, out=dest, lse_out=lse, sums=chunk_sum,
+                             sum_out=row_sum)
     if dest is not work_out:
         work_out[...] = dest
     return used

@@ -33,9 +33,10 @@ def heads_as_rows(prob, opts):
     return left < 0 and (right < 0 or bool((compact(opts.diag) + right >= last_key).all()))
 
 
-def group_query_heads(prob, work_out, lse):
-    """(problem, output, lse) views with the g query heads of each key/value
-    head as g rows: (..., Hkv * g, 1, E) -> (..., Hkv, g, E)."""
+def group_query_heads(prob, work_out, *per_row):
+    """(problem, output, *per_row) views with the g query heads of each
+    key/value head as g rows: (..., Hkv * g, 1, E) -> (..., Hkv, g, E);
+    `per_row` are (..., H, 1) arrays such as the lse (None stays None)."""
     g = _query_group(prob)
 
     def as_rows(a):  # (..., H, 1, W) -> (..., H / g, g, W)
@@ -49,8 +50,8 @@ def group_query_heads(prob, work_out, lse):
     work_shape = prob.batch + (prob.num_heads // g, g, prob.work_shape[-1])
     grouped = dataclasses.replace(prob, q=q, num_heads=prob.num_heads // g, kv_group=1,
                                   work_shape=work_shape)
-    grouped_lse = None if lse is None else as_rows(lse[..., np.newaxis])[..., 0]
-    return grouped, as_rows(work_out), grouped_lse
+    rows = (None if a is None else as_rows(a[..., np.newaxis])[..., 0] for a in per_row)
+    return (grouped, as_rows(work_out), *rows)
 
 
 # Split-KV ("flash decoding"): with few (batch, head, query block) items there
@@ -70,17 +71,26 @@ def split_keys(n_items, S):
     return -(-chunk // SPLIT_MIN_KEYS) * SPLIT_MIN_KEYS
 
 
-def merge_partials(outputs, lses, out=None, lse_out=None, sums=None):
+def lse_of_state(row_max, row_sum):
+    """The logsumexp of rows whose split-KV state is (max, sum of exp(score -
+    max)): -inf where the sum is 0 (no key)."""
+    with np.errstate(divide="ignore"):
+        return (row_max + np.log(row_sum)).astype(row_max.dtype, copy=False)
+
+
+def merge_partials(outputs, lses, out=None, lse_out=None, sums=None, sum_out=None):
     """Combine attention over disjoint key ranges into attention over all of
     them: outputs (n, ..., L, Ev) each normalised over its keys, lses (n, ...,
     L) their logsumexps.  With `sums` (the kernel's split-KV partials), lses
     are the parts' max scores and sums their sums of exp(score - max), so that
     a part's key count survives a max as large as finfo.min.  A part with lse
     -inf (no key) adds nothing, even a NaN output (as other libraries give for
-    such rows); rows with no key anywhere are zeros.  Returns (output, lse), written into
-    `out` and `lse_out` when given."""
-    top = lses.max(axis=0)
-    top = np.where(np.isneginf(top), 0, top)  # all -inf: weights 0, not NaN
+    such rows); rows with no key anywhere are zeros.  Returns (output, lse),
+    written into `out` and `lse_out` when given; with `sum_out`, the merged
+    state instead: (output, max, sum), the max in `lse_out` (which is then
+    required) and the sum in `sum_out`, ready for a further merge."""
+    row_max = lses.max(axis=0)
+    top = np.where(np.isneginf(row_max), 0, row_max)  # all -inf: weights 0, not NaN
     with np.errstate(invalid="ignore"):  # +inf - +inf: NaN rows stay NaN, quietly
         weights = np.exp(lses - top)
     if sums is not None:
@@ -92,14 +102,15 @@ def merge_partials(outputs, lses, out=None, lse_out=None, sums=None):
     merged = np.einsum("n...l,n...le->...le", weights, outputs)
     merged = np.divide(merged, total[..., None], out=np.zeros_like(merged),
                        where=total[..., None] != 0)
-    with np.errstate(divide="ignore"):
-        lse = (top + np.log(total)).astype(lses.dtype, copy=False)
     if out is not None:
         out[...] = merged
         merged = out
+    if sum_out is not None:
+        lse_out[...] = row_max
+        sum_out[...] = total  # relative to row_max: top differs only where total is 0
+        return merged, lse_out, sum_out
+    lse = lse_of_state(top, total)
     if lse_out is not None:
         lse_out[...] = lse
         lse = lse_out
     return merged, lse
-
-

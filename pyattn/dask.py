@@ -15,9 +15,9 @@ import numpy as np
 from dask.array import PerformanceWarning
 
 from ._options import prepare_options
+from ._plan import lse_of_state, merge_partials
 from ._validation import check_flag, check_scale, compute_dtype, is_mask_dtype
-from .functional import check_precision, merge_attention
-from .functional import scaled_dot_product_attention as _sdpa
+from .functional import attention, check_precision
 from .kv_cache import KVCache
 
 __all__ = ["ShardedKVCache", "scaled_dot_product_attention"]
@@ -96,20 +96,37 @@ def _local_lengths(lengths, start, size):
     return None if (local == size).all() else local
 
 
+def _part(q, k, v, mask, **kw):
+    """Attention over one key range as a part to merge: (output, max, sum),
+    the rows' split-KV state rather than their lse, whose float32 rounding
+    would lose the key count of a row scored finfo.min (a padding mask)."""
+    out, _, (row_max, row_sum) = attention(q, k, v, mask, return_lse=True, split_state=True,
+                                           **kw)
+    return out, row_max, row_sum
+
+
 def _pair(q, k, v, mask, rows, keys, spec, kw, sinks):
-    """One (query chunk, key chunk) pair: partial output and lse."""
+    """One (query chunk, key chunk) pair: its part to merge."""
     diag, pattern, alibi, q_len, kv_len = spec
     mask = _pair_mask(rows, keys, diag, pattern, alibi, mask, compute_dtype(q.dtype))
-    return _sdpa(q, k, v, attn_mask=mask, sinks=sinks, alibi_slopes=None, return_lse=True,
+    return _part(q, k, v, mask, sinks=sinks,
                  q_lengths=_local_lengths(q_len, rows[0], rows[1] - rows[0]),
                  kv_lengths=_local_lengths(kv_len, keys[0], keys[1] - keys[0]),
                  num_threads=_worker_threads(), **kw)
 
 
 def _merge(*parts):
-    """Fixed-order merge of (out, lse) parts: the same bits whatever order
-    the tasks finished in."""
-    return merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    """Fixed-order merge of parts into one part: the same bits whatever
+    order the tasks finished in."""
+    outs, maxes, sums = (np.stack(a) for a in zip(*parts))
+    return merge_partials(outs, maxes, sums=sums, lse_out=np.empty_like(maxes[0]),
+                          sum_out=np.empty_like(sums[0]))
+
+
+def _finish(part, dtype):
+    """A merged part as (output in `dtype`, lse)."""
+    out, row_max, row_sum = part
+    return out.astype(dtype, copy=False), lse_of_state(row_max, row_sum)
 
 
 def _tree(parts):
@@ -254,7 +271,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
             parts.append(_pair_task(qb, kb, vb, mb, (b, h, i, 0), hk, kv_heads, rows_of[i],
                                     keys_of[0], spec, kw,
                                     None if sinks is None else sinks[hs]))
-        res = _tree(parts)
+        res = dask.delayed(_finish, pure=True, nout=2)(_tree(parts), q.dtype)
         shape = (q.chunks[0][b], q.chunks[1][h], q.chunks[2][i])
         outs[b, h, i] = da.from_delayed(res[0], shape + (v.shape[3],), dtype=q.dtype)
         lses[b, h, i] = da.from_delayed(res[1], shape, dtype=compute_dtype(q.dtype))
@@ -291,14 +308,13 @@ class _Shard:
         self.cache.append(k_new, v_new)
 
     def decode(self, query, keys, total, pattern, alibi, kw, sinks):
-        """(out, lse) of query against the shard's positions [keys) of a
-        cache of `total` positions, aligned lower-right to the whole cache."""
+        """The part (_part) of query against the shard's positions [keys) of
+        a cache of `total` positions, aligned lower-right to the whole cache."""
         L = query.shape[2]
         mask = _pair_mask((0, L), keys, np.array([total - L]), pattern, alibi, None,
                           compute_dtype(query.dtype))
-        return _sdpa(query, self.cache.keys, self.cache.values, attn_mask=mask,
-                     enable_gqa=True, sinks=sinks, return_lse=True, num_threads=self.threads,
-                     **kw)
+        return _part(query, self.cache.keys, self.cache.values, mask, enable_gqa=True,
+                     sinks=sinks, num_threads=self.threads, **kw)
 
 
 class ShardedKVCache:
@@ -400,7 +416,7 @@ class ShardedKVCache:
             calls.append(actor.decode(q, (start, stop), self.length, (window, True), alibi, kw,
                                       sinks if not calls else None))
         parts = [call.result() for call in calls]
-        out, lse = parts[0] if len(parts) == 1 else _merge(*parts)
+        out, lse = _finish(parts[0] if len(parts) == 1 else _merge(*parts), q.dtype)
         return (out, lse) if return_lse else out
 
     def __repr__(self):

@@ -119,11 +119,13 @@ def check_precision(precision):
 
 def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
               enable_gqa=False, *, out=None, num_threads=None, weights=None,
-              return_lse=False, precision=None, **modifiers):
+              return_lse=False, precision=None, split_state=False, **modifiers):
     """scaled_dot_product_attention, optionally with its softmax probabilities:
     `weights` None, "heads" (..., H, L, S) or "mean" (..., L, S), the average
-    over heads.  `modifiers` are prepare_options' keywords.  Returns (output,
-    weights or None, lse or None)."""
+    over heads.  `modifiers` are prepare_options' keywords.  With
+    `split_state` (and return_lse) the lse comes as the rows' split-KV state
+    (max, sum), for merges that must keep the key count of a finfo.min row
+    (_plan.merge_partials).  Returns (output, weights or None, lse or None)."""
     check_precision(precision)
     prob = prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     opts = prepare_options(prob, **modifiers)
@@ -131,7 +133,7 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     nthreads = check_num_threads(num_threads, _attention.max_threads)
     result = prepare_out(out, prob.out_shape, prob.dtype, prob.inputs)
     L, S = prob.q.shape[-2], prob.k.shape[-2]
-    probs = lse = None
+    probs = lse = row_sum = None
     if weights is not None:
         heads = (prob.num_heads,) if weights == "heads" else ()
         check_fits(math.prod(prob.batch + heads + (L, S)), prob.compute_dtype.itemsize,
@@ -139,6 +141,7 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
         probs = np.zeros(prob.batch + heads + (L, S), dtype=prob.compute_dtype)
     if return_lse:
         lse = prepare_lse(prob)
+        row_sum = np.empty_like(lse) if split_state else None
     work = result
     if work.size == 0 and any(a is not None and a.size for a in (lse, probs)):
         # Ev = 0: no output, but the logsumexp and the weights do not depend
@@ -150,12 +153,13 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
     if work.size and S > 0:
         lifted = work[(np.newaxis,) * (len(prob.work_shape) - work.ndim)]  # a view
         if probs is None and _plan.heads_as_rows(prob, opts):
-            prob, lifted, lse_view = _plan.group_query_heads(prob, lifted, lse)
+            prob, lifted, lse_view, sum_view = _plan.group_query_heads(prob, lifted, lse,
+                                                                       row_sum)
             _launch.run_kernel(prob, lifted, nthreads, opts=opts, lse=lse_view,
-                               precision=precision)
+                               precision=precision, row_sum=sum_view)
         else:
             _launch.run_kernel(prob, lifted, nthreads, probs, average_heads=weights == "mean",
-                               opts=opts, lse=lse, precision=precision)
+                               opts=opts, lse=lse, precision=precision, row_sum=row_sum)
     elif work.size:  # no keys: every row is "fully masked"
         work[...] = 0
         if lse is not None:
@@ -163,10 +167,14 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
             if opts.q_lengths is not None:
                 padded = np.arange(L) >= opts.q_lengths.reshape(prob.batch + (1, 1))
                 lse[np.broadcast_to(padded, lse.shape)] = -np.inf
+            if row_sum is not None:  # a sink is a row's only term: (sink, 1)
+                row_sum[...] = np.where(np.isneginf(lse), 0, 1)
     if probs is not None:  # back to the caller's batch dims
         probs = probs.reshape(result.shape[:-3 if weights == "mean" else -2] + probs.shape[-2:])
     if lse is not None:
         lse = lse.reshape(result.shape[:-1])
+        if row_sum is not None:
+            lse = (lse, row_sum.reshape(result.shape[:-1]))
     return result, probs, lse
 
 

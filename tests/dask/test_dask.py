@@ -329,14 +329,17 @@ def test_list_window_and_bfloat16_mask_as_in_process(client):
         np.testing.assert_allclose(client.compute(out, sync=True), expect, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="known: key chunks' float32 lse all round to finfo.min, "
-                   "which loses their key counts (docs/scale-out.md); the pairs must merge "
-                   "(max, sum) as the in-process split-KV does")
 def test_finite_mask_on_every_key_across_chunks(client):
     q, k, v = _qkv()
     mask = np.zeros((48, 64), np.float32)
     mask[5] = np.finfo(np.float32).min  # HF-style padding on every key of row 5
-    expect = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = pdask.scaled_dot_product_attention(*_chunked(q, k, v, (1, 2, 16), (1, 2, 24)),
-                                             attn_mask=mask)
-    np.testing.assert_allclose(client.compute(out, sync=True), expect, rtol=2e-5, atol=2e-6)
+    expect, expect_lse = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                             return_lse=True)
+    # the scores are finite and equal: the row is the mean of the values
+    np.testing.assert_allclose(expect[..., 5, :], v.mean(axis=-2), rtol=1e-5, atol=1e-6)
+    out, lse = pdask.scaled_dot_product_attention(*_chunked(q, k, v, (1, 2, 16), (1, 2, 24)),
+                                                  attn_mask=mask, return_lse=True)
+    out, lse = client.compute((out, lse), sync=True)
+    np.testing.assert_allclose(out, expect, rtol=2e-5, atol=2e-6)
+    np.testing.assert_array_equal(lse[..., 5], expect_lse[..., 5])
+    np.testing.assert_allclose(lse, expect_lse, rtol=2e-5, atol=2e-6)

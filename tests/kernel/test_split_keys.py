@@ -83,3 +83,40 @@ def test_driver_refuses_key_chunks_off_the_tile_grid():
             batch_offsets=np.zeros((5, 1), np.int64), head_strides=(0,) * 5, num_heads=1,
             kv_group=1, sizes=(1, 1, 4, 4), inner_strides=(4, 1) * 5, mask_kind=0,
             window=(-1, -1), scale=0.5, num_threads=1, key_chunk=100)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(L=3, S=64, Hq=2, Hkv=2),     # one launch, no split
+    dict(L=1, S=4096, Hq=2, Hkv=2),   # split-KV chunks, merged into the state
+    dict(L=1, S=64, Hq=4, Hkv=1),     # GQA heads run as rows
+    dict(L=3, S=0, Hq=2, Hkv=2),      # no key: (sink, 1), or (-inf, 0)
+])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_split_state_is_the_lse_in_two_parts(shape, with_sinks, rng):
+    """The private split_state: (max, sum) whose lse is return_lse's, and
+    which merges key ranges scored finfo.min by their key count."""
+    from pyattn.functional import attention
+    L, S, Hq, Hkv = shape["L"], shape["S"], shape["Hq"], shape["Hkv"]
+    q = rng.standard_normal((2, Hq, L, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, Hkv, S, 16)).astype(np.float32) for _ in "kv")
+    kw = dict(enable_gqa=True, sinks=rng.standard_normal(Hq) if with_sinks else None)
+    out, lse = pyattn.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+    got, _, (row_max, row_sum) = attention(q, k, v, return_lse=True, split_state=True, **kw)
+    np.testing.assert_array_equal(got, out)
+    np.testing.assert_allclose(_plan.lse_of_state(row_max, row_sum), lse, rtol=1e-6)
+    assert ((row_sum == 0) == np.isneginf(lse)).all()
+
+
+def test_split_states_of_finfo_min_rows_merge_by_key_count(rng):
+    """Two key ranges of 10 and 30 keys, every score finfo.min: each key
+    weighs alike, which their float32 lses (both finfo.min) cannot tell."""
+    from pyattn.functional import attention
+    q = rng.standard_normal((1, 1, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 40, 16)).astype(np.float32) for _ in "kv")
+    mask = np.full((1, 40), np.finfo(np.float32).min, np.float32)
+    parts = [attention(q, k[:, s], v[:, s], mask[:, s], return_lse=True, split_state=True)
+             for s in (slice(0, 10), slice(10, 40))]
+    outs = np.stack([p[0] for p in parts])
+    maxes, sums = (np.stack([p[2][i] for p in parts]) for i in (0, 1))
+    merged, _ = _plan.merge_partials(outs, maxes, sums=sums)
+    np.testing.assert_allclose(merged[0, 0], v[0].mean(axis=0), rtol=1e-5, atol=1e-6)
