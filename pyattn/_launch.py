@@ -5,8 +5,8 @@ size and fork safety."""
 import numpy as np
 
 from . import _attention, _dispatch, _plan
+from ._arrays import check_fits, typed_access_ok
 from ._options import prepare_options
-from ._validation import check_fits, typed_access_ok
 
 
 def _element_strides(arr):

@@ -8,7 +8,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ._validation import as_array, compact, representable
+from ._arrays import as_array, compact
+from ._validation import representable
 
 
 @dataclass

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from ._validation import check_fits
+from ._arrays import check_fits
 
 _TooHardError = getattr(np, "exceptions", np).TooHardError
 

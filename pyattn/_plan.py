@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from . import _attention
-from ._validation import compact
+from ._arrays import compact
 
 
 def _query_group(prob):

@@ -14,9 +14,10 @@ import dask.array as da
 import numpy as np
 from dask.array import PerformanceWarning
 
+from ._dtypes import compute_dtype, is_mask_dtype
 from ._options import prepare_options
 from ._plan import lse_of_state, merge_partials
-from ._validation import check_flag, check_scale, compute_dtype, is_mask_dtype
+from ._validation import check_flag, check_scale
 from .functional import attention, check_precision
 from .kv_cache import KVCache
 

@@ -5,18 +5,11 @@ import math
 import numpy as np
 
 from . import _attention, _dispatch, _launch, _plan
+from ._arrays import MAX_NDIM, as_array, as_float_array, check_fits
+from ._dtypes import compute_dtype
 from ._options import ALIGNMENTS, prepare_options
 from ._outputs import prepare_lse, prepare_out
-from ._validation import (
-    MAX_NDIM,
-    as_array,
-    as_float_array,
-    check_fits,
-    check_flag,
-    check_num_threads,
-    compute_dtype,
-    prepare_attention,
-)
+from ._validation import check_flag, check_num_threads, prepare_attention
 
 __all__ = ["merge_attention", "scaled_dot_product_attention"]
 

@@ -5,16 +5,9 @@ import threading
 
 import numpy as np
 
-from ._validation import (
-    KERNEL_DTYPE_NAMES,
-    as_array,
-    as_float_array,
-    check_dtype,
-    check_fits,
-    check_size,
-    convert_stored,
-    held_array,
-)
+from ._arrays import as_array, as_float_array, check_fits, convert_stored, held_array
+from ._dtypes import KERNEL_DTYPE_NAMES, check_dtype
+from ._validation import check_size
 from .functional import scaled_dot_product_attention
 from .quantized import FORMATS, QuantizedKV, check_group_size, default_group_size, quantize_rows
 

@@ -15,19 +15,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._validation import (
-    as_array,
-    as_float_array,
-    check_dtype,
-    check_fits,
-    check_flag,
-    check_size,
-    checked_cast,
-    compact,
-    convert_stored,
-    is_kernel_dtype,
-    is_mask_dtype,
-)
+from ._arrays import as_array, as_float_array, check_fits, checked_cast, compact, convert_stored
+from ._dtypes import check_dtype, is_kernel_dtype, is_mask_dtype
+from ._validation import check_flag, check_size
 from .functional import attention, check_precision
 
 __all__ = ["MultiHeadAttention", "SelfAttention"]

@@ -6,16 +6,9 @@ import numbers
 import numpy as np
 
 from . import _attention, reference
-from ._validation import (
-    as_array,
-    as_float_array,
-    check_dtype,
-    check_fits,
-    checked_cast,
-    compact,
-    convert_stored,
-    cpu_count,
-)
+from ._arrays import as_array, as_float_array, check_fits, checked_cast, compact, convert_stored
+from ._dtypes import check_dtype
+from ._validation import cpu_count
 
 __all__ = ["QuantizedKV"]
 

@@ -6,20 +6,11 @@ import math
 
 import numpy as np
 
+from ._arrays import broadcast_shapes, check_fits, check_ndim, compact, convert_stored
+from ._dtypes import resolve_dtype
 from ._options import prepare_options
 from ._outputs import prepare_lse, prepare_out
-from ._validation import (
-    broadcast_shapes,
-    check_fits,
-    check_flag,
-    check_ndim,
-    check_num_threads,
-    compact,
-    convert_stored,
-    cpu_count,
-    prepare_attention,
-    resolve_dtype,
-)
+from ._validation import check_flag, check_num_threads, cpu_count, prepare_attention
 
 __all__ = ["dequantize", "dequantize_float8_e4m3fn", "dequantize_int8",
            "float8_e4m3fn_values", "quantize_float8_e4m3fn", "quantize_int8",

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from . import functional
-from ._validation import resolve_dtype
+from ._dtypes import resolve_dtype
 
 __all__ = ["scaled_dot_product_attention"]
 

@@ -191,9 +191,9 @@ def test_scales_with_a_strided_last_axis_are_copied_by_their_rows():
 def test_quantizing_counts_its_float32_copy(monkeypatch):
     """The quantizer reads C-contiguous float32 rows: a broadcast (or other)
     x is copied first, and that copy is part of the size check."""
-    from pyattn import _validation
+    from pyattn import _arrays
 
-    monkeypatch.setattr(_validation, "physical_memory", lambda: int(0.9 * 2**30))
+    monkeypatch.setattr(_arrays, "physical_memory", lambda: int(0.9 * 2**30))
     x = _claim(np.ones(1, np.float32), (2**18, 2**10))  # 256 Mi elements: int8 0.27 GiB
     with pytest.raises(ValueError, match="^int8 data and scales of x .*, with x as float32 "
                                          "rows would need 1.266 GiB"):
