@@ -2,6 +2,8 @@
 byte offsets and element strides for the driver, and the split-KV partials
 and their merge.  The driver itself (pyattn/_attention.pyx) owns the team
 size and fork safety."""
+import functools
+
 import numpy as np
 
 from . import _attention, _dispatch, _plan
@@ -115,16 +117,14 @@ def run_kernel(prob, work_out, nthreads, weights=None, average_heads=False, opts
             num_heads=prob.num_heads, kv_group=prob.kv_group, sizes=(L, S, E, Ev),
             inner_strides=(qs[-2], qs[-1], ks[-2], ks[-1], vs[-2], vs[-1], os_[-2], os_[-1],
                            ms[-2], ms[-1]),
-            mask_kind=mask_kind, window=opts.window, scale=prob.scale, num_threads=nthreads,
+            mask_kind=mask_kind, scale=prob.scale, num_threads=nthreads,
             key_chunk=key_chunk, out_split_stride=0 if partial is None else partial.strides[0],
             lse_address=0 if chunk_lse is None else _address(chunk_lse) + start * lse_step,
             row_sum_address=0 if chunk_sum is None else _address(chunk_sum) + start * lse_step,
             weights_address=0 if weights is None else _address(weights) + start * weights_step,
             weights_batch_stride=weights_step,
-            average_heads=average_heads, softcap=opts.softcap,
-            diag=_per_batch(opts.diag, batch, index), alibi=opts.alibi, sinks=opts.sinks,
-            q_lengths=_per_batch(opts.q_lengths, batch, index),
-            kv_lengths=_per_batch(opts.kv_lengths, batch, index),
+            average_heads=average_heads,
+            **opts.kernel_keywords(functools.partial(_per_batch, batch=batch, index=index)),
             out_real=partial is not None and partial.dtype != dest.dtype,
             bf16_products=bf16_products, quant_groups=prob.groups, scale_rows=scale_rows,
         ))

@@ -26,6 +26,14 @@ class ScoreOptions:
     q_lengths: Optional[np.ndarray]  # per batch
     kv_lengths: Optional[np.ndarray]
 
+    def kernel_keywords(self, per_batch):
+        """The driver's (attend()'s) keywords for these modifiers; per-batch
+        values go through `per_batch`, which picks a launch's batch items.  A
+        new modifier is a field above and its keyword here."""
+        return dict(window=self.window, softcap=self.softcap, diag=per_batch(self.diag),
+                    alibi=self.alibi, sinks=self.sinks, q_lengths=per_batch(self.q_lengths),
+                    kv_lengths=per_batch(self.kv_lengths))
+
 
 ALIGNMENTS = ("top_left", "lower_right")
 
