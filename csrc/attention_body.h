@@ -318,6 +318,24 @@ static void FN(sweep_tiles)(const pyattn_problem *p, const KV *k, const KV *v,
     }
 }
 
+/* The block's sink into each row's softmax state, once the keys are in:
+ * counted once, with the first keys (key0 == 0), in the compute type, where
+ * a sink beyond its range is -inf (the validation refuses +inf). */
+static void FN(add_row_sinks)(const pyattn_problem *p, const pyattn_block *blk,
+                              const FN(workspace) *w)
+{
+    const REAL sink = (REAL)blk->sink;
+    if (blk->key0 != 0 || !(sink > -(REAL)INFINITY)) return;
+    const int64_t evp = FN(round_up)(p->Ev, NR);
+    for (int64_t r = 0; r < blk->nrows; r++) {
+        /* A row that saw no key has output 0; its accumulator may hold
+         * 0 * inf from a value row no key of it could weigh. */
+        if (w->row_max[r] == -(REAL)INFINITY)
+            memset(w->acc + r * evp, 0, sizeof(REAL) * (size_t)evp);
+        FN(add_sink)(sink, w->row_max + r, w->row_sum + r, w->acc + r * evp, evp);
+    }
+}
+
 /* Many query rows: the GEMM-shaped path on packed tiles (see the top). */
 static void FN(attend_tiled)(const pyattn_problem *p, const KV *k, const KV *v,
                              const void *mask, const pyattn_block *blk, int64_t rows_pad,
@@ -333,6 +351,7 @@ static void FN(attend_tiled)(const pyattn_problem *p, const KV *k, const KV *v,
         tag->k = k, tag->v = v;
     }
     FN(sweep_tiles)(p, k, v, mask, blk, rows_pad, w, 0);
+    FN(add_row_sinks)(p, blk, w); /* before the weights: their denominator has it */
     if (blk->weights) FN(sweep_tiles)(p, k, v, mask, blk, rows_pad, w, 1);
 }
 
@@ -358,6 +377,7 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
             tag->k = tag->v = NULL; /* the decode path copies rows into the panels */
         FN(attend_direct)(p, k, v, mask, blk, w.q_real, w.kt_panel, w.v_panel, w.scores, w.acc,
                           w.row_max, w.row_sum);
+        FN(add_row_sinks)(p, blk, &w);
     } else {
         /* Padding rows of Q are zero and never written out. */
         const REAL folded = FN(pack_q)(p, q, row0, nrows, rows_pad, w.q_block);
@@ -369,17 +389,6 @@ static void FN(attend)(const pyattn_problem *p, const void *q_, const void *k_,
         FN(attend_tiled)(p, k, v, mask, blk, rows_pad, tag, &w);
         FN(products_end)();
     }
-    /* Counted once, with the first keys; in the compute type, where a sink
-     * beyond its range is -inf (the validation refuses +inf). */
-    const REAL sink = (REAL)blk->sink;
-    if (blk->key0 == 0 && sink > -(REAL)INFINITY)
-        for (int64_t r = 0; r < nrows; r++) {
-            /* A row that saw no key has output 0; its accumulator may hold
-             * 0 * inf from a value row no key of it could weigh. */
-            if (w.row_max[r] == -(REAL)INFINITY)
-                memset(w.acc + r * evp, 0, sizeof(REAL) * (size_t)evp);
-            FN(add_sink)(sink, w.row_max + r, w.row_sum + r, w.acc + r * evp, evp);
-        }
     /* Normalise; a row with no key taking part (l == 0) is zeros, not NaN. */
     for (int64_t r = 0; r < nrows; r++) {
         const REAL l = w.row_sum[r];

@@ -85,10 +85,12 @@ def test_agrees_with_the_reference(call):
 @given(calls())
 def test_weight_rows_sum_to_one(call):
     (q, k, v), kwargs = call
-    kwargs.pop("sinks", None)  # a sink takes part of the mass: rows sum to less
     out, weights, lse = functional.attention(q, k, v, weights="heads", return_lse=True, **kwargs)
     sums = weights.sum(-1)
     sees_a_key = np.isfinite(lse)
+    if kwargs.get("sinks") is not None:  # a sink takes e^(sink - lse) of the mass
+        sink = np.asarray(kwargs["sinks"], np.float64)[:, None]
+        sums = sums + np.exp(sink - np.where(sees_a_key, lse, np.inf))
     np.testing.assert_allclose(sums[sees_a_key], 1, rtol=1e-4)
     assert (sums[~sees_a_key] == 0).all() and (weights >= 0).all()
     # and they are the weights the output used

@@ -421,6 +421,18 @@ def test_sinks_are_a_softmax_column_that_is_dropped(kernel, L, S, dtype, rng, he
                          .astype(dtype), rtol=1e-4 if dtype == np.float32 else None)
 
 
+@pytest.mark.parametrize("L", [3, 70])
+def test_attention_weights_share_the_softmax_with_the_sink(kernel, L, rng):
+    """The weights are the probabilities the output used: the sink is in
+    their denominator, so they sum to 1 - exp(sink - lse)."""
+    q, k, v = (rng.standard_normal((3, n, 8)) for n in (L, 40, 40))
+    sinks = np.array([2.0, -1.0, -np.inf])
+    out, weights, lse = functional.attention(q, k, v, weights="heads", sinks=sinks,
+                                             return_lse=True)
+    np.testing.assert_allclose(weights @ v, out, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(weights.sum(-1), 1 - np.exp(sinks[:, None] - lse), rtol=1e-12)
+
+
 def test_sink_with_no_visible_key(kernel):
     """A row that sees no key still has its sink: output zeros, lse = sink."""
     q, k, v = np.ones((2, 3, 4)), np.ones((2, 5, 4)), np.ones((2, 5, 2))
