@@ -47,21 +47,23 @@ def compact(arr, axes=None):
                      for st, n in zip(arr.strides[:axes], arr.shape)) + (...,)]
 
 
-def checked_cast(arr, dtype, name):
+def checked_cast(arr, dtype, name, inf_allowed=True):
     """`arr` (the argument `name`) as a new array of `dtype`.  Every narrowing
     conversion of an input goes through here, under one rule: a finite value
     that `dtype` cannot hold raises ValueError (NumPy and torch would make it
-    inf silently); inf and NaN pass through as given."""
+    inf silently); inf and NaN pass through as given (`inf_allowed`: the
+    message offers inf itself as the way out, where the caller takes it)."""
     dtype = np.dtype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(dtype, order="C")
-    overflow = np.isinf(out)
-    if overflow.any():
-        overflow &= ~np.isinf(arr)
-        if overflow.any():
-            raise ValueError(f"{name} holds {int(overflow.sum())} finite value(s) beyond the "
-                             f"range of {dtype}, e.g. {float(arr[overflow][0])!r}, which would "
-                             f"become inf; scale them, or pass inf itself")
+        if np.isinf(out).any():
+            stored = compact(arr)  # a broadcast view's values counted once, as stored
+            overflow = np.isinf(stored.astype(dtype)) & ~np.isinf(stored)
+            if overflow.any():
+                way_out = "scale them, or pass inf itself" if inf_allowed else "scale them"
+                raise ValueError(f"{name} holds {int(overflow.sum())} finite value(s) beyond "
+                                 f"the range of {dtype}, e.g. {float(stored[overflow][0])!r}, "
+                                 f"which would become inf; {way_out}")
     return out
 
 

@@ -49,7 +49,8 @@ def quantize_rows(x, data, scales, group_size, starts, counts, name):
         return  # no rows
     if not is_float32_rows(x):
         check_fits(x.size, 4, f"{name} as float32 rows for the quantizer (a copy)")
-        x = checked_cast(x, np.float32, name)  # finite beyond float32: the narrowing rule
+        # finite beyond float32: the narrowing rule (inf is refused below, as non-finite)
+        x = checked_cast(x, np.float32, name, inf_allowed=False)
     dtype = data.dtype.name
     threads = cpu_count() if x.size >= PARALLEL_QUANTIZE else 1
     err = _attention.quantize(dtype, x, data.view(np.int8), scales.view(np.uint16), group_size,

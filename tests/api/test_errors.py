@@ -1251,8 +1251,12 @@ def test_merge_ignores_parts_without_keys_whatever_their_output():
 
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
 def test_quantize_finite_beyond_float32_follows_the_narrowing_rule(dtype, recwarn):
-    with pytest.raises(ValueError, match="x holds 32 finite value.*beyond the range of float32"):
+    with pytest.raises(ValueError, match="x holds 32 finite value.*beyond the range of "
+                                         "float32.*; scale them$"):  # inf is no way out here
         pyattn.QuantizedKV.quantize(np.full((1, 32), 1e300), dtype=dtype)
+    # a broadcast view's values are counted as stored, not as claimed
+    with pytest.raises(ValueError, match="x holds 1 finite value"):
+        pyattn.QuantizedKV.quantize(np.broadcast_to(1e300, (64, 32)), dtype=dtype)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
