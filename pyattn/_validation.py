@@ -202,7 +202,9 @@ def _heads(hq, hk, hv, enable_gqa):
     return hq, hq // hkv
 
 
-def _check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
+def check_mask(attn_mask, dtype, scores_shape, lifted_ndim):
+    """attn_mask checked (dtype, dimensions, broadcasting to `scores_shape`)
+    and as a view of that shape, a float mask in the compute `dtype`."""
     mask = as_array(attn_mask, "attn_mask")
     if not is_mask_dtype(mask.dtype):
         raise TypeError(
@@ -291,7 +293,7 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
         )
     mask = None
     if attn_mask is not None:
-        mask = _check_mask(attn_mask, compute_dtype(q.dtype), scores_shape, ndim)
+        mask = check_mask(attn_mask, compute_dtype(q.dtype), scores_shape, ndim)
 
     return AttentionProblem(
         q=q, k=k, v=v, mask=mask, is_causal=is_causal,

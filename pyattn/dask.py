@@ -14,10 +14,11 @@ import dask.array as da
 import numpy as np
 from dask.array import PerformanceWarning
 
-from ._dtypes import compute_dtype, is_mask_dtype
+from ._arrays import checked_cast
+from ._dtypes import compute_dtype
 from ._options import prepare_options
 from ._plan import lse_of_state, merge_partials
-from ._validation import check_flag, check_scale
+from ._validation import check_flag, check_mask, check_scale
 from .functional import attention, check_precision
 from .kv_cache import KVCache
 
@@ -82,7 +83,9 @@ def _pair_mask(rows, keys, diag, pattern, alibi, mask, dtype):
         if mask.dtype == bool:
             visible = visible & mask
         else:
-            bias = mask.astype(dtype) if bias is None else bias + mask.astype(dtype)
+            # a dask mask's values are seen only here: the narrowing rule, as in-process
+            mask = mask if mask.dtype == dtype else checked_cast(mask, dtype, "attn_mask")
+            bias = mask if bias is None else bias + mask
     if bias is None:
         return None if np.all(visible) else visible
     return np.where(visible, bias, -np.inf).astype(dtype, copy=False)
@@ -155,16 +158,13 @@ def _prepare_mask(attn_mask, q, k):
     """attn_mask as a 4-D dask array chunked to match: q's chunks along
     (B, H, L), k's along S, one chunk on a broadcast (length-1) axis."""
     m = _as_dask(attn_mask, "attn_mask")
-    if not is_mask_dtype(m.dtype):
-        raise TypeError(f"attn_mask has dtype {m.dtype}; it must be bool (True = take part) "
-                        "or floating (added to the scores)")
-    if m.ndim > 4:
-        raise ValueError(f"attn_mask must have at most 4 dimensions; got shape {m.shape}")
-    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
     full = q.shape[:3] + (k.shape[2],)
-    if any(n not in (1, f) for n, f in zip(m.shape, full)):
-        raise ValueError(f"attn_mask of shape {m.shape} does not broadcast to (B, Hq, L, S) = "
-                         f"{full}")
+    # the in-process checks and messages: on the mask itself when it is in
+    # memory (its values too), else on a stand-in of its dtype and shape
+    check_mask(np.broadcast_to(np.zeros((), m.dtype), m.shape)
+               if isinstance(attn_mask, da.Array) else attn_mask,
+               compute_dtype(q.dtype), full, len(full))
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
     want = tuple((1,) if n == 1 else c
                  for n, c in zip(m.shape, q.chunks[:3] + (k.chunks[2],)))
     if not isinstance(attn_mask, da.Array):  # NumPy: cut to match, no warning

@@ -1,5 +1,7 @@
 """pyattn.dask on a real two-process LocalCluster on loopback."""
 
+import functools
+import re
 import subprocess
 import sys
 
@@ -316,6 +318,27 @@ def test_sharded_decode_refuses_as_in_process(client, opts):
     with pytest.raises(in_process.type) as sharded_error:
         sharded.decode(q, **opts)
     assert str(sharded_error.value) == str(in_process.value)
+
+
+BAD_MASKS = [np.ones((48, 63), bool), np.ones((1, 1, 1, 1, 48, 64), bool),
+             np.ones((48, 64), np.int8), np.full((48, 64), -1e300)]  # the last: narrowing
+
+
+@pytest.mark.parametrize("mask", BAD_MASKS, ids=lambda m: f"{m.dtype}{m.shape}")
+@pytest.mark.parametrize("as_dask", [False, True])
+def test_masks_refused_as_in_process(client, mask, as_dask):
+    q, k, v = _qkv()
+    with pytest.raises((ValueError, TypeError)) as in_process:
+        pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    given = da.from_array(mask, chunks=16) if as_dask else mask
+    with pytest.raises(in_process.type) as on_dask:
+        # a dask mask's values are seen when its pairs run
+        out = pdask.scaled_dot_product_attention(*_chunked(q, k, v, (1, 2, 16), (1, 2, 16)),
+                                                 attn_mask=given)
+        client.compute(out, sync=True)
+    # the count of narrowed values is a dask mask's failing chunk's (256, not 3072)
+    count = functools.partial(re.sub, r"holds \d+ finite", "holds N finite")
+    assert count(str(on_dask.value)) == count(str(in_process.value))
 
 
 def test_list_window_and_bfloat16_mask_as_in_process(client):
