@@ -14,12 +14,20 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 # sleep, and waking them costs tens of microseconds on a busy machine and
 # hundreds on an idle VM.  Both start-up costs are measured on every parallel
 # launch (the slowest worker's delay to start) and kept as moving averages.
+# A launch kept on one thread takes no sample, so an estimate inflated by a
+# bad spell (the other core busy with another pool's spinning workers) would
+# keep every later launch on one thread: each launch declined that the
+# prior estimate would have given the team decays the estimate towards the
+# prior, until a team runs again and measures.
 THREAD_COST_MODEL = True  # False: num_threads is exact (tests of team sizes)
 FLOPS_PER_NS = 60.0   # per thread, the tiled kernel on AVX-512 (measured: 50-100)
 BYTES_PER_NS = 12.0   # per thread, K/V read once per key/value head (measured: 12-30)
 WARM_WINDOW_NS = 50_000.0  # libgomp's spin at pyattn's GOMP_SPINCOUNT lasts longer
+START_DECAY = 0.9  # per declined launch (above)
 cdef double _start_ns[2]   # moving averages of team start-up: warm, cold
-_start_ns[0], _start_ns[1] = 5_000.0, 100_000.0  # until measured
+cdef double _start_prior[2]
+_start_prior[0], _start_prior[1] = 5_000.0, 100_000.0
+_start_ns[0], _start_ns[1] = _start_prior[0], _start_prior[1]  # until measured
 cdef double _last_region_end = -1e18  # monotonic ns
 
 
@@ -32,6 +40,11 @@ cdef double _now_ns() noexcept nogil:
 def thread_start_costs():
     """(warm, cold) moving averages of a team's start-up, in ns."""
     return _start_ns[0], _start_ns[1]
+
+
+def set_thread_start_costs(warm_ns, cold_ns):
+    """Set both estimates (tests of the cost model's recovery)."""
+    _start_ns[0], _start_ns[1] = warm_ns, cold_ns
 
 
 cdef int _team_size(const launch *run, int requested, int64_t n_items):
@@ -52,8 +65,12 @@ cdef int _team_size(const launch *run, int requested, int64_t n_items):
     cdef double alone = max(flops / FLOPS_PER_NS, kv_bytes / BYTES_PER_NS)
     # more threads than CPUs never run faster, and thousands may not be had
     most = min(most, _cpu_count)
-    cdef bint warm = _now_ns() - _last_region_end < WARM_WINDOW_NS
-    return most if alone / most + _start_ns[0 if warm else 1] < alone else 1
+    cdef int kind = 0 if _now_ns() - _last_region_end < WARM_WINDOW_NS else 1  # warm, cold
+    if alone / most + _start_ns[kind] < alone:
+        return most
+    if alone / most + _start_prior[kind] < alone:  # declined for the estimate alone
+        _start_ns[kind] = max(_start_prior[kind], _start_ns[kind] * START_DECAY)
+    return 1
 
 
 # libgomp keeps the worker threads of a parallel region as a pool of the

@@ -130,6 +130,25 @@ def test_team_size_grows_with_the_work(rng, spy_threads):
     assert spy_threads == sorted(spy_threads)
 
 
+@pytest.mark.skipif(cpus() < 2, reason="needs 2 CPUs: a team of one is never started")
+def test_an_inflated_start_up_estimate_recovers(rng, spy_threads):
+    """A launch kept on one thread measures nothing, so an estimate inflated
+    by a bad spell must decay by itself until a team runs and measures
+    again; otherwise every later launch would stay on one thread."""
+    q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
+    k = rng.standard_normal((1, 8, 16384, 64)).astype(np.float32)
+    saved = _attention.thread_start_costs()
+    try:
+        _attention.set_thread_start_costs(1e8, 1e8)  # 0.1 s: far above this call's gain
+        for _ in range(80):
+            sdpa(q, k, k, num_threads=2)
+        after = _attention.thread_start_costs()
+    finally:
+        _attention.set_thread_start_costs(*saved)
+    assert spy_threads[0] == 1 and 2 in spy_threads
+    assert min(after) < 1e8  # the estimate these launches used (warm or cold)
+
+
 def test_num_threads_none_uses_the_openmp_default(rng, spy_threads, exact_threads):
     q, k, v = small_problem(rng)
     sdpa(q, k, v)
