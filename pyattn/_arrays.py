@@ -61,9 +61,11 @@ def checked_cast(arr, dtype, name, inf_allowed=True):
             overflow = np.isinf(stored.astype(dtype)) & ~np.isinf(stored)
             if overflow.any():
                 way_out = "scale them, or pass inf itself" if inf_allowed else "scale them"
+                example = stored[overflow][0]  # beyond float64 too (longdouble): as it is
+                shown = repr(float(example)) if np.isfinite(float(example)) else str(example)
                 raise ValueError(f"{name} holds {int(overflow.sum())} finite value(s) beyond "
-                                 f"the range of {dtype}, e.g. {float(stored[overflow][0])!r}, "
-                                 f"which would become inf; {way_out}")
+                                 f"the range of {dtype}, e.g. {shown}, which would become inf; "
+                                 f"{way_out}")
     return out
 
 

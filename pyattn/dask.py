@@ -1,5 +1,5 @@
 """Attention over dask arrays: blocks over batch, heads and queries, key
-chunks merged exactly with ``merge_attention`` (docs/scale-out.md).
+chunks merged exactly from their (max, sum) softmax states (docs/scale-out.md).
 
 Imported on its own (``import pyattn.dask``) so that ``import pyattn`` never
 imports dask.
@@ -14,7 +14,7 @@ import dask.array as da
 import numpy as np
 from dask.array import PerformanceWarning
 
-from ._arrays import checked_cast
+from ._arrays import checked_cast, convert_stored
 from ._dtypes import compute_dtype
 from ._options import prepare_options
 from ._plan import lse_of_state, merge_partials
@@ -143,6 +143,10 @@ def _tree(parts):
 
 def _as_dask(x, name):
     if isinstance(x, da.Array):
+        if any(np.isnan(c) for axis in x.chunks for c in axis):
+            # from boolean indexing, say: the pairs' positions would be unknown
+            raise ValueError(f"{name} has unknown chunk sizes {x.chunks}; call "
+                             f"{name}.compute_chunk_sizes() first")
         return x
     if isinstance(x, np.ndarray):
         return da.from_array(x, chunks=x.shape)
@@ -182,6 +186,8 @@ def _whole_call_options(q_shape, dtype, S, is_causal, scale, precision, **modifi
     returns the ScoreOptions and the window as (left, right), None for an
     open side (causal: right 0)."""
     check_precision(precision)
+    if q_shape[3] == 0:  # the in-process message
+        raise ValueError(f"the head dimension E must be at least 1; got query {q_shape}")
     cdtype = compute_dtype(dtype)
     check_scale(scale, q_shape[3], cdtype)
     whole = types.SimpleNamespace(q=types.SimpleNamespace(shape=q_shape),
@@ -201,7 +207,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     Batch, head and query chunks are independent blocks; every (query chunk,
     key chunk) pair that the causal or window pattern, or the lengths, do not
     fully mask is one task, and a query chunk's pairs are merged by a fixed
-    binary tree of ``merge_attention`` (bitwise reproducible).  ``attn_mask``
+    binary tree of (max, sum) merges (bitwise reproducible).  ``attn_mask``
     (dask or NumPy, broadcastable to (B, Hq, L, S)) is rechunked, with a
     PerformanceWarning, unless its chunks match query's (B, H, L) and key's
     S.  Returns a dask array (and the lse with ``return_lse``), chunked like
@@ -308,6 +314,9 @@ class _Shard:
     def append(self, k_new, v_new):
         self.cache.append(k_new, v_new)
 
+    def truncate(self, n):
+        self.cache.truncate(n)
+
     def decode(self, query, keys, total, pattern, alibi, kw, sinks):
         """The part (_part) of query against the shard's positions [keys) of
         a cache of `total` positions, aligned lower-right to the whole cache."""
@@ -332,8 +341,8 @@ class ShardedKVCache:
     construction, sorted).  Every sequence of the batch has the same length.
 
     ``decode(query)`` sends the query to every shard; each answers its
-    partial output and logsumexp, computed with its worker's thread count,
-    and the client merges them with ``merge_attention`` in shard order: the
+    partial output and (max, sum) state, computed with its worker's thread
+    count, and the client merges them in shard order: the
     same bits whatever order the shards answer in.  A shard lost with its
     worker cannot be recomputed (an actor's state is not in the task graph):
     decode then raises, and the cache is rebuilt from its source.
@@ -364,13 +373,22 @@ class ShardedKVCache:
         """Append n positions to every sequence: k_new (batch, num_kv_heads, n,
         head_dim), v_new (..., value_dim), split across shards as they fill."""
         t = self._template
-        k_new, v_new = np.asarray(k_new), np.asarray(v_new)
-        want_k = (t.batch, t.num_kv_heads, k_new.shape[2] if k_new.ndim == 4 else 0, t.head_dim)
-        want_v = want_k[:3] + (t.value_dim,)
-        if k_new.shape != want_k or v_new.shape != want_v:
-            raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
-                             f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
-        n, done = want_k[2], 0
+        k_new, v_new = t._checked_new(k_new, v_new)
+        # converted and checked here, once: a value the cache refuses fails
+        # before any shard takes a position
+        given = np.float32 if t.quantized else t.dtype
+        k_new, v_new = (convert_stored(x, name, given) for x, name in ((k_new, "k_new"),
+                                                                        (v_new, "v_new")))
+        before = (len(self._shards), self._shards[-1][3] if self._shards else 0, self.length)
+        try:
+            self._append_to_shards(k_new, v_new)
+        except BaseException:  # a shard refused its part (or the call was interrupted)
+            self._roll_back(*before)
+            raise
+
+    def _append_to_shards(self, k_new, v_new):
+        t = self._template
+        n, done = k_new.shape[2], 0
         while done < n:
             if not self._shards or self._shards[-1][3] - self._shards[-1][2] == self.shard_size:
                 worker = self.workers[len(self._shards) % len(self.workers)]
@@ -386,6 +404,16 @@ class ShardedKVCache:
             shard[3] += take
             done += take
             self.length += take
+
+    def _roll_back(self, n_shards, last_stop, length):
+        """Back to the state before an append that failed part-way: the shards
+        it opened are dropped, the last one before it truncated."""
+        del self._shards[n_shards:]
+        if self._shards and self._shards[-1][3] != last_stop:
+            actor, _, start, _ = self._shards[-1]
+            actor.truncate(last_stop - start).result()
+            self._shards[-1][3] = last_stop
+        self.length = length
 
     def decode(self, query, *, scale=None, window=None, alibi_slopes=None, softcap=None,
                sinks=None, precision=None, return_lse=False):

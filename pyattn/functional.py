@@ -208,7 +208,9 @@ def merge_attention(outputs, lses, *, out=None):
     Returns
     -------
     (output (..., L, Ev) in the outputs' dtype, lse (..., L) in the lses').  Parts in any
-    order give the same result up to rounding.
+    order give the same result up to rounding.  A row whose every score is
+    near finfo.min loses its key counts in float32 lses: the parts then weigh
+    alike (docs/api.md, "Exact merging").
     """
     # the parts have at most MAX_NDIM dimensions, and their stack one more
     outs = as_float_array(_stacked(outputs, "outputs"), "outputs", min_ndim=3,

@@ -65,14 +65,14 @@ class KVCache:
                                  "(bfloat16 and float8 with ml_dtypes)")
         self.group_size = None
         if self.quantized:
-            if (group_size is None and self.dtype.name != "int8"
-                    and self.value_dim != self.head_dim):
-                raise ValueError(f"a {self.dtype.name} cache whose value_dim ({self.value_dim}) "
-                                 f"is not head_dim ({self.head_dim}) has no whole row to scale: "
-                                 f"pass group_size (32 or 64, dividing both)")
+            default = default_group_size(self.dtype.name, self.head_dim)
+            if group_size is None and (self.value_dim % default
+                                       or default not in (32, 64, self.value_dim)):
+                raise ValueError(f"{self.dtype.name} cache: the default group_size, {default} "
+                                 f"for head_dim {self.head_dim}, does not suit value_dim "
+                                 f"({self.value_dim}): pass group_size (32 or 64, dividing both)")
             self.group_size = check_group_size(
-                default_group_size(self.dtype.name, self.head_dim) if group_size is None
-                else group_size, self.head_dim)
+                default if group_size is None else group_size, self.head_dim)
             check_group_size(self.group_size, self.value_dim, "group_size")
         elif group_size is not None:
             raise ValueError(f"group_size is for quantized (int8, float8_e4m3fn) caches; this "
@@ -179,15 +179,7 @@ class KVCache:
         head_dim), v_new (..., value_dim).  With `lengths` (batch,) ints <= n,
         sequence b takes only its first lengths[b] new positions."""
         # The arguments are checked before the lock: only the cache's state needs it.
-        k_new = as_float_array(k_new, "k_new", min_ndim=4,
-                               layout="(batch, num_kv_heads, n, head_dim)")
-        v_new = as_float_array(v_new, "v_new", min_ndim=4,
-                               layout="(batch, num_kv_heads, n, value_dim)")
-        want_k = (self.batch, self.num_kv_heads, k_new.shape[2], self.head_dim)
-        want_v = want_k[:3] + (self.value_dim,)
-        if k_new.shape != want_k or v_new.shape != want_v:
-            raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
-                             f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
+        k_new, v_new = self._checked_new(k_new, v_new)
         n = k_new.shape[2]
         if lengths is None:
             counts = np.full(self.batch, n, dtype=np.int64)
@@ -232,6 +224,20 @@ class KVCache:
         """Forget every position (the storage is kept)."""
         with self._lock:
             self.lengths = np.zeros(self.batch, dtype=np.int64)
+
+    def _checked_new(self, k_new, v_new):
+        """k_new and v_new of an append as float arrays of this cache's shapes
+        (also for pyattn.dask.ShardedKVCache, which splits them)."""
+        k_new = as_float_array(k_new, "k_new", min_ndim=4,
+                               layout="(batch, num_kv_heads, n, head_dim)")
+        v_new = as_float_array(v_new, "v_new", min_ndim=4,
+                               layout="(batch, num_kv_heads, n, value_dim)")
+        want_k = (self.batch, self.num_kv_heads, k_new.shape[2], self.head_dim)
+        want_v = want_k[:3] + (self.value_dim,)
+        if k_new.shape != want_k or v_new.shape != want_v:
+            raise ValueError(f"k_new and v_new must have shapes {want_k} and {want_v} "
+                             f"(batch, num_kv_heads, n, dim); got {k_new.shape} and {v_new.shape}")
+        return k_new, v_new
 
     def truncate(self, n):
         """Keep at most the first n positions of every sequence (n an int, or

@@ -17,9 +17,10 @@ FORMAT_NAMES = "int8 or float8_e4m3fn (with ml_dtypes)"
 
 
 def default_group_size(dtype, D):
-    """Channels per scale unless asked: 32 for int8 (llama.cpp's q8_0),
-    the whole row for float8, whose exponent covers the range within it."""
-    return 32 if dtype == "int8" else D
+    """Channels per scale unless asked: 32 for int8 (llama.cpp's q8_0) where
+    32 divides D, else the whole row (D = 80, as Phi-2's heads); the whole
+    row for float8, whose exponent covers the range within it."""
+    return 32 if dtype == "int8" and D % 32 == 0 else D
 
 # quantizing fewer elements than this runs on one thread (one token of a
 # decode step: 32 heads x 128 channels cost microseconds)

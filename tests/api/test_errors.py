@@ -1268,3 +1268,14 @@ def test_decode_converts_an_array_like_query_once():
     query = _CountingArray(np.ones((1, 2, 1, 4), np.float32))
     out = pyattn.decode_attention(query, cache)
     assert query.conversions == 1 and out.shape == (1, 2, 1, 4)
+
+
+def test_narrowing_message_shows_a_value_beyond_float64_as_it_is():
+    """A longdouble mask value beyond float64 is shown as given, not as the
+    inf a Python float would make of it."""
+    q = np.ones((1, 2, 4), np.float32)
+    mask = np.full((2, 2), np.longdouble("1e4000"))
+    if not np.isfinite(mask).all():
+        pytest.skip("this platform's longdouble is float64: no value lies beyond it")
+    with pytest.raises(ValueError, match=r"attn_mask holds 4 finite value.* e\.g\. 1e\+4000,"):
+        pyattn.scaled_dot_product_attention(q, q, q, attn_mask=mask)

@@ -233,7 +233,8 @@ def _caches(client, shard_size, Hkv=2, D=16, chunks=(5, 30, 1, 1, 17), dtype=np.
     local = pyattn.KVCache(2, Hkv, D, dtype=dtype)
     sharded = pdask.ShardedKVCache(client, 2, Hkv, D, shard_size, dtype=dtype)
     for n in chunks:
-        k, v = (rng.standard_normal((2, Hkv, n, D)).astype(dtype) for _ in range(2))
+        k, v = (rng.standard_normal((2, Hkv, n, D)).astype(  # quantized caches take float32
+            np.float32 if isinstance(dtype, str) else dtype) for _ in range(2))
         local.append(k, v)
         sharded.append(k, v)
     return local, sharded
@@ -277,6 +278,47 @@ def test_sharded_decode_after_more_appends(client):
     np.testing.assert_allclose(sharded.decode(q), pyattn.decode_attention(q, local),
                                rtol=2e-5, atol=2e-6)
     assert not np.allclose(first, sharded.decode(q))
+
+
+@pytest.mark.parametrize("dtype, bad", [(np.float32, 1e39),  # refused on the client
+                                        ("int8", np.nan)])  # by a shard, after another took part
+def test_a_failed_append_changes_nothing(client, dtype, bad):
+    """As KVCache: an append that fails leaves the cache as it was, also when
+    it crosses a shard boundary and a later shard refuses its part."""
+    local, sharded = _caches(client, shard_size=4, chunks=(2,), dtype=dtype)
+    before = sharded.shards
+    k = np.random.default_rng(8).standard_normal((2, 2, 6, 16))
+    k[1, 0, 5, 3] = bad  # position 5: in the second shard this append opens
+    with pytest.raises(ValueError, match="k_new"):
+        sharded.append(k, k)
+    with pytest.raises(ValueError, match="k_new"):
+        local.append(k, k)
+    assert sharded.length == 2 and sharded.shards == before
+    good = np.random.default_rng(9).standard_normal((2, 2, 5, 16)).astype(np.float32)
+    local.append(good, good)
+    sharded.append(good, good)
+    q = np.random.default_rng(5).standard_normal((2, 4, 1, 16)).astype(np.float32)
+    np.testing.assert_allclose(sharded.decode(q), pyattn.decode_attention(q, local),
+                               rtol=2e-5, atol=2e-6)
+
+
+def test_unknown_chunk_sizes_are_refused():
+    """Boolean indexing leaves chunk sizes unknown: the pairs' positions
+    would be wrong, so they are refused with the way out."""
+    q, k, v = _qkv()
+    kd = da.from_array(k, chunks=(1, 2, 16, 16))
+    keep = da.from_array(np.arange(64) % 3 > 0, chunks=16)
+    with pytest.raises(ValueError, match=r"key has unknown chunk sizes .*compute_chunk_sizes"):
+        pdask.scaled_dot_product_attention(q, kd[:, :, keep], kd[:, :, keep])
+
+
+def test_zero_head_dim_refused_as_in_process():
+    q, k, v = (x[..., :0] for x in _qkv())
+    with pytest.raises(ValueError) as in_process:
+        pyattn.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(ValueError) as on_dask:
+        pdask.scaled_dot_product_attention(q, k, v)
+    assert str(on_dask.value) == str(in_process.value)
 
 
 @pytest.mark.parametrize("call,match", [

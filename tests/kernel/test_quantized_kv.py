@@ -239,14 +239,15 @@ def test_quantized_cache_refuses_other_queries_and_group_sizes(dtype):
         pyattn.decode_attention(np.ones((1, 2, 1, 64)), cache)
     with pytest.raises(ValueError, match="^group_size must be 32, 64 or D = 48"):
         pyattn.KVCache(1, 1, 48, dtype=dtype, group_size=64)
-    if dtype == "int8":
-        with pytest.raises(ValueError, match="^group_size must be 32, 64 or D = 40"):
-            pyattn.KVCache(1, 1, 64, value_dim=40, dtype=dtype)
-    else:  # a whole row of each is one scale only when the widths agree
-        with pytest.raises(ValueError, match="value_dim \\(40\\) is not head_dim .* group_size"):
-            pyattn.KVCache(1, 1, 64, value_dim=40, dtype=dtype)
-        assert pyattn.KVCache(1, 1, 64, value_dim=32, dtype=dtype, group_size=32).group_size == 32
-        assert pyattn.KVCache(1, 1, 40, dtype=dtype).group_size == 40
+    # the default group (set by head_dim) must suit value_dim too: else ask for one
+    with pytest.raises(ValueError, match="default group_size, .* does not suit value_dim "
+                                         "\\(40\\): pass group_size"):
+        pyattn.KVCache(1, 1, 64, value_dim=40, dtype=dtype)
+    assert pyattn.KVCache(1, 1, 64, value_dim=32, dtype=dtype, group_size=32).group_size == 32
+    # a head_dim 32 does not divide (80, as Phi-2's heads) is scaled by whole rows
+    assert pyattn.KVCache(1, 1, 40, dtype=dtype).group_size == 40
+    assert pyattn.KVCache(1, 1, 80, dtype=dtype).group_size == 80
+    assert pyattn.QuantizedKV.quantize(np.ones((2, 80)), dtype=dtype).group_size == 80
     with pytest.raises(ValueError, match="^group_size is for quantized"):
         pyattn.KVCache(1, 1, 64, group_size=32)
     with pytest.raises(TypeError, match="^dequantize\\(\\) is for quantized caches"):
