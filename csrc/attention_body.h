@@ -55,10 +55,9 @@
  * whole blocks: a block's query rows (at most BLOCK_M, whole micro-tiles) and
  * a key tile's columns (at most BLOCK_N, whole NR; the row stride of packed
  * K^T).  A zero-stride view may claim E = 2^22 features with L = S = 1, and
- * BLOCK_M x E would then be gigabytes.  The bfloat16 products keep whole
- * blocks: their packing has only run on whole blocks' strides (it needs a
- * CPU with bfloat16 units to change). */
-#if defined(BF16_PRODUCTS) && BF16_PRODUCTS
+ * BLOCK_M x E would then be gigabytes.  A set that defines BF16_WHOLE_BLOCKS
+ * keeps whole blocks for its bfloat16 products (see kernels_amx.c). */
+#if defined(BF16_PRODUCTS) && BF16_PRODUCTS && defined(BF16_WHOLE_BLOCKS)
 static inline int64_t FN(block_rows)(const pyattn_problem *p) { (void)p; return BLOCK_M; }
 static inline int64_t FN(tile_cols)(const pyattn_problem *p) { (void)p; return BLOCK_N; }
 #else
@@ -215,8 +214,7 @@ typedef struct {
  * columns hold them (whole MR groups; groups whose windows miss the tile are
  * left out: causality hides the tile from early rows, a sliding window from
  * late ones).  *vp points at the tile's V, packed or in place (see
- * v_in_place).  Column offsets are in the exact products' panel layout; the
- * bfloat16 products' RANGE_COLS is a whole tile, so their offsets are always 0. */
+ * v_in_place). */
 static int FN(tile_scores)(const pyattn_problem *p, const KV *k, const KV *v,
                            const void *mask, const pyattn_block *blk, int64_t rows_pad,
                            const FN(workspace) *w, int64_t j0, int64_t nb, const PANEL **vp,
@@ -246,7 +244,7 @@ static int FN(tile_scores)(const pyattn_problem *p, const KV *k, const KV *v,
         if (!FN(group_columns)(p, blk, g.r, g.n, j0, nb, &g.c0, &g.c1)) continue;
         groups[count++] = g;
         FN(score_product)(p, g.n, g.c1 - g.c0, w->q_block + g.r * FN(q_width)(p->E),
-                          kt + g.c0, w->scale_left, w->scores + g.r * BLOCK_N + g.c0);
+                          FN(kt_column)(kt, g.c0), w->scale_left, w->scores + g.r * BLOCK_N + g.c0);
         /* The group's columns are a narrower tile starting at key j0 + c0. */
         const int64_t keys = (nb < g.c1 ? nb : g.c1) - g.c0;
         for (int64_t i = g.r; i < g.r + g.n && i < nrows; i++)
@@ -269,7 +267,9 @@ static void FN(accumulate_group)(const pyattn_problem *p, const pyattn_block *bl
         FN(softmax_step)(sc + i * BLOCK_N, WEIGHTS_ROUNDED ? rounded + i * BLOCK_N : NULL,
                          g->c1 - g->c0, w->row_max + g->r + i, w->row_sum + g->r + i,
                          w->acc + (g->r + i) * evp, evp);
-    /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block). */
+    /* O += P V (padding rows hold P = 0: zero Q rows, or a zeroed p_block).
+     * Key c of V is c * ldv panel elements in, in both layouts (a bfloat16
+     * word row holds two keys' pairs). */
     FN(value_product)(g->n, (nb < g->c1 ? nb : g->c1) - g->c0, evp, sc, vp + g->c0 * ldv, ldv,
                       w->acc + g->r * evp, rounded);
 }

@@ -12,6 +12,10 @@
 #define BF16_NV 2
 #define BF16_BLOCK_M 128
 #define BF16_BLOCK_N 128
+/* Scratch in whole blocks whatever L and S (the other sets size it by the
+ * problem): the tiles have only run on whole blocks' strides, and the change
+ * waits for a CPU with AMX to run it. */
+#define BF16_WHOLE_BLOCKS 1
 
 /* CPUID's AMX bits, and the kernel's leave to use the tile state: Linux
  * hands out the 8 KiB of tile data per process on request, once. */

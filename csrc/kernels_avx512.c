@@ -4,4 +4,6 @@
 #include "avx512_shared.h"
 
 static int cpu_supports(void) { return avx512_cpu(); }
+/* quantized K/V kernels (int8, float8_e4m3fn): run and tested on a CPU of this set (an AMD EPYC Zen 4) */
+#define QUANTIZED_KV 1
 #include "kernel_set.h"

@@ -15,4 +15,6 @@ static int cpu_supports(void)
 {
     return avx512_cpu() && __builtin_cpu_supports("avx512bf16");
 }
+/* quantized K/V kernels (int8, float8_e4m3fn): run and tested on a CPU of this set (an AMD EPYC Zen 4) */
+#define QUANTIZED_KV 1
 #include "kernel_set.h"

@@ -12,9 +12,9 @@
  * Both read one layout, pairs of bfloat16 along the summed dimension packed
  * into 32-bit words (Intel's "VNNI" layout):
  *   Q block  BLOCK_M rows of q_width bf16, zero past E (pairs along E)
- *   K^T      per tile, q_width / 2 rows of BLOCK_N words: row e2, column c
+ *   K^T      per tile, q_width / 2 rows of tile_cols words: row e2, column c
  *            holds (K[c][2 e2], K[c][2 e2 + 1])
- *   V        per tile, BLOCK_N / 2 rows of evp words: row c2, column x holds
+ *   V        per tile, tile_cols / 2 rows of evp words: row c2, column x holds
  *            (V[2 c2][x], V[2 c2 + 1][x]), zero past the last key and past Ev
  *   P        BLOCK_M rows of BLOCK_N bf16: the weights, zero past the last key
  *            (softmax_step rounds them there, see store_weights; their
@@ -29,9 +29,17 @@ _Static_assert(!KV_SCALED, "quantized K/V have exact products only");
 #define PANEL uint16_t
 #define DIRECT_BELOW 8 /* as the float32 micro-tile: decode rows stay exact */
 #define WEIGHTS_ROUNDED 1
-/* Whole tiles: the pair-packed panels and the AMX tiles take a key tile whole. */
+#if BF16_UNIT == BF16_UNIT_AMX
+/* Whole tiles: the tile code has only run on whole key tiles, and a change
+ * waits for a CPU with AMX to run it. */
 #define RANGE_ROWS BLOCK_M
 #define RANGE_COLS BLOCK_N
+#else
+/* As the exact products: each micro-tile row group computes only the
+ * columns its rows can see. */
+#define RANGE_ROWS MR
+#define RANGE_COLS NR
+#endif
 #if BF16_UNIT == BF16_UNIT_AMX
 #define K_STEP 32 /* bf16 per tile row: the summed dimension goes in steps of 32 */
 #else
@@ -42,15 +50,18 @@ static inline int64_t FN(q_width)(int64_t E) { return FN(round_up)(E, K_STEP); }
 
 static size_t FN(kt_tile_elems)(const pyattn_problem *p)
 {
-    return pyattn_size_mul((size_t)FN(q_width)(p->E), BLOCK_N);
+    return pyattn_size_mul((size_t)FN(q_width)(p->E), (size_t)FN(tile_cols)(p));
 }
 
 static size_t FN(v_tile_elems)(const pyattn_problem *p)
 {
-    return pyattn_size_mul(BLOCK_N, (size_t)FN(round_up)(p->Ev, NR));
+    return pyattn_size_mul((size_t)FN(tile_cols)(p), (size_t)FN(round_up)(p->Ev, NR));
 }
 
 enum { FN(p_block_elems) = BLOCK_M * BLOCK_N };
+
+/* Packed K^T from key column c on: a column is one word, a pair of bf16. */
+static inline const uint16_t *FN(kt_column)(const uint16_t *kt, int64_t c) { return kt + 2 * c; }
 
 /* x rounded to bfloat16 (to nearest even). */
 static inline uint16_t FN(round_bf16)(float x)
@@ -152,6 +163,7 @@ static void FN(pack_tile)(const pyattn_problem *p, const pyattn_block *blk, cons
     (void)blk; /* no scales: quantized K/V have no bfloat16 products */
     const int64_t E = p->E, Ev = p->Ev, evp = FN(round_up)(Ev, NR);
     const int64_t pairs = FN(q_width)(E) / 2, cols_pad = FN(round_up)(nb, NR);
+    const int64_t ld = FN(tile_cols)(p);
     uint32_t *kt = (uint32_t *)kt_, *vp = (uint32_t *)vp_;
     const STORE *src = k + j0 * p->k_row;
     /* K^T: each key row's pairs are a 32-bit row; LANES x LANES blocks of
@@ -164,10 +176,10 @@ static void FN(pack_tile)(const pyattn_problem *p, const pyattn_block *blk, cons
             for (int i = 0; i < LANES; i++)
                 r[i] = (VEC)FN(load_bf16x32)(src + (c0 + i) * p->k_row + 2 * e2);
             FN(transpose)(r);
-            for (int i = 0; i < LANES; i++) memcpy(kt + (e2 + i) * BLOCK_N + c0, &r[i], sizeof r[i]);
+            for (int i = 0; i < LANES; i++) memcpy(kt + (e2 + i) * ld + c0, &r[i], sizeof r[i]);
         }
     for (int64_t e2 = 0; e2 < pairs; e2++) {
-        uint32_t *dst = kt + e2 * BLOCK_N;
+        uint32_t *dst = kt + e2 * ld;
         const int64_t e = 2 * e2;
         for (int64_t c = e2 < e2_full ? c_full : 0; c < nb; c++) {
             const STORE *row = src + c * p->k_row;
@@ -342,14 +354,16 @@ static void FN(bf16_gemm)(int64_t rows, int64_t cols, int64_t K, const uint16_t 
 }
 #endif
 
-/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N), `scale` being
- * what pack_q left out of Q, applied to the float32 scores. */
+/* scores[rows x cols] = scale * Q K^T (row stride BLOCK_N; K^T's is
+ * tile_cols), `scale` being what pack_q left out of Q, applied to the float32
+ * scores. */
 static void FN(score_product)(const pyattn_problem *p, int64_t rows, int64_t cols,
                               const uint16_t *q, const uint16_t *kt, REAL scale_left,
                               REAL *scores)
 {
     const int64_t width = FN(q_width)(p->E);
-    FN(bf16_gemm)(rows, cols, width, q, width, (const uint32_t *)kt, BLOCK_N, scores, BLOCK_N, 0);
+    FN(bf16_gemm)(rows, cols, width, q, width, (const uint32_t *)kt, FN(tile_cols)(p), scores,
+                  BLOCK_N, 0);
     if (scale_left == 1) return;
     const VEC scale = FN(vsplat)(scale_left);
     for (int64_t r = 0; r < rows; r++)

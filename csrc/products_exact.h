@@ -15,6 +15,7 @@
  *                    of `scale` it folded into Q)
  *   v_in_place       whether value_product reads V rows where they lie (at
  *                    the row stride v_row) instead of a packed copy
+ *   kt_column(kt, c) packed K^T from key column c of its tile on
  *   score_product    scores = scale * Q K^T for whole MR x NR micro-tiles
  *   value_product    acc += P V, P being the softmax weights in the scores
  *   products_begin/end            per-call set-up of the matrix unit
@@ -79,6 +80,8 @@ static size_t FN(v_tile_elems)(const pyattn_problem *p)
 }
 
 enum { FN(p_block_elems) = 0 };
+
+static inline const REAL *FN(kt_column)(const REAL *kt, int64_t c) { return kt + c; }
 
 /* Weights stay in the scores, where value_product reads them. */
 static inline void FN(store_weights)(REAL *s, PANEL *rounded, int64_t c, VEC p)

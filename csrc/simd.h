@@ -316,10 +316,16 @@ static inline VEC FN(vload_kv_unscaled)(const KV *p)
     /* sign-extended, shifted 7 up: sign and the copy in bit 14 set; keep 15, 13..7 */
     const __m128i h = _mm_and_si128(_mm_slli_epi16(x, 7), _mm_set1_epi16((short)0xbf80));
     return (VEC)_mm256_cvtph_ps(h);
+#elif KV_FP8 && VBYTES == 64 && defined(__AVX512BW__)
+    const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16((short)0xbf80));
+    return (VEC)_mm512_cvtph_ps(h);
 #elif KV_FP8
     REAL buf[LANES];
     for (int64_t i = 0; i < LANES; i++) buf[i] = FN(kv_unscaled)(p[i]);
     return FN(vload)(buf);
+#elif KV_SCALED && VBYTES == 64 && defined(__AVX512F__)
+    return (VEC)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif KV_SCALED && VBYTES == 32 && defined(__AVX2__)
     return (VEC)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #elif KV_SCALED && VBYTES == 16 && defined(__SSE2__)
@@ -330,7 +336,7 @@ static inline VEC FN(vload_kv_unscaled)(const KV *p)
     x = _mm_srai_epi32(_mm_unpacklo_epi16(x, x), 24); /* each byte in the top of a lane */
     return (VEC)_mm_cvtepi32_ps(x);
 #elif KV_SCALED
-#error "int8 K/V loads exist for AVX2 and SSE2 (the CPUs they ran on)"
+#error "int8 K/V loads exist for AVX-512, AVX2 and SSE2 (the CPUs they ran on)"
 #else
     return FN(vload_store)(p);
 #endif

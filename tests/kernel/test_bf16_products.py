@@ -526,6 +526,28 @@ def test_strided_inputs_give_the_contiguous_result(bf16_kernel, dtype, precision
         check_result(got, *args, is_causal=True, alignment="lower_right")
 
 
+@pytest.mark.parametrize("dtype, precision",
+                         [*PRODUCTS, pytest.param(np.float32, "exact", id="float32-exact")])
+@pytest.mark.parametrize("pattern", [dict(is_causal=True), dict(window=(70, 10))],
+                         ids=["causal", "window"])
+def test_skipped_columns_change_no_bit(bf16_kernel, dtype, precision, pattern, rng):
+    """Causal and window patterns compute only the columns each row group
+    can see; the same pattern as a boolean mask computes every column and
+    masks them.  Both give the same bits: what is skipped weighs 0."""
+    needs_dtype(bf16_kernel, dtype)
+    L, S = 300, 600
+    q, k, v = (rng.standard_normal(s).astype(np.float32).astype(dtype)
+               for s in [(1, 2, L, 40), (1, 2, S, 40), (1, 2, S, 24)])
+    left, right = pattern.get("window", (S, 0))
+    i, j = np.arange(L)[:, None] + (S - L), np.arange(S)[None, :]
+    mask = (j >= i - left) & (j <= i + right)
+    kw = dict(alignment="lower_right", precision=precision, return_lse=True)
+    got, lse = sdpa(q, k, v, **pattern, **kw)
+    masked, masked_lse = sdpa(q, k, v, attn_mask=mask, **kw)
+    assert same_bits(got, masked) and same_bits(lse, masked_lse)
+    check_result(got, q, k, v, attn_mask=mask)
+
+
 @pytest.mark.parametrize("dtype, precision", PRODUCTS)
 def test_out_and_threads_change_no_bit(bf16_kernel, dtype, precision, rng, exact_threads):
     needs_dtype(bf16_kernel, dtype)

@@ -908,36 +908,63 @@ def test_zero_stride_features_beyond_memory_are_refused(helpers, tmp_path, kerne
     _assert_each_a_clear_value_error(out, 4)
 
 
+# A set whose bfloat16 products keep whole blocks whatever the problem
+# (BF16_WHOLE_BLOCKS in its kernels_<isa>.c).
+BF16_WHOLE_BLOCKS = {"amx"}
+
+
+@pytest.mark.parametrize("bf16_products", [False, True], ids=["exact", "bf16-products"])
 @pytest.mark.parametrize("dtype", DTYPE_IDS)
 @pytest.mark.parametrize("kernel_name", KERNELS)
-def test_workspace_holds_the_rows_and_keys_the_problem_has(kernel_name, dtype):
+def test_workspace_holds_the_rows_and_keys_the_problem_has(kernel_name, dtype, bf16_products):
     """(a) The per-thread workspace grows with E and Ev times the rows and keys
     a block can use, min(L, BLOCK_M) and min(S, BLOCK_N) up to a micro-tile,
-    not whole blocks: L = S = 1 with E = Ev = 2**22 stays far below BLOCK_M x E."""
+    not whole blocks: L = S = 1 with E = Ev = 2**22 stays far below BLOCK_M x E.
+    A set without bfloat16 products answers with its exact kernel."""
     E = 2**22
     itemsize = 8 if dtype == "float64" else 4  # the compute dtype's
-    one = _attention.scratch_bytes(kernel_name, dtype, 1, 1, E, E)
-    full = _attention.scratch_bytes(kernel_name, dtype, 4096, 4096, E, E)
-    assert one < 64 * E * itemsize, one  # a few micro-tile rows, not 64 + rows of E
-    assert full >= _attention.block_rows(kernel_name, dtype) * E * itemsize, full
-    assert _attention.scratch_bytes(kernel_name, dtype, 1, 1, 2**62, 1) == 2**64 - 1
+    one = _attention.scratch_bytes(kernel_name, dtype, 1, 1, E, E, bf16_products)
+    full = _attention.scratch_bytes(kernel_name, dtype, 4096, 4096, E, E, bf16_products)
+    rows = _attention.block_rows(kernel_name, dtype, bf16_products)
+    assert full >= rows * E * itemsize, full
+    whole = bf16_products and kernel_name in BF16_WHOLE_BLOCKS and _attention.has_bf16_products(
+        kernel_name, dtype)
+    if whole:
+        assert one == full, (one, full)
+    else:
+        # Q and the accumulators: one micro-tile of rows (MR <= 8) each; K^T
+        # and V: one of columns (NR <= 32) each; the rest does not grow with E
+        assert one < (2 * 8 + 2 * 32 + 1) * E * itemsize, one
+    assert _attention.scratch_bytes(kernel_name, dtype, 1, 1, 2**62, 1, bf16_products) == 2**64 - 1
 
 
 @pytest.mark.parametrize("kernel_name", KERNELS)
 def test_wide_rows_of_one_query_and_key_run_in_little_memory(helpers, tmp_path, kernel_name):
     """(a) A zero-stride query, key and value claiming E = Ev = 2**22 with
     L = S = 1 computes (the output is the one value row) within a 4 GiB
-    address space: BLOCK_M x E scratch would need several GiB.  Exact
-    products: the bfloat16 ones still take whole blocks."""
-    out = _run_child(helpers, tmp_path, _CHILD_PRELUDE + """
+    address space: BLOCK_M x E scratch would need several GiB.  The exact
+    kernels on the direct path; then, where the set has bfloat16 products
+    that size by the problem, 8 query rows on their tiled path."""
+    bf16_tiled = (_attention.has_bf16_products(kernel_name, "bfloat16")
+                  and kernel_name not in BF16_WHOLE_BLOCKS)
+    out = _run_child(helpers, tmp_path, _CHILD_PRELUDE + f"""
     E = 2**22
+    def wide(value, dt, rows):
+        return np.lib.stride_tricks.as_strided(np.full(1, value, dt), (1, 1, rows, E), (0,) * 4)
     for dt in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
-        q = np.lib.stride_tricks.as_strided(np.full(1, 0.5, dt), (1, 1, 1, E), (0,) * 4)
-        v = np.lib.stride_tricks.as_strided(np.full(1, 3.0, dt), (1, 1, 1, E), (0,) * 4)
+        q, v = wide(0.5, dt, 1), wide(3.0, dt, 1)
         attempt(np.dtype(dt).name, lambda: bool(
             (pyattn.scaled_dot_product_attention(q, q, v, precision="exact") == 3).all()))
+    for dt in ((np.float32, np.float16, ml_dtypes.bfloat16) if {bf16_tiled} else ()):
+        q, k, v = wide(0.5, dt, 8), wide(0.5, dt, 1), wide(3.0, dt, 1)
+        attempt("bf16-" + np.dtype(dt).name, lambda: bool(
+            (pyattn.scaled_dot_product_attention(q, k, v, precision="bf16") == 3).all()))
     """.replace("\n    ", "\n"), kernel=kernel_name, timeout=120)
-    assert out.split() == [w for dt in DTYPE_IDS for w in (dt, "RETURNED", "True")], out
+    expected = [w for dt in DTYPE_IDS for w in (dt, "RETURNED", "True")]
+    if bf16_tiled:
+        expected += [w for dt in ("float32", "float16", "bfloat16")
+                     for w in ("bf16-" + dt, "RETURNED", "True")]
+    assert out.split() == expected, out
 
 
 ZERO_HEAD_CASES = {  # (query, key, value) shapes: NumPy's rule, 0 against 1 gives 0

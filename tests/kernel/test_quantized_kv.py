@@ -20,7 +20,7 @@ import pyattn
 from pyattn import QuantizedKV, _attention, _dispatch
 from pyattn import reference as ref
 
-QUANTIZED_SETS = ("avx2", "baseline")  # the sets that have run quantized K/V on a CPU of theirs
+QUANTIZED_SETS = ("avx512_bf16", "avx512", "avx2", "baseline")  # that have run quantized K/V on a CPU of theirs
 FORMATS = ("int8", "float8_e4m3fn")
 ORACLES = {"int8": ref.quantize_int8, "float8_e4m3fn": ref.quantize_float8_e4m3fn}
 
@@ -331,8 +331,6 @@ def test_sets_without_quantized_kv_fall_back_to_the_best_usable_set_below(dtype)
         assert _attention.kernel_for_dtype(name, dtype) == below[0], name
         # the float dtypes never move
         assert _attention.kernel_for_dtype(name, "float32") == name
-    if "avx512" in names:
-        assert _attention.kernel_for_dtype("avx512", dtype) == USABLE_KERNELS[0]
 
 
 def test_show_config_names_the_quantized_set():
@@ -347,15 +345,18 @@ def test_show_config_names_the_quantized_set():
 def test_pyattn_isa_caps_the_quantized_set(helpers, tmp_path, isa):
     code = "import pyattn; print(pyattn.config()['quantized_kernel'])"
     out = helpers.run_python(code, cwd=tmp_path, PYATTN_ISA=isa).stdout.split()[-1]
-    assert out == isa
+    assert out == _attention.kernel_for_dtype(isa, "int8")
+    assert out in USABLE_KERNELS[USABLE_KERNELS.index(isa):]  # that set or one below it
 
 
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_quantized_kv_plans_as_float32(dtype):
-    """The quantized kernels' block rows are float32's: the same work items,
-    split and merge, which the comparisons above rely on."""
+    """The quantized kernels' block rows are float32's on the set that runs
+    them: the same work items, split and merge, which the comparisons above
+    rely on."""
     for isa in USABLE_KERNELS:
-        assert _attention.block_rows(isa, dtype) == _attention.block_rows(isa, "float32")
+        runs = _attention.kernel_for_dtype(isa, dtype)
+        assert _attention.block_rows(isa, dtype) == _attention.block_rows(runs, "float32")
 
 
 @pytest.mark.parametrize("dtype", FORMATS)
