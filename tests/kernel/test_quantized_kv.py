@@ -20,7 +20,8 @@ import pyattn
 from pyattn import QuantizedKV, _attention, _dispatch
 from pyattn import reference as ref
 
-QUANTIZED_SETS = ("avx512_bf16", "avx512", "avx2", "baseline")  # that have run quantized K/V on a CPU of theirs
+# the sets that have run quantized K/V on a CPU of theirs
+QUANTIZED_SETS = ("avx512_bf16", "avx512", "avx2", "baseline")
 FORMATS = ("int8", "float8_e4m3fn")
 ORACLES = {"int8": ref.quantize_int8, "float8_e4m3fn": ref.quantize_float8_e4m3fn}
 
