@@ -28,6 +28,11 @@
 #define PA_STR2(a) #a
 #define PA_STR(a) PA_STR2(a)
 #define FN(name) PA_CAT(name, SUFFIX)
+/* Before a loop over a register tile's rows or vectors: unrolled early, so
+ * that GCC keeps the tile's accumulator array in registers (otherwise it
+ * keeps it on the stack, stored and reloaded around every micro-kernel
+ * call). */
+#define PA_UNROLLED _Pragma("GCC unroll 32")
 
 /* STORE_KIND: how an instance's storage type is loaded (see vload_store). */
 #define STORE_KIND_NATIVE 0 /* STORE is REAL */

@@ -326,21 +326,24 @@ static inline void FN(dp_micro_kernel)(int64_t K, const uint16_t *A, int64_t lda
                                        int accumulate)
 {
     __m512 acc[MR][NV];
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++)
+    PA_UNROLLED for (int r = 0; r < MR; r++)
+        PA_UNROLLED for (int j = 0; j < NV; j++)
             acc[r][j] = accumulate ? _mm512_loadu_ps(C + r * ldc + j * LANES) : _mm512_setzero_ps();
     for (int64_t k2 = 0; k2 < K / 2; k2++) {
         __m512bh b[NV];
-        for (int j = 0; j < NV; j++) b[j] = (__m512bh)_mm512_loadu_si512(B + k2 * ldb + j * LANES);
-        for (int r = 0; r < MR; r++) {
+        PA_UNROLLED for (int j = 0; j < NV; j++)
+            b[j] = (__m512bh)_mm512_loadu_si512(B + k2 * ldb + j * LANES);
+        PA_UNROLLED for (int r = 0; r < MR; r++) {
             uint32_t pair;
             memcpy(&pair, A + r * lda + 2 * k2, sizeof pair);
             const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
-            for (int j = 0; j < NV; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+            PA_UNROLLED for (int j = 0; j < NV; j++)
+                acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
         }
     }
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) _mm512_storeu_ps(C + r * ldc + j * LANES, acc[r][j]);
+    PA_UNROLLED for (int r = 0; r < MR; r++)
+        PA_UNROLLED for (int j = 0; j < NV; j++)
+            _mm512_storeu_ps(C + r * ldc + j * LANES, acc[r][j]);
 }
 
 static void FN(bf16_gemm)(int64_t rows, int64_t cols, int64_t K, const uint16_t *A,

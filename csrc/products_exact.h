@@ -39,20 +39,21 @@ static inline void FN(micro_kernel)(int64_t K, const REAL *A, int64_t lda,
                                     int64_t ldc, int accumulate, REAL alpha)
 {
     VEC acc[MR][NV];
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++)
+    PA_UNROLLED for (int r = 0; r < MR; r++)
+        PA_UNROLLED for (int j = 0; j < NV; j++)
             acc[r][j] = accumulate ? FN(vload)(C + r * ldc + j * LANES) : FN(vsplat)(0);
     for (int64_t kk = 0; kk < K; kk++) {
         VEC b[NV];
-        for (int j = 0; j < NV; j++) b[j] = FN(vload)(B + kk * ldb + j * LANES);
-        for (int r = 0; r < MR; r++) {
+        PA_UNROLLED for (int j = 0; j < NV; j++) b[j] = FN(vload)(B + kk * ldb + j * LANES);
+        PA_UNROLLED for (int r = 0; r < MR; r++) {
             const VEC a = FN(vsplat)(A[r * lda + kk]);
-            for (int j = 0; j < NV; j++) acc[r][j] += a * b[j];
+            PA_UNROLLED for (int j = 0; j < NV; j++) acc[r][j] += a * b[j];
         }
     }
     const VEC valpha = FN(vsplat)(accumulate ? 1 : alpha);
-    for (int r = 0; r < MR; r++)
-        for (int j = 0; j < NV; j++) FN(vstore)(C + r * ldc + j * LANES, acc[r][j] * valpha);
+    PA_UNROLLED for (int r = 0; r < MR; r++)
+        PA_UNROLLED for (int j = 0; j < NV; j++)
+            FN(vstore)(C + r * ldc + j * LANES, acc[r][j] * valpha);
 }
 
 /* C[rows x cols] += A[rows x K] * B[K x cols] (or C = alpha A B), rows a

@@ -112,13 +112,9 @@ static inline VEC FN(vmax)(VEC a, VEC b)
 #define EXP_DEGREE 7
 #endif
 
-static inline VEC FN(vexp2)(VEC x)
+/* 2^r for |r| <= 1/2: Horner on sum (r ln2)^k / k!, k = 0..D. */
+static inline VEC FN(exp2_fraction)(VEC r)
 {
-    /* n = round(x), read back from the low mantissa bits of t. */
-    const VEC t = x + EXP_MAGIC;
-    const VEC n = t - EXP_MAGIC;
-    const VEC r = x - n;
-    /* Horner on sum (r ln2)^k / k!, k = 0..D. */
     static const double coef[] = {
         1.0, 0.6931471805599453, 0.2402265069591007, 0.055504108664821576,
         0.009618129107628477, 0.0013333558146428441, 0.00015403530393381606,
@@ -127,10 +123,49 @@ static inline VEC FN(vexp2)(VEC x)
         1.3691488853904124e-12};
     VEC poly = FN(vsplat)((REAL)coef[EXP_DEGREE]);
     for (int kk = EXP_DEGREE - 1; kk >= 0; kk--) poly = poly * r + (REAL)coef[kk];
+    return poly;
+}
+
+#if VBYTES == 64 && defined(__AVX512F__)
+/* AVX-512: the same n, r and polynomial, so the same bits, in four fewer
+ * instructions: VRNDSCALE rounds, VSCALEF applies 2^n (exactly, as the
+ * multiply by 2^n does), its zero mask flushes.  x is clamped first so that
+ * -inf gives r = 0, not NaN; MAX keeps a NaN x (its second operand). */
+#if REAL_IS_DOUBLE
+#define PA_EXP_MAX _mm512_max_pd
+#define PA_EXP_ROUND _mm512_roundscale_pd
+#define PA_EXP_CMP _mm512_cmp_pd_mask
+#define PA_EXP_SCALEF _mm512_maskz_scalef_pd
+#else
+#define PA_EXP_MAX _mm512_max_ps
+#define PA_EXP_ROUND _mm512_roundscale_ps
+#define PA_EXP_CMP _mm512_cmp_ps_mask
+#define PA_EXP_SCALEF _mm512_maskz_scalef_ps
+#endif
+static inline VEC FN(vexp2)(VEC x)
+{
+    const VEC xc = (VEC)PA_EXP_MAX(FN(vsplat)(EXP2_LO - 1), x);
+    const VEC n = (VEC)PA_EXP_ROUND(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const VEC poly = FN(exp2_fraction)(xc - n);
+    /* lanes below EXP2_LO become 0; NaN lanes (unordered) keep their NaN */
+    return (VEC)PA_EXP_SCALEF(PA_EXP_CMP(x, FN(vsplat)(EXP2_LO), _CMP_NLT_UQ), poly, n);
+}
+#undef PA_EXP_MAX
+#undef PA_EXP_ROUND
+#undef PA_EXP_CMP
+#undef PA_EXP_SCALEF
+#else
+static inline VEC FN(vexp2)(VEC x)
+{
+    /* n = round(x), read back from the low mantissa bits of t. */
+    const VEC t = x + EXP_MAGIC;
+    const VEC n = t - EXP_MAGIC;
+    const VEC poly = FN(exp2_fraction)(x - n);
     const UVEC two_n = (((UVEC)t - EXP_MAGIC_BITS) + EXP_BIAS) << EXP_MANT_BITS;
     const VEC y = poly * (VEC)two_n;
     return FN(vselect)((UVEC)(x < EXP2_LO), FN(vsplat)(0), y);
 }
+#endif
 
 /* y = 2^x over n elements: vexp2 for tests (tail lanes through a buffer). */
 static void FN(exp2_array)(const void *x_, void *y_, int64_t n)

@@ -1,5 +1,7 @@
 """The dtypes pyattn stores and computes in: names from the kernels' C
 registry, their resolution (bfloat16 through ml_dtypes) and checks."""
+import sys
+
 import numpy as np
 
 from . import _attention
@@ -59,6 +61,21 @@ def compute_dtype(dtype):
     return np.dtype(np.float64) if size == 8 else np.dtype(np.float32)
 
 
+def _is_ml_dtypes_float(dtype):
+    """A float type of ml_dtypes (bfloat16, the float8 and float4 formats;
+    NumPy calls some of them kind "V"), which an array of means the caller
+    imported it."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    if ml_dtypes is None or dtype.kind != "V":
+        return False
+    try:
+        ml_dtypes.finfo(dtype)
+    except (TypeError, ValueError):  # int4 and the other integers
+        return False
+    return True
+
+
 def is_mask_dtype(dtype):
-    """Masks are bool, or any float (bfloat16 included) added to the scores."""
-    return dtype == np.bool_ or dtype.kind == "f" or is_kernel_dtype(dtype)
+    """Masks are bool, or any float (bfloat16 and float8 included) added to
+    the scores."""
+    return dtype == np.bool_ or dtype.kind == "f" or _is_ml_dtypes_float(dtype)

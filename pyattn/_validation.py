@@ -282,6 +282,10 @@ def prepare_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa
     scores_shape = batch + (num_heads, L, S)
     check_fits(math.prod(out_shape), q.itemsize, f"the result, of shape {out_shape} (from query, "
                f"key and value),")
+    if math.prod(n for n in out_shape if n) * q.itemsize > np.iinfo(np.intp).max:
+        # NumPy refuses such a shape even when a 0 makes it empty
+        raise ValueError(f"the result, of shape {out_shape} (from query, key and value), is "
+                         f"beyond what NumPy can describe, empty though it is")
     # after the result: a result beyond memory is the more specific error
     work = math.prod(batch) * num_heads * L * S * (q.shape[-1] + Ev)
     if work > MAX_WORK:

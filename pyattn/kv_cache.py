@@ -1,5 +1,6 @@
 """A key/value cache for autoregressive decoding, and attention against it."""
 import copy
+import inspect
 import numbers
 import threading
 
@@ -264,6 +265,22 @@ class KVCache:
                     + (f", group_size={self.group_size})" if self.quantized else ")"))
 
 
+# What decode_attention sets itself, and what it passes on as the caller gave it.
+_DECODE_SETS = ("is_causal", "alignment", "enable_gqa", "kv_lengths")
+_DECODE_PASSES = frozenset(inspect.signature(scaled_dot_product_attention).parameters) - {
+    "query", "key", "value", *_DECODE_SETS}
+
+
+def _check_decode_keywords(modifiers):
+    for name in modifiers:
+        if name in _DECODE_SETS:
+            raise TypeError(f"decode_attention sets {name} itself (causal, aligned lower-right "
+                            "to each sequence's end, every query head against the cache's "
+                            "key/value heads, the cache's lengths); do not pass it")
+        if name not in _DECODE_PASSES:
+            raise TypeError(f"decode_attention() got an unexpected keyword argument {name!r}")
+
+
 def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=None, **modifiers):
     """Attend new queries to everything in `cache`, causally aligned to the
     end of each sequence (lower-right): query i of L sees the keys up to
@@ -283,6 +300,7 @@ def decode_attention(query, cache, *, q_lengths=None, scale=None, num_threads=No
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a pyattn.KVCache, got {type(cache).__name__}")
+    _check_decode_keywords(modifiers)
     query = held_array(query, "query")  # converted once: what is checked is what is read
     q = as_float_array(query, "query", min_ndim=4, layout="(batch, num_heads, L, head_dim)")
     if q.ndim != 4 or q.shape[0] != cache.batch or q.shape[-1] != cache.head_dim:

@@ -1279,3 +1279,19 @@ def test_narrowing_message_shows_a_value_beyond_float64_as_it_is():
         pytest.skip("this platform's longdouble is float64: no value lies beyond it")
     with pytest.raises(ValueError, match=r"attn_mask holds 4 finite value.* e\.g\. 1e\+4000,"):
         pyattn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def test_an_empty_result_numpy_cannot_describe_is_refused_by_name():
+    """Batches of 2**40 against 2**40 with L = 0: the result is empty, but its
+    other sizes multiply past what NumPy can describe.  A ValueError naming
+    the result's shape, not NumPy's "array is too big" from inside."""
+    def bc(shape):
+        return np.broadcast_to(np.zeros((), np.float32), shape)
+    q = bc((2**40, 1, 0, 1))
+    k = bc((1, 2**40, 1, 1))
+    with pytest.raises(ValueError, match=r"^the result, of shape \(1099511627776, "
+                                         r"1099511627776, 0, 1\) \(from query, key and value\)"):
+        pyattn.scaled_dot_product_attention(q, k, k)
+    # the same sizes where NumPy can describe them: an empty result
+    assert pyattn.scaled_dot_product_attention(bc((2**20, 1, 0, 1)), bc((1, 2**20, 1, 1)),
+                                               bc((1, 2**20, 1, 1))).shape == (2**20, 2**20, 0, 1)

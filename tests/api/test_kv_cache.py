@@ -896,3 +896,26 @@ def test_only_the_rows_a_sequence_takes_are_converted(dtype):
     with pytest.raises(ValueError, match="^k_new "):
         cache.append(k, np.zeros_like(k), lengths=[0, 4])
     assert cache.lengths.tolist() == [4, 2]
+
+
+@pytest.mark.parametrize("name, value", [("is_causal", True), ("alignment", "top_left"),
+                                         ("enable_gqa", False), ("kv_lengths", [4])])
+def test_decode_attention_refuses_what_it_sets_itself(name, value, rng, helpers):
+    """Causality, alignment, GQA and the lengths come from the cache: a caller's
+    own is a TypeError that says so, naming decode_attention (it was a
+    "multiple values" error naming scaled_dot_product_attention)."""
+    cache, _, _ = filled(rng, helpers, [4], hkv=1, E=8)
+    q = np.ones((1, 1, 1, 8), np.float32)
+    with pytest.raises(TypeError, match=f"^decode_attention sets {name} itself"):
+        pyattn.decode_attention(q, cache, **{name: value})
+
+
+def test_decode_attention_names_itself_for_an_unknown_keyword(rng, helpers):
+    cache, _, _ = filled(rng, helpers, [4], hkv=1, E=8)
+    q = np.ones((1, 1, 1, 8), np.float32)
+    with pytest.raises(TypeError, match=r"^decode_attention\(\) got an unexpected keyword "
+                                        r"argument 'windw'"):
+        pyattn.decode_attention(q, cache, windw=3)
+    # what it passes on still reaches scaled_dot_product_attention
+    out, lse = pyattn.decode_attention(q, cache, window=(2, 0), return_lse=True)
+    assert out.shape == (1, 1, 1, 8) and lse.shape == (1, 1, 1)

@@ -178,6 +178,22 @@ def test_mask_of_other_float_dtype_and_array_likes(dtype, rng, helpers):
     assert np.array_equal(sdpa(q, k, v, attn_mask=keep.tolist()), sdpa(q, k, v, attn_mask=keep))
 
 
+def test_masks_of_ml_dtypes_floats(rng, helpers):
+    """float8 and bfloat16 masks (ml_dtypes' floats, some of NumPy kind "V")
+    count as their values, as every float mask does; ml_dtypes' int4 is no
+    float."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q, k, v = helpers.qkv(rng, (2, 30, 8), (2, 40, 8), (2, 40, 8), np.float32)
+    m = 3 * rng.standard_normal((30, 40))
+    m[rng.random((30, 40)) < 0.2] = -np.inf
+    for name in ("float8_e4m3fn", "float8_e5m2", "bfloat16"):
+        mask = m.astype(getattr(ml_dtypes, name))
+        expected = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask.astype(np.float32))
+        helpers.assert_close(sdpa(q, k, v, attn_mask=mask), expected)
+    with pytest.raises(TypeError, match="^attn_mask has dtype int4; it must be bool"):
+        sdpa(q, k, v, attn_mask=np.zeros((30, 40), ml_dtypes.int4))
+
+
 def test_bool_mask_equals_neginf_float_mask(rng, helpers):
     q, k, v = helpers.qkv(rng, (2, 70, 16), (2, 130, 16), (2, 130, 8), np.float64)
     keep = rng.random((70, 130)) < 0.6
