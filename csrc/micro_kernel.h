@@ -30,16 +30,8 @@ static inline VEC FN(fold)(VEC a, VEC b, int level)
     static const UINT lanes[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     UVEC lane;
     memcpy(&lane, lanes, sizeof lane);
-    const UINT bit = (UINT)1 << level;
-    const UVEC high = (UVEC)((lane & bit) != 0);
-#if VBYTES == 64 && defined(__AVX512F__)
-    /* Each lane's partner, from a for the low lanes and b for the high ones,
-     * is one two-source permute (VPERMT2PS/PD: index LANES + j is b[j]). */
-    const VEC partner = (VEC)__builtin_shuffle(a, b, (lane ^ bit) + (high & LANES));
-    return FN(vselect)(high, b, a) + partner;
-#else
+    const UVEC high = (UVEC)((lane & ((UINT)1 << level)) != 0);
     return FN(vselect)(high, b, a) + FN(vswap)(FN(vselect)(high, a, b), level);
-#endif
 }
 
 /* s[j] = dot(a, b + j * ldb) for the LANES rows j: one accumulator per row,
