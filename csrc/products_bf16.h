@@ -30,20 +30,17 @@ _Static_assert(!KV_SCALED, "quantized K/V have exact products only");
 #define DIRECT_BELOW 8 /* as the float32 micro-tile: decode rows stay exact */
 #define WEIGHTS_ROUNDED 1
 #if BF16_UNIT == BF16_UNIT_AMX
+#define K_STEP 32 /* bf16 per tile row: the summed dimension goes in steps of 32 */
 /* Whole tiles: the tile code has only run on whole key tiles, and a change
  * waits for a CPU with AMX to run it. */
 #define RANGE_ROWS BLOCK_M
 #define RANGE_COLS BLOCK_N
 #else
+#define K_STEP 2
 /* As the exact products: each micro-tile row group computes only the
  * columns its rows can see. */
 #define RANGE_ROWS MR
 #define RANGE_COLS NR
-#endif
-#if BF16_UNIT == BF16_UNIT_AMX
-#define K_STEP 32 /* bf16 per tile row: the summed dimension goes in steps of 32 */
-#else
-#define K_STEP 2
 #endif
 
 static inline int64_t FN(q_width)(int64_t E) { return FN(round_up)(E, K_STEP); }
